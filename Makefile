@@ -1,0 +1,36 @@
+# Every target creates or reuses .venv itself, so `make demo` / `make test` work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?=
+OUT ?= runs/demo
+
+.PHONY: install demo test bench browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, pinned: pip takes them from this machine's disk.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's chromium for the web-page test (installed once; skipped if already there).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null
+
+demo: $(STAMP)
+	$(BIN)/covid-cxr demo $(if $(DATA),--data "$(DATA)") --out $(OUT)
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_serve.py
+
+clean:
+	rm -rf runs .pytest_cache
