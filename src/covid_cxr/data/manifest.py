@@ -1,0 +1,110 @@
+"""The manifest: one row per file found, valid or not, with the facts every later stage needs.
+
+Scanning decodes each file once: it proves the file is readable, records its hashes (sha256 for
+exact duplicates, a perceptual hash for near duplicates) and its pixel sums (so normalisation
+statistics of any split come without decoding again).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from covid_cxr.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_gray
+from covid_cxr.data.layouts import CLASS_NAMES, Discovery, discover, normalise_class
+
+
+@dataclass
+class Record:
+    path: str  # relative to the dataset root
+    label: str
+    sha256: str = ""
+    phash: str = ""  # 64-bit perceptual hash, hex
+    size_bytes: int = 0
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    status: str = "ok"  # ok | skipped | duplicate
+    reason: str = ""
+    group: int = -1  # duplicate group id (exact or near); -1 until dedupe runs
+    pixel_mean: float = 0.0  # mean of the [0, 1] grayscale pixels
+    pixel_sq_mean: float = 0.0  # mean of their squares
+
+
+@dataclass
+class Manifest:
+    root: Path
+    layout: str
+    classes: tuple[str, ...]
+    records: list[Record]
+    excluded_classes: dict[str, int]
+
+    @property
+    def ok(self) -> list[Record]:
+        return [r for r in self.records if r.status == "ok"]
+
+    def digest(self) -> str:
+        """Content digest of the usable images and their labels: identifies a training set."""
+        h = hashlib.sha256()
+        for r in sorted(self.ok, key=lambda r: r.sha256):
+            h.update(f"{r.sha256}:{r.label}\n".encode())
+        return h.hexdigest()
+
+    def write_csv(self, path: str | Path) -> None:
+        import io
+
+        from covid_cxr.utils import atomic_write_text
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=[f.name for f in fields(Record)])
+        w.writeheader()
+        for r in self.records:
+            w.writerow(asdict(r))
+        atomic_write_text(path, buf.getvalue())
+
+
+def scan_file(path: Path, relpath: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Record:
+    rec = Record(path=relpath, label=label)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        rec.status, rec.reason = "skipped", f"cannot read file: {exc}"
+        return rec
+    rec.size_bytes = len(data)
+    rec.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        dec = decode_gray(data, max_pixels)
+    except DecodeError as exc:
+        rec.status, rec.reason = "skipped", str(exc)
+        return rec
+    px = dec.pixels
+    rec.width, rec.height, rec.format = dec.width, dec.height, dec.format
+    rec.pixel_mean = float(px.mean())
+    rec.pixel_sq_mean = float(np.square(px, dtype=np.float64).mean())
+    rec.phash = str(imagehash.phash(Image.fromarray(np.round(px * 255).astype(np.uint8), mode="L")))
+    return rec
+
+
+def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   near_threshold: int = 4, progress: bool = True) -> Manifest:
+    """Discover, decode and hash every file, then mark duplicates (see `dedupe.mark_duplicates`)."""
+    from covid_cxr.data.dedupe import mark_duplicates
+    from covid_cxr.utils import progress_iter
+
+    disc: Discovery = discover(root, classes)
+    recs = [scan_file(f.path, f.relpath, f.label, max_pixels)
+            for f in progress_iter(disc.files, "scanning images", enabled=progress)]
+    classes_out = tuple(normalise_class(c) for c in (classes or CLASS_NAMES))
+    man = Manifest(disc.root, disc.layout, classes_out, recs, disc.excluded_classes)
+    mark_duplicates(man.records, near_threshold=near_threshold)
+    return man
+
+
+def resolve(manifest: Manifest, rec: Record) -> Path:
+    return manifest.root / rec.path

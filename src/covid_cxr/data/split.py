@@ -1,0 +1,82 @@
+"""Balancing and the group-aware, stratified, seeded train/val/test split.
+
+Both work on duplicate groups, never on single images, so near-duplicates land in one split.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitResult:
+    assignment: dict[str, str]  # record path -> split
+    counts: dict[str, dict[str, int]]  # split -> class -> n
+    selection: str  # description of the balancing that was applied
+
+
+def _groups_by_class(records) -> dict[str, dict[int, list]]:
+    """class -> group id -> records. A group spanning classes goes to its majority class's pool."""
+    members: dict[int, list] = defaultdict(list)
+    for r in records:
+        members[r.group].append(r)
+    out: dict[str, dict[int, list]] = defaultdict(dict)
+    for g, rs in members.items():
+        label = Counter(r.label for r in rs).most_common(1)[0][0]
+        out[label][g] = rs
+    return out
+
+
+def select(records, balance: str = "none", max_per_class: int | None = None, seed: int = 0):
+    """Apply `--max-per-class` and `--balance undersample` (whole groups, seeded); returns records."""
+    rng = np.random.default_rng(seed)
+    pools = _groups_by_class(records)
+    counts = {c: sum(len(rs) for rs in g.values()) for c, g in pools.items()}
+    target = {c: n for c, n in counts.items()}
+    if balance == "undersample":
+        smallest = min(counts.values())
+        target = {c: smallest for c in counts}
+    if max_per_class:
+        target = {c: min(n, max_per_class) for c, n in target.items()}
+    chosen = []
+    for c in sorted(pools):
+        groups = list(pools[c].values())
+        order = rng.permutation(len(groups))
+        taken = 0
+        for i in order:
+            g = groups[i]
+            if taken + len(g) <= target[c]:
+                chosen += g
+                taken += len(g)
+            if taken >= target[c]:
+                break
+    return chosen
+
+
+def stratified_group_split(records, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> SplitResult:
+    """Per class, shuffle the groups and fill test, then val, to their share; the rest is train."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {s: Counter() for s in SPLITS}
+    for c, pool in sorted(_groups_by_class(records).items()):
+        groups = list(pool.values())
+        total = sum(len(g) for g in groups)
+        want = {"test": round(total * fractions[2]), "val": round(total * fractions[1])}
+        filled = {"test": 0, "val": 0}
+        for i in rng.permutation(len(groups)):
+            g = groups[i]
+            split = next((s for s in ("test", "val") if filled[s] + len(g) <= want[s] or
+                          (filled[s] < want[s] and len(g) == 1)), "train")
+            if split != "train":
+                filled[split] += len(g)
+            for r in g:
+                assignment[r.path] = split
+                counts[split][r.label] += 1
+    return SplitResult(assignment, {s: dict(counts[s]) for s in SPLITS}, "")
