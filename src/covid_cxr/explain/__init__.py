@@ -1,0 +1,1 @@
+"""Grad-CAM explanations (through the grad-cam package) and overlays."""

@@ -1,0 +1,1 @@
+"""Serving: FastAPI app factory, TensorFlow Serving REST protocol, upload API, web page."""
