@@ -1,0 +1,46 @@
+"""Per-class precision/recall/F1/support, accuracy, ROC AUC, confusion matrix (scikit-learn),
+with Wilson 95% intervals: on a test split of ~100 images, 0.97 accuracy means 0.92-0.99."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict:
+    """Everything the report, the bundle's metadata and `evaluate --json` need, JSON-ready."""
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = probs.argmax(1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = {}
+    for i, c in enumerate(classes):
+        entry = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]),
+                 "recall_ci95": list(wilson(int(cm[i, i]), int(s[i])))}
+        present = (y_true == i)
+        entry["roc_auc"] = float(roc_auc_score(present, probs[:, i])) if 0 < present.sum() < len(y_true) else None
+        per_class[c] = entry
+    correct = int((y_pred == y_true).sum())
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        "accuracy_ci95": list(wilson(correct, len(y_true))),
+        "macro_f1": float(np.mean(f)),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }

@@ -1,0 +1,1 @@
+"""Training: LightningModule, frozen-feature cache, LR range test, fit orchestration."""

@@ -1,0 +1,69 @@
+"""The LightningModule: any network that maps a batch to logits, trained with Adam + cross-entropy.
+
+The same module trains the head on cached features (net = Head) and the whole classifier on images
+(net = Classifier, for --finetune or to compare against the feature cache).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, net: nn.Module, lr: float = 1e-3, class_weights: list[float] | None = None,
+                 plateau_patience: int = 3, plateau_factor: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
+        w = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss_fn(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=on_step, batch_size=len(y))
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.plateau_factor, patience=self.plateau_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+
+class History(Callback):
+    """Per-epoch train/val loss and accuracy, kept in checkpoints so a resumed run has full curves."""
+
+    KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+    def __init__(self):
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        row.update({k: float(m[k]) for k in self.KEYS if k in m})
+        self.epochs.append(row)
+
+    def state_dict(self):
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict):
+        self.epochs = list(state_dict.get("epochs", []))
