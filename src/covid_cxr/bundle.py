@@ -73,6 +73,19 @@ class Bundle:
     def report_dir(self) -> Path:
         return self.path / "report"
 
+    def session(self):
+        """ONNX Runtime session for model.onnx (created once per Bundle)."""
+        if getattr(self, "_session", None) is None:
+            import onnxruntime as ort
+
+            self._session = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
+        return self._session
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W float [0, 1] (already resized to input_hw) -> N x classes probabilities."""
+        x = np.asarray(images, dtype=np.float32)[..., None]
+        return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+
     def load_torch(self):
         """The classifier in PyTorch (for Grad-CAM and fine-grained checks), weights from safetensors."""
         from safetensors.torch import load_file

@@ -1,0 +1,321 @@
+"""The `covid-cxr` command: one sub-command per stage, plus `run` (all stages) and `demo`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _quiet() -> None:
+    """Lightning and torch.onnx are chatty; keep the terminal for what the user asked."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _classes(classes: Optional[str]) -> Optional[list[str]]:
+    return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+
+
+# Options shared by train / lr-find / run (typer needs them spelled out per command).
+DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="vgg16, resnet50, densenet121, efficientnet_lite0/1/2")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="imagenet | none | PATH (.safetensors or state_dict)")]
+BalanceOpt = Annotated[str, typer.Option("--balance", help="undersample (the study) | weights | none")]
+MaxOpt = Annotated[Optional[int], typer.Option("--max-per-class", help="Cap per class (the study: 219).")]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use.")]
+
+
+def _config(**kw):
+    from covid_cxr.train.fit import TrainConfig
+
+    hidden = kw.pop("hidden", "256")
+    kw["hidden"] = [int(h) for h in str(hidden).split(",") if h.strip()]
+    kw["classes"] = _classes(kw.get("classes"))
+    return TrainConfig(**kw)
+
+
+@data_app.command("inspect")
+def data_inspect(data_dir: Path, classes: ClassesOpt = None,
+                 manifest: Annotated[Optional[Path], typer.Option(help="Write the manifest CSV here.")] = None,
+                 near_threshold: Annotated[int, typer.Option(help="Max perceptual-hash bit distance.")] = 4,
+                 json_out: Annotated[bool, typer.Option("--json")] = False):
+    """Counts per class, skipped files with reasons, duplicate groups."""
+    from collections import Counter, defaultdict
+
+    from covid_cxr.data import build_manifest
+    from covid_cxr.data.dedupe import mark_duplicates
+
+    try:
+        man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    dup = mark_duplicates(man.records, near_threshold)
+    if manifest:
+        man.write_csv(manifest)
+    counts = Counter((r.label, r.status) for r in man.records)
+    groups = defaultdict(list)
+    for r in man.ok:
+        groups[r.group].append(r)
+    near = [g for g in groups.values() if len(g) > 1]
+    info = {"root": str(man.root), "layout": man.layout, "classes": list(man.classes),
+            "counts": {c: {s: counts[(c, s)] for s in ("ok", "skipped", "duplicate")} for c in man.classes},
+            "excluded_classes": man.excluded_classes, "duplicates": dup,
+            "skipped": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"],
+            "exact_duplicates": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "duplicate"],
+            "near_duplicate_groups": [[r.path for r in g] for g in near]}
+    if json_out:
+        out_console.print_json(json.dumps(info))
+        return
+    t = Table(title=f"{man.root} — {man.layout}")
+    for col in ("class", "usable", "skipped", "exact duplicates"):
+        t.add_column(col)
+    for c in man.classes:
+        t.add_row(c, *(str(counts[(c, s)]) for s in ("ok", "skipped", "duplicate")))
+    out_console.print(t)
+    if man.excluded_classes:
+        out_console.print(f"left out (not requested with --classes): {man.excluded_classes}")
+    for s in info["skipped"]:
+        out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    for s in info["exact_duplicates"]:
+        out_console.print(f"[yellow]duplicate[/] {s['path']}: {s['reason']}")
+    out_console.print(f"near-duplicate groups (phash distance <= {near_threshold}): {len(near)} groups, "
+                      f"{sum(map(len, near))} images; {dup['near_groups_across_classes']} span classes")
+    for g in near[:10]:
+        out_console.print("  " + ", ".join(f"{r.path}" for r in g))
+
+
+@app.command()
+def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
+          arch: ArchOpt = "efficientnet_lite0", weights: WeightsOpt = "imagenet", epochs: int = 30,
+          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, balance: BalanceOpt = "undersample",
+          max_per_class: MaxOpt = None, image_size: Optional[int] = None,
+          hidden: Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")] = "256",
+          dropout: Annotated[Optional[float], typer.Option(help="Head dropout (default: the study's).")] = None,
+          patience: int = 8, finetune: Annotated[bool, typer.Option(help="Unfreeze last stages, augment.")] = False,
+          precision: Annotated[str, typer.Option(help="Feature extraction: fp32 | bf16")] = "fp32",
+          classes: ClassesOpt = None, name: Optional[str] = None,
+          resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False):
+    """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>."""
+    from covid_cxr.models import WeightsUnavailable
+    from covid_cxr.train.fit import train as fit
+
+    _quiet()
+    cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                  balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
+                  dropout=dropout, patience=patience, finetune=finetune, precision=precision,
+                  classes=classes, name=name)
+    try:
+        r = fit(data, out, cfg, resume=resume)
+    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_metrics(r.metrics, f"{cfg.name or arch}: test split")
+    out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
+
+
+@app.command("lr-find")
+def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Plot PNG path.")] = Path("lr_find.png"),
+                arch: ArchOpt = "efficientnet_lite0", weights: WeightsOpt = "imagenet", batch_size: int = 32,
+                seed: int = 0, balance: BalanceOpt = "undersample", max_per_class: MaxOpt = None,
+                image_size: Optional[int] = None, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
+                classes: ClassesOpt = None,
+                workdir: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/.work")):
+    """LR range test: saves the loss-vs-LR plot (log scale) and prints the suggested rate."""
+    from covid_cxr.data import prepare
+    from covid_cxr.models import WeightsUnavailable
+    from covid_cxr.train.lr_find import lr_find
+
+    _quiet()
+    cfg = _config(arch=arch, weights=weights, batch_size=batch_size, seed=seed, balance=balance,
+                  max_per_class=max_per_class, image_size=image_size, classes=classes)
+    try:
+        prepared = prepare(data, cfg.classes, balance, max_per_class, seed)
+        r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
+    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    out_console.print(f"suggested learning rate: {r.suggestion:.3g}" if r.suggestion else "no suggestion (flat curve)")
+    out_console.print(f"plot: {r.plot}")
+
+
+def _print_metrics(m: dict, title: str) -> None:
+    t = Table(title=title)
+    for col in ("Category", "Precision", "Recall", "F1", "Support", "ROC AUC"):
+        t.add_column(col)
+    for c, e in m["per_class"].items():
+        t.add_row(c, f"{e['precision']:.3f}", f"{e['recall']:.3f}", f"{e['f1']:.3f}", str(e["support"]),
+                  "–" if e["roc_auc"] is None else f"{e['roc_auc']:.3f}")
+    out_console.print(t)
+    lo, hi = m["accuracy_ci95"]
+    out_console.print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m['n']})")
+
+
+def _bundle(model: Path):
+    from covid_cxr.bundle import BundleError, load_bundle
+
+    try:
+        return load_bundle(model)
+    except (BundleError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")], data: DataOpt,
+             out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
+             json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here.")] = None):
+    """Evaluate a bundle on any labelled folder: per-class metrics, AUC, confusion matrix, curves."""
+    from covid_cxr.evaluate.external import evaluate_folder
+    from covid_cxr.utils import atomic_write_json
+
+    _quiet()
+    b = _bundle(model)
+    out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
+    try:
+        m = evaluate_folder(b, data, out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_metrics(m, f"{b.name} v{b.version} on {data}")
+    for s in m["skipped"]:
+        out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    if json_path:
+        atomic_write_json(json_path, {"accuracy": m["accuracy"], "per_class": {
+            c: {k: e[k] for k in ("precision", "recall", "f1", "support")} for c, e in m["per_class"].items()}})
+    out_console.print(f"report: {out / 'metrics.md'}")
+
+
+@app.command()
+def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
+            out: Annotated[Optional[Path], typer.Option(help="Folder for comparison.md/.csv")] = None):
+    """The study's table (Category, Model, Precision, Recall, F1, Accuracy) for every model."""
+    from covid_cxr.evaluate.compare import COLUMNS, write_comparison
+
+    try:
+        rows, md, csv_path = write_comparison(models, out or models)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    t = Table(title="comparison (test split)")
+    for c in COLUMNS:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(str(r[c]) for c in COLUMNS))
+    out_console.print(t)
+    out_console.print(f"saved: {md}, {csv_path}")
+
+
+@app.command()
+def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM)")],
+            model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")],
+            json_out: Annotated[bool, typer.Option("--json")] = False):
+    """Label and class probabilities per image (through the bundle's ONNX model)."""
+    from covid_cxr.data.decode import DecodeError, load_for_model
+
+    b = _bundle(model)
+    h, w = b.input_hw
+    results = []
+    for p in images:
+        try:
+            probs = b.predict(load_for_model(p, h, w)[None])[0]
+        except DecodeError as exc:
+            results.append({"image": str(p), "error": str(exc)})
+            continue
+        results.append({"image": str(p), "label": b.classes[int(probs.argmax())],
+                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs)}})
+    if json_out:
+        out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
+    else:
+        t = Table(title=f"{b.name} v{b.version}")
+        t.add_column("image")
+        t.add_column("label")
+        for c in b.classes:
+            t.add_column(c)
+        for r in results:
+            if "error" in r:
+                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * len(b.classes))
+            else:
+                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes))
+        out_console.print(t)
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/run"),
+        archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "efficientnet_lite0",
+        weights: WeightsOpt = "imagenet", epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
+        seed: int = 0, balance: BalanceOpt = "undersample", max_per_class: MaxOpt = None,
+        image_size: Optional[int] = None, hidden: str = "256", dropout: Optional[float] = None,
+        patience: int = 8, precision: str = "fp32", classes: ClassesOpt = None,
+        resume: bool = False):
+    """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
+    _run(data, out, archs, False, resume, arch="efficientnet_lite0", weights=weights, epochs=epochs,
+         batch_size=batch_size, lr=lr, seed=seed, balance=balance, max_per_class=max_per_class,
+         image_size=image_size, hidden=hidden, dropout=dropout, patience=patience, precision=precision,
+         classes=classes)
+
+
+def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
+    from covid_cxr.models import WeightsUnavailable, get_spec
+    from covid_cxr.pipeline import run_pipeline
+
+    _quiet()
+    arch_list = [a.strip() for a in archs.split(",") if a.strip()]
+    try:
+        for a in arch_list:
+            get_spec(a)
+        s = run_pipeline(data, out, arch_list, _config(**cfg), synthetic=synthetic, resume=resume,
+                         log=lambda m: console.print(f"[cyan]›[/] {m}"))
+    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    from covid_cxr.evaluate.compare import to_markdown
+
+    out_console.print(to_markdown(s["comparison"]))
+    out_console.print(f"report: {s['report']}\nmodels: {s['models']}")
+
+
+@app.command()
+def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real dataset folder; default: "
+                                                       "generate a small SYNTHETIC one.")] = None,
+         out: Annotated[Path, typer.Option("--out")] = Path("runs/demo"),
+         archs: str = "efficientnet_lite0"):
+    """The whole pipeline with no download: your data (--data) or a labelled SYNTHETIC set."""
+    synthetic = data is None
+    if synthetic:
+        from covid_cxr.data.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(out / "synthetic-data")
+        console.print(f"[yellow]No --data given: using a generated SYNTHETIC dataset at {data}[/]")
+    _run(data, out, archs, synthetic, False, arch="efficientnet_lite0", weights="imagenet", epochs=30,
+         balance="undersample", max_per_class=None if synthetic else 219, seed=0)
+
+
+def _register_plugins() -> None:
+    from covid_cxr.explain.cli import register as register_explain
+    from covid_cxr.serve.cli import register as register_serve
+
+    register_explain(app)
+    register_serve(app)
+
+
+_register_plugins()

@@ -1,0 +1,39 @@
+"""Evaluate a bundle on any labelled folder (another release, a hospital's own data), through the
+bundle's ONNX model: exactly what the server would answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.bundle import Bundle
+from covid_cxr.data import build_manifest
+from covid_cxr.data.decode import load_for_model
+from covid_cxr.evaluate.metrics import compute_metrics
+from covid_cxr.evaluate.report import write_report
+from covid_cxr.utils import progress_iter
+
+
+def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> dict:
+    man = build_manifest(data_dir, classes=bundle.classes, progress=progress)
+    recs = man.ok  # skipped files are listed in the manifest and the report
+    if not recs:
+        raise ValueError(f"no readable labelled images in {data_dir}")
+    h, w = bundle.input_hw
+    probs = []
+    for i in progress_iter(range(0, len(recs), 32), "evaluating", enabled=progress):
+        x = np.stack([load_for_model(man.root / r.path, h, w) for r in recs[i:i + 32]])
+        probs.append(bundle.predict(x))
+    y = np.array([bundle.classes.index(r.label) for r in recs])
+    m = compute_metrics(y, np.concatenate(probs), bundle.classes)
+    m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
+    m["model"] = {"name": bundle.name, "version": bundle.version}
+    m["data"] = str(man.root)
+    out.mkdir(parents=True, exist_ok=True)
+    man.write_csv(out / "manifest.csv")
+    curves = bundle.report_dir / "curves.png"
+    if curves.is_file():
+        (out / "curves.png").write_bytes(curves.read_bytes())
+    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}")
+    return m
