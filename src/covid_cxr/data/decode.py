@@ -79,8 +79,9 @@ def _decode_pil(data: bytes, max_pixels: int) -> Decoded:
             img.load()  # forces full decode: catches truncated files
     except DecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"too many pixels (decompression bomb?): {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(f"not a readable image: {exc}") from exc
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

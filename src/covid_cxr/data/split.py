@@ -36,25 +36,23 @@ def select(records, balance: str = "none", max_per_class: int | None = None, see
     """Apply `--max-per-class` and `--balance undersample` (whole groups, seeded); returns records."""
     rng = np.random.default_rng(seed)
     pools = _groups_by_class(records)
-    counts = {c: sum(len(rs) for rs in g.values()) for c, g in pools.items()}
+    counts = Counter(r.label for r in records)
     target = {c: n for c, n in counts.items()}
     if balance == "undersample":
         smallest = min(counts.values())
         target = {c: smallest for c in counts}
     if max_per_class:
         target = {c: min(n, max_per_class) for c, n in target.items()}
+    # Whole groups in one seeded random order; a group is taken only if every class it touches
+    # still has room, so the per-class targets are met exactly even with cross-class groups.
+    groups = [g for c in sorted(pools) for g in pools[c].values()]
+    taken: Counter = Counter()
     chosen = []
-    for c in sorted(pools):
-        groups = list(pools[c].values())
-        order = rng.permutation(len(groups))
-        taken = 0
-        for i in order:
-            g = groups[i]
-            if taken + len(g) <= target[c]:
-                chosen += g
-                taken += len(g)
-            if taken >= target[c]:
-                break
+    for i in rng.permutation(len(groups)):
+        need = Counter(r.label for r in groups[i])
+        if all(taken[c] + n <= target[c] for c, n in need.items()):
+            chosen += groups[i]
+            taken.update(need)
     return chosen
 
 
