@@ -16,12 +16,12 @@ def metrics_table_md(m: dict) -> str:
         auc = "–" if e["roc_auc"] is None else f"{e['roc_auc']:.3f}"
         rows.append(f"| {c} | {e['precision']:.2f} | {e['recall']:.2f} | {e['f1']:.2f} | {e['support']} | {auc} |")
     lo, hi = m["accuracy_ci95"]
-    rows.append(f"\nAccuracy **{m['accuracy']:.3f}** (95% CI {lo:.3f}–{hi:.3f}, n = {m['n']})")
+    summary = f"\nAccuracy **{m['accuracy']:.3f}** (95% CI {lo:.3f}–{hi:.3f}, n = {m['n']})"
     if KEY_CLASS in m["per_class"]:
         e = m["per_class"][KEY_CLASS]
         rlo, rhi = e["recall_ci95"]
-        rows.append(f"; {KEY_CLASS} recall **{e['recall']:.3f}** (95% CI {rlo:.3f}–{rhi:.3f}).")
-    return "\n".join(rows) + "\n"
+        summary += f"; {KEY_CLASS} recall **{e['recall']:.3f}** (95% CI {rlo:.3f}–{rhi:.3f})."
+    return "\n".join(rows + [summary]) + "\n"
 
 
 def write_report(m: dict, out: Path, title: str, extra_md: str = "") -> None:
