@@ -1,0 +1,152 @@
+"""Micro-batching: concurrent requests for one model version share one ONNX Runtime call.
+
+One asyncio task per model version owns a queue. It takes the first waiting request, then every
+request already queued (up to `max_batch` images), and, while other requests for the same model are
+still being decoded, waits at most `max_wait_s` for them. With a single client nothing is ever
+waited for (no request is being decoded), so batching costs no latency at concurrency 1; under
+load, requests pile up while the previous batch runs and the next call takes them all.
+
+ONNX Runtime runs in a worker thread (the event loop stays free to accept and decode requests);
+one call at a time, since each call already uses every core (intra-op threads = cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class BatcherClosed(RuntimeError):
+    pass
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # n x H x W x 1
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+
+class MicroBatcher:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], executor: Executor, max_batch: int,
+                 max_wait_s: float, on_batch: Callable[[int, float], None] | None = None):
+        self._run = run
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._items: deque[_Item] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._preparing = 0
+        self._closed = False
+        self.batches = 0  # calls made, and the largest batch: for tests and logs
+        self.largest = 0
+
+    @asynccontextmanager
+    async def preparing(self):
+        """Mark a request for this model as being decoded: the batcher may wait a moment for it."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for `x` (n x H x W x 1), computed in some batch with other requests."""
+        if self._closed:
+            raise BatcherClosed("model version is being unloaded")
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="covid-cxr-batcher")
+        item = _Item(x, loop.create_future())
+        self._items.append(item)
+        self._wake.set()
+        return await item.future
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop the task."""
+        self._closed = True
+        if self._task is None:
+            return
+        self._wake.set()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    def cancel(self) -> None:
+        """Stop at once (app shutdown): queued requests fail."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not self._items:
+                    if self._closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                batch = [self._items.popleft()]
+                size = batch[0].n
+                deadline = loop.time() + self.max_wait_s
+                while size < self.max_batch:
+                    if self._items:
+                        if size + self._items[0].n > self.max_batch:
+                            break
+                        item = self._items.popleft()
+                        batch.append(item)
+                        size += item.n
+                        continue
+                    remaining = deadline - loop.time()
+                    if self._preparing <= 0 or remaining <= 0:
+                        break
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                await self._execute(loop, batch)
+        except asyncio.CancelledError:
+            for item in self._items:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed("server shutting down"))
+            raise
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        batch = [it for it in batch if not it.future.done()]  # a client that went away is skipped
+        if not batch:
+            return
+        x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])
+        t0 = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self._run, x)
+        except Exception as exc:  # the whole call failed: every request in it hears why
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        self.largest = max(self.largest, len(x))
+        if self._on_batch is not None:
+            self._on_batch(len(x), seconds)
+        start = 0
+        for it in batch:
+            if not it.future.done():
+                it.future.set_result(out[start:start + it.n])
+            start += it.n

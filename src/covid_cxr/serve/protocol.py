@@ -1,0 +1,224 @@
+"""Request/response models and the TensorFlow Serving REST predict format, turned into one batch.
+
+A predict body is parsed off the event loop (a batch of 224 x 224 float tensors is megabytes of
+JSON). Whatever the client sent, the model gets one float32 array N x H x W x 1: tensors as given
+(H x W, H x W x 1, or H x W x 3 averaged to gray), `{"b64": ...}` image files decoded and resized
+exactly as in training (`covid_cxr.data.decode.load_for_model`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from covid_cxr.bundle import ONNX_INPUT
+from covid_cxr.data.decode import DecodeError, load_for_model
+
+SIGNATURE = "serving_default"
+
+
+class BadRequest(ValueError):
+    """Anything wrong with what the client sent: 400 with this message."""
+
+
+# ---------------------------------------------------------------------------------- models
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class TFStatus(BaseModel):
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class TFVersionStatus(BaseModel):
+    version: str
+    state: str
+    status: TFStatus = TFStatus()
+
+
+class TFModelStatusResponse(BaseModel):
+    model_version_status: list[TFVersionStatus]
+
+
+class TFPredictRequest(BaseModel):
+    """TF Serving's predict body: exactly one of `instances` (row format) or `inputs` (columnar)."""
+
+    model_config = ConfigDict(extra="ignore")
+    signature_name: str | None = None
+    instances: list[Any] | None = None
+    inputs: Any = None
+
+
+class TFPredictResponse(BaseModel):
+    predictions: list[list[float]]
+
+
+class TFColumnarResponse(BaseModel):
+    outputs: list[list[float]]
+
+
+class TFModelMetadataResponse(BaseModel):
+    model_spec: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class UploadPrediction(BaseModel):
+    label: str
+    probabilities: dict[str, float] = Field(description="every class, in the model's class order")
+    model: str
+    version: int
+    latency_ms: float = Field(description="server time from request arrival to this answer")
+    gradcam_png: str | None = Field(None, description="base64 PNG: Grad-CAM of the label over the image")
+    gradcam_error: str | None = Field(None, description="why no overlay came back, when one was asked for")
+
+
+class ModelSummary(BaseModel):
+    name: str
+    versions: list[int]
+    classes: list[str] | None = None
+    input: dict[str, int] | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+# ---------------------------------------------------------------------------------- metadata
+
+def signature_def(h: int, w: int, n_classes: int) -> dict:
+    """The model's signature as TF Serving's GetModelMetadata shows a SavedModel's one."""
+    def shape(*dims: int) -> dict:
+        return {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}
+
+    return {
+        "signature_def": {
+            SIGNATURE: {
+                "inputs": {ONNX_INPUT: {"dtype": "DT_FLOAT", "tensor_shape": shape(-1, h, w, 1),
+                                        "name": f"{SIGNATURE}_{ONNX_INPUT}:0"}},
+                "outputs": {"probabilities": {"dtype": "DT_FLOAT", "tensor_shape": shape(-1, n_classes),
+                                              "name": "probabilities:0"}},
+                "method_name": "tensorflow/serving/predict",
+            }
+        }
+    }
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+def parse_predict(body: bytes, height: int, width: int, max_instances: int) -> tuple[np.ndarray, bool]:
+    """Body of a :predict call -> (float32 N x H x W x 1 batch, columnar?). Raises BadRequest."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object with 'instances' or 'inputs'")
+    try:
+        req = TFPredictRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise BadRequest(f"malformed request: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+    if req.signature_name not in (None, "", SIGNATURE):
+        raise BadRequest(f"serving signature name {req.signature_name!r} not found; this model has {SIGNATURE!r}")
+    if (req.instances is None) == ("inputs" not in obj):
+        raise BadRequest("request must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
+    columnar = req.instances is None
+    items = _columnar_items(req.inputs) if columnar else [_unwrap(i) for i in req.instances]
+    if not items:
+        raise BadRequest("no instances in request")
+    if len(items) > max_instances:
+        raise BadRequest(f"{len(items)} instances in one request; at most {max_instances}")
+    return to_batch(items, height, width), columnar
+
+
+def _unwrap(value: Any) -> Any:
+    """An instance may name the model's one input: {"image": tensor-or-b64}."""
+    if isinstance(value, dict) and "b64" not in value:
+        if set(value) != {ONNX_INPUT}:
+            raise BadRequest(f"unknown input name(s) {sorted(value)}; the model's one input is {ONNX_INPUT!r}")
+        return value[ONNX_INPUT]
+    return value
+
+
+def _columnar_items(inputs: Any) -> list:
+    inputs = _unwrap(inputs)
+    if isinstance(inputs, dict):  # {"b64": ...}: one encoded image
+        return [inputs]
+    if not isinstance(inputs, list):
+        raise BadRequest("'inputs' must be a batch (a list) of tensors or of {'b64': ...} images")
+    return inputs
+
+
+def to_batch(items: list, height: int, width: int) -> np.ndarray:
+    """Instances -> float32 N x H x W x 1, checking shape and finiteness."""
+    if all(isinstance(i, list) for i in items):  # the common case: one numpy conversion for all
+        return _finite(_shape_batch(_numeric(items), height, width))
+    out = []
+    for k, item in enumerate(items):
+        if isinstance(item, dict):
+            out.append(decode_b64(item, height, width, k)[..., None])
+        elif isinstance(item, list):
+            out.append(_shape_batch(_numeric([item]), height, width, k)[0])
+        else:
+            raise BadRequest(f"instance {k}: expected a tensor (nested list) or {{'b64': ...}}, "
+                             f"got {type(item).__name__}")
+    return _finite(np.stack(out))
+
+
+def _numeric(value: list) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest("instances must be rectangular arrays of numbers "
+                         "(ragged or mixed nesting found)") from None
+    if arr.dtype.kind not in "fiu":
+        raise BadRequest(f"instances must hold numbers, found {arr.dtype.kind!r} values "
+                         f"({'strings' if arr.dtype.kind in 'US' else 'non-numeric'})")
+    with np.errstate(over="ignore"):
+        return arr.astype(np.float32, copy=False)
+
+
+def _shape_batch(arr: np.ndarray, h: int, w: int, index: int | None = None) -> np.ndarray:
+    """N x H x W, N x H x W x 1 or N x H x W x 3 -> N x H x W x 1."""
+    where = "instances" if index is None else f"instance {index}"
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    elif arr.ndim == 4 and arr.shape[-1] == 3:
+        arr = arr.mean(axis=-1, keepdims=True, dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[1:] != (h, w, 1):
+        got = list(arr.shape[1:]) if arr.ndim >= 1 else []
+        raise BadRequest(f"{where}: shape {got} does not match the model's input [{h}, {w}, 1] "
+                         f"(also accepted: [{h}, {w}] and [{h}, {w}, 3])")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _finite(arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise BadRequest("instances hold NaN or infinite values (or numbers too large for float32)")
+    return arr
+
+
+def decode_b64(item: dict, height: int, width: int, index: int = 0) -> np.ndarray:
+    """{"b64": "<base64 PNG/JPEG/DICOM file>"} -> float32 H x W in [0, 1], resized as in training."""
+    if set(item) != {"b64"} or not isinstance(item["b64"], str):
+        raise BadRequest(f"instance {index}: a binary value must be {{'b64': '<base64 string>'}}")
+    text = item["b64"].strip().replace("-", "+").replace("_", "/")  # web-safe alphabet too
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"instance {index}: invalid base64: {exc}") from None
+    return decode_image(data, height, width, f"instance {index}")
+
+
+def decode_image(data: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
+    try:
+        return load_for_model(data, height, width)
+    except DecodeError as exc:
+        raise BadRequest(f"{what}: undecodable image: {exc}") from None

@@ -1,0 +1,35 @@
+"""Server settings: one typed object, built by the CLI (or a test) and handed to `create_app`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+MB = 1024 * 1024
+
+
+class ServeSettings(BaseModel):
+    """Everything the app factory needs; no module-level state is read anywhere else."""
+
+    models: Path = Field(description="model repository: MODELS/<name>/<version>/")
+    host: str = "127.0.0.1"
+    port: int = 8501
+    api_key: str | None = Field(None, description="bearer token required on predict endpoints (None: open)")
+    max_body_bytes: int = Field(20 * MB, ge=1, description="request body limit (413 beyond it)")
+    max_concurrency: int = Field(64, ge=1, description="in-flight predict requests; beyond it 503 at once")
+    batching: bool = Field(True, description="group concurrent requests into one ONNX Runtime call")
+    max_batch: int = Field(32, ge=1, description="most images in one ONNX Runtime call")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits for requests still being decoded")
+    max_instances: int = Field(64, ge=1, description="most instances in one TF Serving request")
+    rescan_seconds: float = Field(2.0, gt=0, description="how often the model repository is re-read")
+    keep_old_seconds: float = Field(60.0, ge=0, description="an explicitly requested older version stays "
+                                    "loaded this long after its last use")
+    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    default_model: str | None = Field(None, description="upload API's model when none is named "
+                                      "(default: the only one, or the first by name)")
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
