@@ -154,6 +154,10 @@ def test_study_client_verbatim_against_cli_server(models_dir, batch, expected):
         assert pred.shape == (len(batch),)
         np.testing.assert_array_equal(pred, expected.argmax(axis=1))
         np.testing.assert_allclose(r.json()["predictions"], expected, atol=1e-5)
+        # one model in ONNX Runtime, no Grad-CAM asked for: torch never loads, memory stays small
+        peak = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                    if line.startswith("VmHWM"))
+        assert peak < 1024 ** 3, f"server peak RSS {peak / 2**20:.0f} MiB"
     finally:
         proc.terminate()
         try:
@@ -375,7 +379,9 @@ def test_concurrency_limit_and_unbatched_mode(bundle_dir, models_dir, xrays):
         assert all("busy" in r.json()["error"] for r in answers if r.status_code == 503)
         assert requests.post(f"{base}/v1/models/{NAME}:predict", json=body).status_code == 200
         text = requests.get(f"{base}/metrics").text
-        assert not metric_samples(text, "covid_cxr_batch_size_count")  # batching off: no batcher ran
+        calls = metric_samples(text, "covid_cxr_batch_size_count")
+        images = metric_samples(text, "covid_cxr_batch_size_sum")
+        assert sum(calls.values()) == sum(images.values()) == codes.count(200) + 1  # batching off: 1 per call
         rejected = metric_samples(text, "covid_cxr_rejected_total")
         assert rejected.get('covid_cxr_rejected_total{reason="busy"}', 0) == codes.count(503)
 

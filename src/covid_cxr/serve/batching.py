@@ -7,7 +7,8 @@ waited for (no request is being decoded), so batching costs no latency at concur
 load, requests pile up while the previous batch runs and the next call takes them all.
 
 ONNX Runtime runs in a worker thread (the event loop stays free to accept and decode requests);
-one call at a time, since each call already uses every core (intra-op threads = cores).
+`workers` calls at a time (default one, since each call already uses every core: intra-op threads =
+cores); while they are all busy, requests pile up for the next batch.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _Item:
 
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], executor: Executor, max_batch: int,
-                 max_wait_s: float, on_batch: Callable[[int, float], None] | None = None):
+                 max_wait_s: float, on_batch: Callable[[int, float], None] | None = None, workers: int = 1):
         self._run = run
         self._executor = executor
         self.max_batch = max_batch
@@ -48,6 +49,8 @@ class MicroBatcher:
         self._items: deque[_Item] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._workers = workers
+        self._running: set[asyncio.Task] = set()
         self._preparing = 0
         self._closed = False
         self.batches = 0  # calls made, and the largest batch: for tests and logs
@@ -94,10 +97,13 @@ class MicroBatcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self._workers)
         try:
             while True:
+                await slots.acquire()  # a free worker first: meanwhile, requests pile up
                 while not self._items:
                     if self._closed:
+                        await asyncio.gather(*self._running)
                         return
                     self._wake.clear()
                     await self._wake.wait()
@@ -120,8 +126,12 @@ class MicroBatcher:
                         await asyncio.wait_for(self._wake.wait(), remaining)
                     except asyncio.TimeoutError:
                         break
-                await self._execute(loop, batch)
+                task = loop.create_task(self._execute(loop, batch))
+                self._running.add(task)
+                task.add_done_callback(lambda t: (self._running.discard(t), slots.release()))
         except asyncio.CancelledError:
+            for task in self._running:
+                task.cancel()
             for item in self._items:
                 if not item.future.done():
                     item.future.set_exception(BatcherClosed("server shutting down"))
@@ -135,10 +145,13 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             out = await loop.run_in_executor(self._executor, self._run, x)
-        except Exception as exc:  # the whole call failed: every request in it hears why
+        except BaseException as exc:  # the whole call failed (or shutdown): every request in it hears why
+            error = exc if isinstance(exc, Exception) else BatcherClosed("server shutting down")
             for it in batch:
                 if not it.future.done():
-                    it.future.set_exception(exc)
+                    it.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
             return
         seconds = time.perf_counter() - t0
         self.batches += 1

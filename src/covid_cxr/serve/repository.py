@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class LoadedModel:
     bundle: Bundle
     session: object = field(repr=False)
     batcher: MicroBatcher | None = field(default=None, repr=False)
+    observe: Callable[[int, float], None] | None = field(default=None, repr=False)  # (images, seconds)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -75,7 +77,11 @@ class LoadedModel:
                 return await self.batcher.submit(x)
             except BatcherClosed:
                 pass  # unloaded between lookup and submit: this one request runs on its own
-        return await anyio.to_thread.run_sync(self.run, x)
+        t0 = time.perf_counter()
+        out = await anyio.to_thread.run_sync(self.run, x)
+        if self.observe is not None:
+            self.observe(len(x), time.perf_counter() - t0)
+        return out
 
     def gradcam_png(self, pixels: np.ndarray, class_index: int) -> bytes:
         """Grad-CAM overlay PNG (blocking; torch model loaded lazily and cached by covid_cxr.explain)."""
@@ -89,7 +95,7 @@ class LoadedModel:
             await self.batcher.close()
 
 
-def _open_session(path: Path, threads: int):
+def _open_session(path: Path, threads: int, spinning: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -98,7 +104,7 @@ def _open_session(path: Path, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning worker threads would steal the cores that the event loop needs to parse and decode.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -109,7 +115,7 @@ class ModelRepository:
         self.settings = settings
         self.metrics = metrics
         # One ONNX Runtime call at a time for batches: each call already uses every core.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covid-cxr-ort")
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="covid-cxr-ort")
         self._disk: dict[str, list[int]] = {}
         self._scanned_at = float("-inf")
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
@@ -223,10 +229,11 @@ class ModelRepository:
                 raise ModelUnavailable(f"version {version}: {msg}") from exc
             self._failed.pop(key, None)
             model = LoadedModel(name, version, bundle, session)
+            model.observe = lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s)
             if self.settings.batching:
-                model.batcher = MicroBatcher(
-                    model.run, self.executor, self.settings.max_batch, self.settings.max_wait_s,
-                    on_batch=lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s))
+                model.batcher = MicroBatcher(model.run, self.executor, self.settings.max_batch,
+                                             self.settings.max_wait_s, on_batch=model.observe,
+                                             workers=self.settings.inference_workers)
             self._loaded[key] = model
             self.metrics.loaded.set(len(self._loaded))
             log.info("loaded %s version %s (%s)", name, version, bundle.path)
@@ -236,7 +243,7 @@ class ModelRepository:
         bundle = load_bundle(self.root / name, version)
         h, w = bundle.input_hw
         classes = bundle.classes
-        session = _open_session(bundle.onnx_path, self.settings.intra_op_threads)
+        session = _open_session(bundle.onnx_path, self.settings.intra_op_threads, self.settings.ort_spinning)
         names = [i.name for i in session.get_inputs()]
         if names != [ONNX_INPUT]:
             raise ValueError(f"model.onnx takes inputs {names}, expected [{ONNX_INPUT!r}]")
