@@ -220,6 +220,23 @@ def bench_server(models: Path, model: str, png: bytes, batching: bool, args) -> 
     return {"loads": results, "memory": mem}
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several rounds of one server setting: latencies pooled, throughput the median round's."""
+    loads = {}
+    for c in runs[0]["loads"]:
+        parts = [r["loads"][c] for r in runs]
+        ld = Load(c, sum(p.requests for p in parts))
+        ld.latencies = [x for p in parts for x in p.latencies]
+        ld.failures = [f for p in parts for f in p.failures]
+        ld.seconds = len(ld.latencies) / statistics.median(p.throughput for p in parts)
+        ld.mean_batch = statistics.median(p.mean_batch for p in parts)
+        ld.onnx_ms = statistics.median(p.onnx_ms for p in parts)
+        ld.cpu_ms = statistics.median(p.cpu_ms for p in parts)
+        loads[c] = ld
+    peak = max(runs, key=lambda r: r["memory"]["VmHWM"])
+    return {"loads": loads, "memory": peak["memory"]}
+
+
 def onnx_stats(before: str, after: str) -> tuple[float, float]:
     """(images per ONNX Runtime call, ONNX Runtime ms per image) between two /metrics snapshots."""
     def sums(text):
@@ -279,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=2, help="server runs per setting (medians reported)")
     p.add_argument("--order", choices=["on,off", "off,on"], default="on,off", help="which server runs first")
     p.add_argument("--no-ort-table", dest="ort_table", action="store_false",
                    help="skip timing ONNX Runtime alone at each batch size")
@@ -296,13 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {model} from {models}; image {image.name} {size[0]}x{size[1]} PNG ({len(png)} bytes); "
               f"path {args.path}; {os.cpu_count()} CPUs; load average before {os.getloadavg()[0]:.2f}", flush=True)
         ort_table = onnx_cpu_by_batch(models, model) if args.ort_table else {}
-        runs = {}
-        for batching in ([True, False] if args.order == "on,off" else [False, True]):
-            runs[batching] = bench_server(models, model, png, batching, args)
-            print(f"  batching {'on ' if batching else 'off'} done; load average {os.getloadavg()[0]:.2f}", flush=True)
+        rounds: dict[bool, list[dict]] = {True: [], False: []}
+        first = args.order == "on,off"
+        for r in range(args.rounds):  # alternate which server goes first: the machine's load drifts
+            order = [first, not first] if r % 2 == 0 else [not first, first]
+            for batching in order:
+                rounds[batching].append(bench_server(models, model, png, batching, args))
+                print(f"  round {r + 1}: batching {'on ' if batching else 'off'} done; "
+                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        runs = {b: merge(rs) for b, rs in rounds.items()}
 
     on, off = runs[True]["loads"], runs[False]["loads"]
     print()
+    print(f"{args.rounds} round(s) per setting; img/s and ms/img: median round; latency percentiles: all rounds")
     print(f"{'concurrency':>11} | {'batching':>8} | {'requests':>8} | {'img/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | "
           f"{'mean batch':>10} | {'ORT ms/img':>10} | {'CPU ms/img':>10} | failed")
     print("-" * 112)
@@ -310,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, loads in (("on", on), ("off", off)):
             ld = loads[c]
             print(f"{c:>11} | {label:>8} | {ld.requests:>8} | {ld.throughput:7.1f} | {ld.pct(0.5):7.1f} | "
-                  f"{ld.pct(0.99):7.1f} | {ld.mean_batch:10.2f} | {ld.onnx_ms:10.2f} | {ld.cpu_ms:10.2f} | {len(ld.failures)}")
+                  f"{ld.pct(0.99):7.1f} | {ld.mean_batch:10.2f} | {ld.onnx_ms:10.2f} | {ld.cpu_ms:10.2f} | "
+                  f"{len(ld.failures)}")
     print()
     for label, run in (("on", runs[True]), ("off", runs[False])):
         m = run["memory"]

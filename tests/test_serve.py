@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.serve.testing import free_port, running_server
 
 NAME = "efficientnet_lite0"
+EXPLAIN_AVAILABLE = importlib.util.find_spec("covid_cxr.explain.gradcam") is not None
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
 
 
@@ -223,6 +225,9 @@ def test_upload_gradcam_overlay(server, xrays):
     r = requests.post(f"{server}/api/v1/predict?gradcam=true", files={"file": xrays[0].open("rb")})
     assert r.status_code == 200, r.text
     body = r.json()
+    if not EXPLAIN_AVAILABLE:  # covid_cxr.explain is written separately: the prediction must stand alone
+        assert "gradcam_png" not in body and "Grad-CAM unavailable" in body["gradcam_error"]
+        pytest.skip("covid_cxr.explain.gradcam is not importable: overlay contract not checked")
     assert "gradcam_error" not in body, body.get("gradcam_error")
     img = Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"])))
     assert img.format == "PNG" and img.mode == "RGB" and img.size == (224, 224)
@@ -256,13 +261,18 @@ def test_errors_then_still_serving(server, batch, expected, xrays, tmp_path):
         assert r.headers["content-type"].startswith("application/json")
         return r.status_code, r.json()
 
+    def get(target):
+        r = requests.get(target)
+        return r.status_code, r.json()
+
     nan = one.copy()
     nan[0, 100, 100, 0] = np.nan
     inf = one.tolist()
     inf[0][5][5][0] = float("inf")
     cases = {
         "unknown model": (post(b"{}", f"{server}/v1/models/no_such_model:predict"), 404),
-        "unknown version": (post(json.dumps({"instances": one.tolist()}), f"{server}/v1/models/{NAME}/versions/999:predict"), 404),
+        "unknown version": (post(json.dumps({"instances": one.tolist()}),
+                                 f"{server}/v1/models/{NAME}/versions/999:predict"), 404),
         "malformed version": (post(b"{}", f"{server}/v1/models/{NAME}/versions/abc:predict"), 400),
         "malformed JSON": (post(b'{"instances": [[[0.1'), 400),
         "not an object": (post(b"[1, 2, 3]"), 400),
@@ -274,11 +284,12 @@ def test_errors_then_still_serving(server, batch, expected, xrays, tmp_path):
         "NaN": (post(json.dumps({"instances": nan.tolist()})), 400),  # json writes the NaN token
         "Infinity": (post(json.dumps({"instances": inf})), 400),
         "bad base64": (post(json.dumps({"instances": [{"b64": "not*base64!"}]})), 400),
-        "undecodable image": (post(json.dumps({"instances": [{"b64": base64.b64encode(b"GIF89a nope").decode()}]})), 400),
+        "undecodable image": (post(json.dumps({"instances": [{"b64": base64.b64encode(b"GIF89a no").decode()}]})),
+                              400),
         "empty": (post(json.dumps({"instances": []})), 400),
-        "unknown status model": ((requests.get(f"{server}/v1/models/nope").status_code,
-                                  requests.get(f"{server}/v1/models/nope").json()), 404),
-        "unknown status version": ((requests.get(f"{server}/v1/models/{NAME}/versions/77").status_code, {"error": ""}), 404),
+        "unknown status model": (get(f"{server}/v1/models/nope"), 404),
+        "unknown status version": (get(f"{server}/v1/models/{NAME}/versions/77"), 404),
+        "unknown metadata version": (get(f"{server}/v1/models/{NAME}/versions/77/metadata"), 404),
     }
     for what, ((status, body), want) in cases.items():
         assert status == want, (what, status, body)
@@ -330,7 +341,8 @@ def test_health_readiness_metrics(server):
     counts = metric_samples(text, "covid_cxr_requests_total")
     assert any('endpoint="tfs_predict"' in k and f'model="{NAME}"' in k and 'status="200"' in k for k in counts)
     assert any('endpoint="tfs_predict"' in k and 'status="404"' in k for k in counts)
-    assert any(k.startswith("covid_cxr_request_latency_seconds_bucket") for k in metric_samples(text, "covid_cxr_request_latency"))
+    latency = metric_samples(text, "covid_cxr_request_latency")
+    assert any(k.startswith("covid_cxr_request_latency_seconds_bucket") for k in latency)
     assert metric_samples(text, "covid_cxr_loaded_models")["covid_cxr_loaded_models"] >= 1
 
 
@@ -398,7 +410,8 @@ def test_api_key(models_dir, xrays, monkeypatch):
         assert r.status_code == 401 and "error" in r.json()
         ok = {"Authorization": "Bearer s3cret-token"}
         assert requests.post(url, json=body, headers=ok).status_code == 200
-        assert requests.post(f"{base}/api/v1/predict", files={"file": xrays[0].open("rb")}, headers=ok).status_code == 200
+        r = requests.post(f"{base}/api/v1/predict", files={"file": xrays[0].open("rb")}, headers=ok)
+        assert r.status_code == 200
         assert requests.get(f"{base}/v1/models/{NAME}").status_code == 200  # status stays open
 
 

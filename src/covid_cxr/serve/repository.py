@@ -114,8 +114,9 @@ class ModelRepository:
         self.root = Path(settings.models)
         self.settings = settings
         self.metrics = metrics
-        # One ONNX Runtime call at a time for batches: each call already uses every core.
-        self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="covid-cxr-ort")
+        # Batches run here: by default one ONNX Runtime call at a time, as each already uses every core.
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers,
+                                           thread_name_prefix="covid-cxr-ort")
         self._disk: dict[str, list[int]] = {}
         self._scanned_at = float("-inf")
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
