@@ -32,7 +32,7 @@ def _quiet() -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
     raise typer.Exit(2)
 
 

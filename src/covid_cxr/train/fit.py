@@ -51,8 +51,9 @@ class TrainConfig:
         return self.image_size or get_spec(self.arch).input_size
 
     def run_id(self) -> str:
-        """Stable id of what is trained (for --resume): everything except cosmetics."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("progress", "name")}
+        """Stable id of what is trained (for --resume): everything except cosmetics and the stopping
+        rule, so an interrupted run can also be resumed with more epochs."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("progress", "name", "epochs", "patience")}
         return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
@@ -81,11 +82,14 @@ def _features(model: Classifier, prepared: PreparedData, cfg: TrainConfig, sourc
 def _trainer(cfg: TrainConfig, workdir: Path, history: History, max_epochs: int | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=workdir / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                           save_last=True, enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=workdir / "checkpoints", filename="best", monitor="val_acc", mode="max",
+                           enable_version_counter=False, save_on_train_epoch_end=True)
+    # A separate, unmonitored checkpoint written after every epoch: what --resume continues from.
+    last = ModelCheckpoint(dirpath=workdir / "checkpoints", filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False, save_on_train_epoch_end=True)
     early = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience)
     return L.Trainer(max_epochs=max_epochs or cfg.epochs, accelerator="cpu", devices=1, logger=False,
-                     callbacks=[ckpt, early, history], enable_progress_bar=cfg.progress,
+                     callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
                      enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                      default_root_dir=str(workdir))
 

@@ -25,11 +25,22 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def on_train_epoch_start(self):
+        self._epoch_sums = torch.zeros(3)  # loss * n, correct, n: this epoch's training batches
+
+    def epoch_train_stats(self) -> dict[str, float]:
+        """Mean training loss/accuracy of the current epoch (for History: Lightning's own epoch
+        aggregates of train metrics are only ready after the callbacks' epoch-end hooks)."""
+        loss_sum, correct, n = getattr(self, "_epoch_sums", torch.zeros(3)).tolist()
+        return {"train_loss": loss_sum / n, "train_acc": correct / n} if n else {}
+
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss_fn(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
+        if stage == "train":
+            self._epoch_sums += torch.tensor([loss.item() * len(y), acc.item() * len(y), len(y)])
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=on_step, batch_size=len(y))
         self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -51,15 +62,15 @@ class ClassifierModule(L.LightningModule):
 class History(Callback):
     """Per-epoch train/val loss and accuracy, kept in checkpoints so a resumed run has full curves."""
 
-    KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
-
     def __init__(self):
         self.epochs: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer, pl_module):
+        # Lightning runs checkpoint callbacks last, so the end-of-epoch checkpoint holds this row.
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
-        row.update({k: float(m[k]) for k in self.KEYS if k in m})
+        row.update(pl_module.epoch_train_stats())
+        row.update({k: float(m[k]) for k in ("val_loss", "val_acc") if k in m})
         self.epochs.append(row)
 
     def state_dict(self):
