@@ -162,3 +162,25 @@ def test_data_inspect_reports_counts_and_duplicates(data_dir, tmp_path):
     assert info["counts"]["COVID-19"] == {"ok": 5, "skipped": 0, "duplicate": 1}
     assert info["counts"]["Normal"]["skipped"] == 1
     assert info["skipped"][0]["path"].endswith("bad.jpg") and info["skipped"][0]["reason"]
+
+
+def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
+    from covid_cxr.models import create_model, get_spec
+
+    model, _ = create_model("efficientnet_lite0", weights="imagenet")
+    model.freeze_backbone(trainable=get_spec("efficientnet_lite0").finetune_modules)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+                 for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.6", "conv_head", "bn2"}
+    data = _subset(data_dir, tmp_path / "d", 10)
+    cfg = TrainConfig(arch="efficientnet_lite0", epochs=1, max_per_class=10, image_size=96, finetune=True,
+                      progress=False)
+    r = train(data, tmp_path / "m", cfg, workdir=tmp_path / "w")
+    b = load_bundle(r.bundle_path)
+    assert b.metadata["architecture"]["frozen_backbone"] is False
+    assert b.metadata["training"]["feature_cache"] is False
+    before, _ = create_model("efficientnet_lite0", weights="imagenet")
+    after = b.load_torch()
+    changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731
+                                           after.backbone.get_submodule(name).weight.detach().numpy())
+    assert changed("conv_head") and not changed("conv_stem")
