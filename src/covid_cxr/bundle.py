@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 FORMAT_VERSION = 1
 ONNX_INPUT = "image"
@@ -116,6 +115,8 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
 
 
 def export_onnx(model, path: Path, height: int, width: int) -> None:
+    import torch  # here, not at the top: the ONNX Runtime server must not pay ~600 MB for torch
+
     from covid_cxr.models import ProbabilityModel
 
     wrapper = ProbabilityModel(model).eval()
@@ -128,6 +129,7 @@ def export_onnx(model, path: Path, height: int, width: int) -> None:
 def onnx_parity(model, onnx_path: Path, images: np.ndarray) -> float:
     """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W)."""
     import onnxruntime as ort
+    import torch
 
     x = images[..., None].astype(np.float32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -30,9 +30,6 @@ def serve(
     """Serve models over TF Serving REST, an upload API and a web page (FastAPI + ONNX Runtime)."""
     import uvicorn
 
-    from covid_cxr.serve.deferred import defer
-
-    defer("torch")  # ONNX Runtime serves; torch loads only if Grad-CAM is asked for (~600 MB saved)
     from covid_cxr.serve.app import create_app
     from covid_cxr.serve.settings import MB, ServeSettings
 
