@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("COVID_CXR_DATA", REPO.parent / "shared" / "data" / "covid19-radiography"))
+_CANDIDATES = [REPO.parent / "shared" / "data" / "covid19-radiography",  # beside the checkout
+               Path("/work/shared/data/covid19-radiography")]  # a clean clone elsewhere (CI)
+DATA = Path(os.environ["COVID_CXR_DATA"]) if os.environ.get("COVID_CXR_DATA") else \
+    next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 ARTIFACTS = REPO / "test-artifacts"
 
 
