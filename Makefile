@@ -20,7 +20,8 @@ install: $(STAMP)
 
 # Debian's chromium for the web-page test (installed once; skipped if already there).
 browser:
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium) >/dev/null || echo "WARNING: could not install chromium; the web-page test will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/covid-cxr demo $(if $(DATA),--data "$(DATA)") --out $(OUT)
