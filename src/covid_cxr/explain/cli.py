@@ -1,7 +1,174 @@
-"""`covid-cxr explain` (registered on the main Typer app by `register`)."""
+"""`covid-cxr explain` (registered on the main Typer app by `register`).
+
+    covid-cxr explain IMAGE... --model MODELS/<name>[/<version>] --out DIR
+                      [--method gradcam] [--class C] [--alpha 0.4]
+
+For each image (files, or folders holding PNG / JPEG / DICOM files) it writes
+``<stem>_cam.png`` (the map over the X-ray) and ``<stem>_cam.npy`` (the raw map, float32 in
+[0, 1] at the model's input size), each written atomically, and prints a table of predictions.
+An unreadable image is reported and skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 
+def collect_images(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files as given, folders expanded (recursively, sorted) to their PNG / JPEG / DICOM files.
+
+    Returns (images, problems) where problems are (path, reason) for arguments that are neither."""
+    from covid_cxr.data.decode import IMAGE_SUFFIXES
+
+    images: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                problems.append((p, "folder holds no PNG, JPEG or DICOM files"))
+            images.extend(found)
+        elif p.is_file():
+            images.append(p)
+        else:
+            problems.append((p, "no such file or folder"))
+    seen: set[Path] = set()
+    unique = []
+    for f in images:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, problems
+
+
+def resolve_class(value: Optional[str], classes: list[str]) -> Optional[int]:
+    """--class as an index or a class name (case-insensitive); None means the predicted class."""
+    if value is None or value.strip() == "":
+        return None
+    v = value.strip()
+    if v.lstrip("-").isdigit():
+        idx = int(v)
+        if not 0 <= idx < len(classes):
+            raise ValueError(f"class index {idx} out of range 0..{len(classes) - 1} ({', '.join(classes)})")
+        return idx
+    lowered = [c.lower() for c in classes]
+    if v.lower() in lowered:
+        return lowered.index(v.lower())
+    raise ValueError(f"unknown class {value!r}; the model's classes: {', '.join(classes)} (or an index)")
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 2
+    while stem in used:
+        stem = f"{path.stem}-{n}"
+        n += 1
+    used.add(stem)
+    return stem
+
+
+def explain_command(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, DICOM).")],
+    model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (newest version if omitted).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>_cam.png and <stem>_cam.npy.")],
+    method: Annotated[str, typer.Option("--method", help="gradcam | gradcam++ | xgradcam | eigencam | "
+                                        "layercam | hirescam | scorecam (slow: one forward per channel)")] = "gradcam",
+    class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index "
+                                                  "(default: each image's predicted class).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Map opacity over the X-ray.")] = 0.4,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from covid_cxr.bundle import BundleError, load_bundle
+    from covid_cxr.data.decode import DecodeError, decode_file, resize
+    from covid_cxr.explain.gradcam import METHODS, Explainer, overlay, png_bytes
+    from covid_cxr.utils import atomic_write_bytes
+
+    err = Console(stderr=True)
+    console = Console()
+
+    def fail(msg: str) -> None:
+        err.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+        raise typer.Exit(2)
+
+    method = method.strip().lower()
+    if method not in METHODS:
+        fail(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    try:
+        bundle = load_bundle(model)
+    except (BundleError, FileNotFoundError, OSError, ValueError) as exc:
+        fail(str(exc))
+    classes = bundle.classes
+    try:
+        class_index = resolve_class(class_, classes)
+    except ValueError as exc:
+        fail(str(exc))
+    files, problems = collect_images(images)
+    for p, why in problems:
+        err.print(f"[yellow]skipped[/] {p}: {why}", soft_wrap=True)
+    if not files:
+        fail("no images to explain")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create {out}: {exc}")
+
+    explainer = Explainer(bundle.load_torch())
+    h, w = bundle.input_hw
+    rows, skipped, used = [], [], set()
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"Grad-CAM ({method})", total=len(files))
+        for f in files:
+            try:
+                pixels = np.clip(resize(decode_file(f).pixels, h, w), 0.0, 1.0)
+            except DecodeError as exc:
+                skipped.append((f, str(exc)))
+                err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True)
+                bar.advance(task)
+                continue
+            e = explainer.explain(pixels, class_index, method)[0]
+            stem = _unique_stem(f, used)
+            buf = _npy_bytes(e.cam)
+            atomic_write_bytes(out / f"{stem}_cam.npy", buf)
+            atomic_write_bytes(out / f"{stem}_cam.png", png_bytes(overlay(pixels, e.cam, alpha)))
+            pred = e.predicted_index
+            rows.append((str(f), f"{classes[pred]} ({e.probabilities[pred]:.3f})", classes[e.class_index],
+                         f"{e.probabilities[e.class_index]:.3f}"))
+            bar.advance(task)
+    explainer.close()
+
+    t = Table(title=f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}")
+    t.add_column("image", overflow="fold")
+    for col in ("predicted (p)", "explained class", "probability"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
+    if not rows:
+        raise typer.Exit(1)
+
+
+def _npy_bytes(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
 def register(app: typer.Typer) -> None:
-    pass  # filled in by the explain work
+    app.command("explain")(explain_command)
