@@ -1,8 +1,8 @@
 """Grad-CAM: the map points at what the model looks at, on every architecture, frozen or not.
 
 The main test trains a small detector for a synthetic bright square pasted on real X-rays and
-checks that Grad-CAM's hot region sits on the square in held-out images (and not on the square of
-another image: a control that a map hugging the image centre or the anatomy would fail).
+checks that Grad-CAM's hot region sits on the square in held-out images (and not on the squares of
+other images: a chance-level control that a map hugging the image centre or the anatomy would fail).
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ def patch_detector(data_dir):
     """efficientnet_lite0 (ImageNet backbone, last stages unfrozen, linear head) trained to tell
     an X-ray with a bright square from the same X-ray without one. Each batch pairs every image
     with a copy carrying a square at a fresh random place, so only the square predicts the label."""
+    threads = torch.get_num_threads()
+    # small batches: one thread; beside another busy process 2 threads took 117 s here, 1 thread 21 s
+    torch.set_num_threads(1)
+    try:
+        yield _train_patch_detector(data_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_patch_detector(data_dir):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     base = _xrays(data_dir, N_TRAIN + N_TEST, SIZE)
@@ -93,8 +103,8 @@ def test_gradcam_finds_the_patch(patch_detector, method, artifacts_dir):
 
     exps = Explainer(model).explain(images, class_index=1, method=method)
     hot = [_distance_to_box(e.hotspot(), b) for e, b in zip(exps, boxes)]
-    # control: the same maps against the square of another image
-    control = [_distance_to_box(e.hotspot(), boxes[(k + len(boxes) // 2) % len(boxes)]) for k, e in enumerate(exps)]
+    # control (chance level): each map against the squares of all the other images
+    control = [_distance_to_box(e.hotspot(), b) for k, e in enumerate(exps) for j, b in enumerate(boxes) if j != k]
     peak = [_distance_to_box(e.peak, b) for e, b in zip(exps, boxes)]
     on_patch = float(np.mean(np.array(hot) <= 4))
     on_other = float(np.mean(np.array(control) <= 4))
@@ -111,7 +121,7 @@ def test_gradcam_finds_the_patch(patch_detector, method, artifacts_dir):
         Image.fromarray(np.concatenate(tiles, axis=1)).save(artifacts_dir / "gradcam_patch.png")
     assert all(e.cam.shape == (SIZE, SIZE) for e in exps)
     assert on_patch >= 0.8, summary
-    assert on_other <= 0.4, summary
+    assert on_other <= 0.3, summary  # chance: about 0.13
 
 
 @pytest.fixture(scope="module")
