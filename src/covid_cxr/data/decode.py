@@ -81,7 +81,9 @@ def _decode_pil(data: bytes, max_pixels: int) -> Decoded:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"too many pixels (decompression bomb?): {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not a PNG, JPEG or DICOM image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(f"not a readable image: {exc}") from exc
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
