@@ -128,21 +128,14 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest):
-        return _error(400, str(exc))
+    def handler(status: int):
+        async def handle(request: Request, exc: Exception):
+            return _error(status, str(exc))
+        return handle
 
-    @app.exception_handler(InvalidModelName)
-    async def invalid_name(request: Request, exc: InvalidModelName):
-        return _error(400, str(exc))
-
-    @app.exception_handler(ModelNotFound)
-    async def not_found(request: Request, exc: ModelNotFound):
-        return _error(404, str(exc))
-
-    @app.exception_handler(ModelUnavailable)
-    async def unavailable(request: Request, exc: ModelUnavailable):
-        return _error(503, str(exc))
+    for exc_type, status in ((BadRequest, 400), (InvalidModelName, 400), (ModelNotFound, 404),
+                             (ModelUnavailable, 503)):
+        app.add_exception_handler(exc_type, handler(status))
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized):
