@@ -202,3 +202,13 @@ def test_normalisation_comes_from_the_training_split_only(data_dir, real_manifes
     assert p.std == pytest.approx(px.std(), abs=1e-4)
     test_px = np.concatenate([decode_file(data_dir / r.path).pixels.ravel() for r in p.splits["test"]])
     assert abs(test_px.mean() - p.mean) > 1e-5  # differs from the test split's own statistics
+
+
+def test_duplicate_counts_reach_the_prepared_data(data_dir, tmp_path):
+    root = _copy_layout(data_dir, tmp_path / "ds", "release1", n=8)
+    first = next((root / "NORMAL").iterdir())
+    shutil.copy(first, root / "NORMAL" / "NORMAL (99).png")
+    assert discover(root).layout.startswith("release-1")
+    p = prepare(root, balance="none", seed=0, progress=False)
+    assert p.dedupe["exact_duplicates"] == 1
+    assert p.describe()["exact_duplicates_removed"] == 1

@@ -67,13 +67,11 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
     from collections import Counter, defaultdict
 
     from covid_cxr.data import build_manifest
-    from covid_cxr.data.dedupe import mark_duplicates
-
     try:
         man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    dup = mark_duplicates(man.records, near_threshold)
+    dup = man.dedupe
     if manifest:
         man.write_csv(manifest)
     counts = Counter((r.label, r.status) for r in man.records)

@@ -94,8 +94,8 @@ def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = Non
             excluded[label] = len(paths)
             continue
         found.add(label)
-        if layout.startswith("class") and d.name in ("COVID-19", "NORMAL"):
-            layout = "release-1 (COVID-19/, NORMAL/, Viral Pneumonia/)"
+        if layout.startswith("class") and any(re.search(r" \(\d+\)\.\w+$", p.name) for p in paths):
+            layout = "release-1 (<CLASS>/<CLASS> (n).png)"
         layouts.add(layout)
         files += [LabelledFile(p, p.relative_to(root).as_posix(), label) for p in paths]
     missing = [c for c in wanted if c not in found]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import imagehash
@@ -44,6 +44,7 @@ class Manifest:
     classes: tuple[str, ...]
     records: list[Record]
     excluded_classes: dict[str, int]
+    dedupe: dict[str, int] = field(default_factory=dict)  # counts from dedupe.mark_duplicates
 
     @property
     def ok(self) -> list[Record]:
@@ -101,9 +102,8 @@ def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX
     recs = [scan_file(f.path, f.relpath, f.label, max_pixels)
             for f in progress_iter(disc.files, "scanning images", enabled=progress)]
     classes_out = tuple(normalise_class(c) for c in (classes or CLASS_NAMES))
-    man = Manifest(disc.root, disc.layout, classes_out, recs, disc.excluded_classes)
-    mark_duplicates(man.records, near_threshold=near_threshold)
-    return man
+    dedupe = mark_duplicates(recs, near_threshold=near_threshold)
+    return Manifest(disc.root, disc.layout, classes_out, recs, disc.excluded_classes, dedupe)
 
 
 def resolve(manifest: Manifest, rec: Record) -> Path:

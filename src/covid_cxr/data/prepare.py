@@ -62,10 +62,7 @@ def prepare(data_dir: str | Path, classes=None, balance: str = "undersample",
             progress: bool = True, manifest: Manifest | None = None) -> PreparedData:
     if balance not in BALANCE_CHOICES:
         raise ValueError(f"--balance must be one of {BALANCE_CHOICES}, got {balance!r}")
-    from covid_cxr.data.dedupe import mark_duplicates
-
     man = manifest or build_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress)
-    dedupe = mark_duplicates(man.records, near_threshold)  # idempotent; returns the counts
     ok = man.ok
     missing = [c for c in man.classes if not any(r.label == c for r in ok)]
     if missing:
@@ -83,4 +80,4 @@ def prepare(data_dir: str | Path, classes=None, balance: str = "undersample",
         n = Counter(r.label for r in splits["train"])
         total = len(splits["train"])
         weights = [total / (len(man.classes) * max(n[c], 1)) for c in man.classes]
-    return PreparedData(man, splits, mean, std, balance, max_per_class, seed, tuple(fractions), weights, dedupe)
+    return PreparedData(man, splits, mean, std, balance, max_per_class, seed, tuple(fractions), weights, man.dedupe)
