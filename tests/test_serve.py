@@ -306,7 +306,7 @@ def test_errors_then_still_serving(server, batch, expected, xrays, tmp_path):
 
     # model names that try to leave the repository
     secret = tmp_path / "secret"
-    for path in (f"/v1/models/..:predict", "/v1/models/..%2F..%2Fetc:predict", "/v1/models/.hidden:predict",
+    for path in ("/v1/models/..:predict", "/v1/models/..%2F..%2Fetc:predict", "/v1/models/.hidden:predict",
                  "/v1/models/%2e%2e/metadata", "/v1/models/../../etc/metadata", f"/v1/models/{secret}:predict",
                  "/api/v1/predict?model=..%2F..%2Fetc"):
         status, body = raw_request(server, "POST" if "predict" in path else "GET", path, b"{}")

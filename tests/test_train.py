@@ -35,8 +35,9 @@ def test_bundle_is_complete_and_onnx_matches_pytorch(bundle_dir, data_dir):
     assert meta["classes"] == ["COVID-19", "Normal", "Viral Pneumonia"]
     assert meta["input"]["normalisation"]["computed_on"] == "train split"
     assert meta["training"]["counts"]["test"] and meta["training"]["manifest_sha256"]
+    assert 1e-6 < meta["training"]["lr_range_test_suggestion"] < 1
     for f in ("model.safetensors", "model.onnx", "metadata.json", "report/metrics.json",
-              "report/confusion_matrix.png", "report/curves.png"):
+              "report/confusion_matrix.png", "report/curves.png", "report/lr_find.png"):
         assert (b.path / f).is_file(), f
     h, w = b.input_hw
     paths = [p for ps in sample_images(data_dir, 6).values() for p in ps]

@@ -41,6 +41,7 @@ class TrainConfig:
     patience: int = 8  # early stopping on val accuracy
     finetune: bool = False  # unfreeze the backbone's last stages, train on augmented images
     cache_features: bool = True  # frozen backbone: train the head on cached features
+    lr_find: bool = True  # run the LR range test first; its plot and suggestion go in the report
     precision: str = "fp32"  # feature extraction: fp32 | bf16
     classes: list[str] | None = None
     name: str | None = None  # bundle name; default: arch
@@ -142,6 +143,17 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         net, dm = model, ImageDataModule(prepared, cfg.size, cfg.batch_size, augment=cfg.finetune)
     timings["features"] = time.perf_counter() - t
 
+    report_dir = run_dir / "report"
+    lr_suggestion = None
+    if cfg.lr_find and use_cache:  # cheap on cached features; the Tuner restores the weights after
+        from covid_cxr.train.lr_find import range_test
+
+        t = time.perf_counter()
+        lr_suggestion = range_test(net, dm, prepared.class_weights, report_dir / "lr_find.png", run_dir,
+                                   f"{cfg.arch} head").suggestion
+        timings["lr_find"] = time.perf_counter() - t
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # training starts as without it
+
     t = time.perf_counter()
     module = ClassifierModule(net, cfg.lr, prepared.class_weights)
     history = History()
@@ -160,7 +172,6 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     y, probs = _evaluate_test(model, prepared, cfg.size, feats)
     metrics = compute_metrics(y, probs, prepared.classes)
     name = cfg.name or cfg.arch
-    report_dir = run_dir / "report"
     curves_png(history.epochs, report_dir / "curves.png", f"{name}: training curves")
     atomic_write_json(report_dir / "history.json", history.epochs)
     write_report(metrics, report_dir, f"{name} ({source}) — test split")
@@ -186,7 +197,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         "training": {**prepared.describe(), "hyperparameters": hp, "epochs_run": len(history.epochs),
                      "best_epoch": best_epoch,
                      "best_val_acc": max((h.get("val_acc", 0) for h in history.epochs), default=None),
-                     "feature_cache": use_cache},
+                     "feature_cache": use_cache, "lr_range_test_suggestion": lr_suggestion},
         "test_metrics": metrics,
         "timings_s": timings,
     }
