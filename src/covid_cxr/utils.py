@@ -1,10 +1,9 @@
-"""Small shared helpers: atomic file writes, seeding, progress bars."""
+"""Small shared helpers: atomic file writes, progress bars."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,15 +35,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def progress_iter(items: Iterable[T], description: str, enabled: bool = True,

@@ -104,7 +104,3 @@ def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX
     classes_out = tuple(normalise_class(c) for c in (classes or CLASS_NAMES))
     dedupe = mark_duplicates(recs, near_threshold=near_threshold)
     return Manifest(disc.root, disc.layout, classes_out, recs, disc.excluded_classes, dedupe)
-
-
-def resolve(manifest: Manifest, rec: Record) -> Path:
-    return manifest.root / rec.path
