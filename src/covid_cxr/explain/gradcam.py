@@ -51,22 +51,7 @@ def method_class(name: str) -> type:
         raise ValueError(f"unknown CAM method {name!r}; choose from {', '.join(METHODS)}")
     import pytorch_grad_cam
 
-    _quiet_scorecam()
     return getattr(pytorch_grad_cam, _METHOD_CLASSES[key])
-
-
-def _quiet_scorecam() -> None:
-    """ScoreCAM wraps its batch loop in a tqdm bar on stderr; ours (rich) is enough."""
-    from pytorch_grad_cam import score_cam
-
-    if not getattr(score_cam, "_covid_cxr_quiet", False):
-        class _NoTqdm:
-            @staticmethod
-            def tqdm(iterable, *args, **kwargs):
-                return iterable
-
-        score_cam.tqdm = _NoTqdm
-        score_cam._covid_cxr_quiet = True
 
 
 @dataclass
