@@ -259,16 +259,12 @@ def onnx_cpu_by_batch(models: Path, model: str, sizes=(1, 2, 4, 8, 16, 32), imag
     """ONNX Runtime alone, one thread: CPU ms per image at each batch size (what batching can save
     in the model itself; CPU time, so other work on the machine does not skew it)."""
     import numpy as np
-    import onnxruntime as ort
 
-    from covid_cxr.bundle import load_bundle
+    from covid_cxr.bundle import load_bundle, open_session
 
     bundle = load_bundle(models / model)
     h, w = bundle.input_hw
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(bundle.onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = open_session(bundle.onnx_path, threads=1)
     x = np.random.default_rng(0).random((max(sizes), h, w, 1), dtype=np.float32)
     out = {}
     for n in sizes:

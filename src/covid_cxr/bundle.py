@@ -75,9 +75,7 @@ class Bundle:
     def session(self):
         """ONNX Runtime session for model.onnx (created once per Bundle)."""
         if getattr(self, "_session", None) is None:
-            import onnxruntime as ort
-
-            self._session = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
+            self._session = open_session(self.onnx_path)
         return self._session
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -126,13 +124,27 @@ def export_onnx(model, path: Path, height: int, width: int) -> None:
                       dynamo=True, external_data=False, verbose=False)
 
 
+def open_session(onnx_path: Path, threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session. `threads` 0: ONNX Runtime's default (all cores). A server turns
+    `spinning` off so idle ORT threads do not steal the cores its event loop needs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
 def onnx_parity(model, onnx_path: Path, images: np.ndarray) -> float:
     """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W)."""
-    import onnxruntime as ort
     import torch
 
     x = images[..., None].astype(np.float32)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = open_session(onnx_path)
     got = sess.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
     with torch.no_grad():
         want = torch.softmax(model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)), 1).numpy()

@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio.to_thread
 import numpy as np
 
-from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle, valid_name, versions
+from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle, open_session, valid_name, versions
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
@@ -93,20 +93,6 @@ class LoadedModel:
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
-
-
-def _open_session(path: Path, threads: int, spinning: bool):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning worker threads would steal the cores that the event loop needs to parse and decode.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 class ModelRepository:
@@ -244,7 +230,7 @@ class ModelRepository:
         bundle = load_bundle(self.root / name, version)
         h, w = bundle.input_hw
         classes = bundle.classes
-        session = _open_session(bundle.onnx_path, self.settings.intra_op_threads, self.settings.ort_spinning)
+        session = open_session(bundle.onnx_path, self.settings.intra_op_threads, self.settings.ort_spinning)
         names = [i.name for i in session.get_inputs()]
         if names != [ONNX_INPUT]:
             raise ValueError(f"model.onnx takes inputs {names}, expected [{ONNX_INPUT!r}]")
