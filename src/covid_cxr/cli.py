@@ -13,11 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from covid_cxr.cliutil import err_console as console
+from covid_cxr.cliutil import fail, open_bundle
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
 out_console = Console()
 
 
@@ -29,11 +31,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _classes(classes: Optional[str]) -> Optional[list[str]]:
@@ -70,7 +67,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
     try:
         man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     dup = man.dedupe
     if manifest:
         man.write_csv(manifest)
@@ -129,7 +126,7 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
     try:
         r = fit(data, out, cfg, resume=resume)
     except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_metrics(r.metrics, f"{cfg.name or arch}: test split")
     out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
 
@@ -153,7 +150,7 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
         prepared = prepare(data, cfg.classes, balance, max_per_class, seed)
         r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
     except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out_console.print(f"suggested learning rate: {r.suggestion:.3g}" if r.suggestion else "no suggestion (flat curve)")
     out_console.print(f"plot: {r.plot}")
 
@@ -170,15 +167,6 @@ def _print_metrics(m: dict, title: str) -> None:
     out_console.print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m['n']})")
 
 
-def _bundle(model: Path):
-    from covid_cxr.bundle import BundleError, load_bundle
-
-    try:
-        return load_bundle(model)
-    except (BundleError, FileNotFoundError) as exc:
-        _fail(str(exc))
-
-
 @app.command()
 def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")], data: DataOpt,
              out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
@@ -188,12 +176,12 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[
     from covid_cxr.utils import atomic_write_json
 
     _quiet()
-    b = _bundle(model)
+    b = open_bundle(model)
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
     try:
         m = evaluate_folder(b, data, out)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
     for s in m["skipped"]:
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
@@ -212,7 +200,7 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
     try:
         rows, md, csv_path = write_comparison(models, out or models)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     t = Table(title="comparison (test split)")
     for c in COLUMNS:
         t.add_column(c)
@@ -229,7 +217,7 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
     """Label and class probabilities per image (through the bundle's ONNX model)."""
     from covid_cxr.data.decode import DecodeError, load_for_model
 
-    b = _bundle(model)
+    b = open_bundle(model)
     h, w = b.input_hw
     results = []
     for p in images:
@@ -285,7 +273,7 @@ def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg
         s = run_pipeline(data, out, arch_list, _config(**cfg), synthetic=synthetic, resume=resume,
                          log=lambda m: console.print(f"[cyan]›[/] {m}"))
     except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from covid_cxr.evaluate.compare import to_markdown
 
     out_console.print(to_markdown(s["comparison"]))

@@ -83,30 +83,22 @@ def explain_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
-    import numpy as np
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from covid_cxr.bundle import BundleError, load_bundle
-    from covid_cxr.data.decode import DecodeError, decode_file, resize
+    from covid_cxr.cliutil import err_console as err
+    from covid_cxr.cliutil import fail, open_bundle
+    from covid_cxr.data.decode import DecodeError, load_for_model
     from covid_cxr.explain.gradcam import METHODS, Explainer, overlay, png_bytes
     from covid_cxr.utils import atomic_write_bytes
 
-    err = Console(stderr=True)
     console = Console()
-
-    def fail(msg: str) -> None:
-        err.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
-        raise typer.Exit(2)
 
     method = method.strip().lower()
     if method not in METHODS:
         fail(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    try:
-        bundle = load_bundle(model)
-    except (BundleError, FileNotFoundError, OSError, ValueError) as exc:
-        fail(str(exc))
+    bundle = open_bundle(model)
     classes = bundle.classes
     try:
         class_index = resolve_class(class_, classes)
@@ -131,7 +123,7 @@ def explain_command(
         task = bar.add_task(f"Grad-CAM ({method})", total=len(files))
         for f in files:
             try:
-                pixels = np.clip(resize(decode_file(f).pixels, h, w), 0.0, 1.0)
+                pixels = load_for_model(f, h, w)
             except DecodeError as exc:
                 skipped.append((f, str(exc)))
                 err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True)
