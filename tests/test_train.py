@@ -185,3 +185,16 @@ def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
     changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731
                                            after.backbone.get_submodule(name).weight.detach().numpy())
     assert changed("conv_head") and not changed("conv_stem")
+
+
+def test_splits_csv_round_trips_odd_paths(tmp_path):
+    import csv
+    from types import SimpleNamespace
+
+    from covid_cxr.pipeline import write_splits
+
+    rec = SimpleNamespace(path='COVID/a, "b".png', label="COVID-19", sha256="ab", group=3)
+    prepared = SimpleNamespace(splits={"train": [rec], "val": [], "test": []})
+    write_splits(prepared, tmp_path / "s.csv")
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert rows == [{"path": 'COVID/a, "b".png', "label": "COVID-19", "split": "train", "sha256": "ab", "group": "3"}]

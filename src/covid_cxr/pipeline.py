@@ -6,6 +6,8 @@ The dataset is scanned, deduplicated and split once, so every architecture sees 
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 import time
 from dataclasses import replace
@@ -20,10 +22,13 @@ from covid_cxr.utils import atomic_write_json, atomic_write_text
 
 
 def write_splits(prepared, path: Path) -> None:
-    lines = ["path,label,split,sha256,group"]
+    """Which image went to which split (csv module: paths may hold commas or quotes)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "split", "sha256", "group"])
     for s in SPLITS:
-        lines += [f'"{r.path}",{r.label},{s},{r.sha256},{r.group}' for r in prepared.splits[s]]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+        w.writerows([r.path, r.label, s, r.sha256, r.group] for r in prepared.splits[s])
+    atomic_write_text(path, buf.getvalue())
 
 
 def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig, synthetic: bool = False,
