@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 OUT ?= runs/demo
 
-.PHONY: install demo test bench browser clean
+.PHONY: install demo test test-fast bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py

@@ -142,14 +142,6 @@ async def run_load(port: int, request: bytes, concurrency: int, total: int, expe
 
 # ---------------------------------------------------------------------------------- server
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time the server process has used (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -167,6 +159,8 @@ def memory(pid: int) -> dict[str, int]:
 
 class Server:
     def __init__(self, models: Path, batching: bool, extra: list[str]):
+        from covid_cxr.serve.testing import free_port
+
         self.port = free_port()
         cmd = [sys.executable, "-m", "covid_cxr.serve", "--models", str(models), "--port", str(self.port),
                "--log-level", "warning", "--batching" if batching else "--no-batching", *extra]

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from covid_cxr.cliutil import err_console as console
 from covid_cxr.cliutil import fail, open_bundle
+from covid_cxr.errors import UserError
+from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig, describe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
@@ -37,22 +39,42 @@ def _classes(classes: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
 
 
-# Options shared by train / lr-find / run (typer needs them spelled out per command).
+# Options shared by train / lr-find / run (typer needs them spelled out per command); every default
+# and help text comes from TrainConfig, so none is typed twice (tests/unit/test_config.py checks).
+D = DEFAULTS
+
+
+def _opt(field: str, *names: str, **kw):
+    return typer.Option(*(names or (f"--{field.replace('_', '-')}",)), help=describe(field), **kw)
+
+
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
-ArchOpt = Annotated[str, typer.Option("--arch", help="vgg16, resnet50, densenet121, efficientnet_lite0/1/2")]
-WeightsOpt = Annotated[str, typer.Option("--weights", help="imagenet | none | PATH (.safetensors or state_dict)")]
-BalanceOpt = Annotated[str, typer.Option("--balance", help="undersample (the study) | weights | none")]
-MaxOpt = Annotated[Optional[int], typer.Option("--max-per-class", help="Cap per class (the study: 219).")]
+ArchOpt = Annotated[str, _opt("arch")]
+WeightsOpt = Annotated[str, _opt("weights")]
+BalanceOpt = Annotated[str, _opt("balance")]
+MaxOpt = Annotated[Optional[int], _opt("max_per_class")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use.")]
+SizeOpt = Annotated[Optional[int], _opt("image_size")]
+HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")]
+DropoutOpt = Annotated[Optional[float], _opt("dropout")]
+PrecisionOpt = Annotated[str, _opt("precision")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
+HIDDEN_DEFAULT = ",".join(map(str, D.hidden))
 
 
-def _config(**kw):
-    from covid_cxr.train.fit import TrainConfig
+def _config(**kw) -> TrainConfig:
+    """CLI values -> TrainConfig; a value out of range is a one-line error, not a traceback."""
+    from pydantic import ValidationError
 
-    hidden = kw.pop("hidden", "256")
-    kw["hidden"] = [int(h) for h in str(hidden).split(",") if h.strip()]
+    if "hidden" in kw:
+        kw["hidden"] = [int(h) for h in str(kw["hidden"]).split(",") if h.strip()]
     kw["classes"] = _classes(kw.get("classes"))
-    return TrainConfig(**kw)
+    try:
+        return TrainConfig(**kw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        cause = e.get("ctx", {}).get("error")
+        fail(str(cause) if isinstance(cause, UserError) else f"--{'-'.join(map(str, e['loc']))}: {e['msg']}")
 
 
 @data_app.command("inspect")
@@ -66,7 +88,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
     from covid_cxr.data import build_manifest
     try:
         man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
-    except FileNotFoundError as exc:
+    except UserError as exc:
         fail(str(exc))
     dup = man.dedupe
     if manifest:
@@ -105,17 +127,15 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
 
 @app.command()
 def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
-          arch: ArchOpt = "efficientnet_lite0", weights: WeightsOpt = "imagenet", epochs: int = 30,
-          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, balance: BalanceOpt = "undersample",
-          max_per_class: MaxOpt = None, image_size: Optional[int] = None,
-          hidden: Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")] = "256",
-          dropout: Annotated[Optional[float], typer.Option(help="Head dropout (default: the study's).")] = None,
-          patience: int = 8, finetune: Annotated[bool, typer.Option(help="Unfreeze last stages, augment.")] = False,
-          precision: Annotated[str, typer.Option(help="Feature extraction: fp32 | bf16")] = "fp32",
-          classes: ClassesOpt = None, name: Optional[str] = None,
-          resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False):
+          arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
+          batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
+          seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
+          image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
+          patience: Annotated[int, _opt("patience")] = D.patience,
+          finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
+          classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
+          resume: ResumeOpt = False):
     """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>."""
-    from covid_cxr.models import WeightsUnavailable
     from covid_cxr.train.fit import train as fit
 
     _quiet()
@@ -125,31 +145,31 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
                   classes=classes, name=name)
     try:
         r = fit(data, out, cfg, resume=resume)
-    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         fail(str(exc))
-    _print_metrics(r.metrics, f"{cfg.name or arch}: test split")
+    _print_metrics(r.metrics, f"{cfg.bundle_name}: test split")
     out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
 
 
 @app.command("lr-find")
 def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Plot PNG path.")] = Path("lr_find.png"),
-                arch: ArchOpt = "efficientnet_lite0", weights: WeightsOpt = "imagenet", batch_size: int = 32,
-                seed: int = 0, balance: BalanceOpt = "undersample", max_per_class: MaxOpt = None,
-                image_size: Optional[int] = None, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
+                arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights,
+                batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, seed: int = D.seed,
+                balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
+                image_size: SizeOpt = D.image_size, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
                 classes: ClassesOpt = None,
                 workdir: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/.work")):
     """LR range test: saves the loss-vs-LR plot (log scale) and prints the suggested rate."""
     from covid_cxr.data import prepare
-    from covid_cxr.models import WeightsUnavailable
     from covid_cxr.train.lr_find import lr_find
 
     _quiet()
     cfg = _config(arch=arch, weights=weights, batch_size=batch_size, seed=seed, balance=balance,
                   max_per_class=max_per_class, image_size=image_size, classes=classes)
     try:
-        prepared = prepare(data, cfg.classes, balance, max_per_class, seed)
+        prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed)
         r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
-    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         fail(str(exc))
     out_console.print(f"suggested learning rate: {r.suggestion:.3g}" if r.suggestion else "no suggestion (flat curve)")
     out_console.print(f"plot: {r.plot}")
@@ -180,7 +200,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
     try:
         m = evaluate_folder(b, data, out)
-    except (ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         fail(str(exc))
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
     for s in m["skipped"]:
@@ -199,7 +219,7 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
 
     try:
         rows, md, csv_path = write_comparison(models, out or models)
-    except FileNotFoundError as exc:
+    except UserError as exc:
         fail(str(exc))
     t = Table(title="comparison (test split)")
     for c in COLUMNS:
@@ -248,31 +268,31 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
 
 @app.command()
 def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/run"),
-        archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "efficientnet_lite0",
-        weights: WeightsOpt = "imagenet", epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
-        seed: int = 0, balance: BalanceOpt = "undersample", max_per_class: MaxOpt = None,
-        image_size: Optional[int] = None, hidden: str = "256", dropout: Optional[float] = None,
-        patience: int = 8, precision: str = "fp32", classes: ClassesOpt = None,
-        resume: bool = False):
+        archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = D.arch,
+        weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
+        batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
+        seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
+        image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
+        patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
+        classes: ClassesOpt = None, resume: ResumeOpt = False):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
-    _run(data, out, archs, False, resume, arch="efficientnet_lite0", weights=weights, epochs=epochs,
-         batch_size=batch_size, lr=lr, seed=seed, balance=balance, max_per_class=max_per_class,
-         image_size=image_size, hidden=hidden, dropout=dropout, patience=patience, precision=precision,
-         classes=classes)
+    _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+         seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
+         dropout=dropout, patience=patience, precision=precision, classes=classes)
 
 
 def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
-    from covid_cxr.models import WeightsUnavailable, get_spec
     from covid_cxr.pipeline import run_pipeline
 
     _quiet()
     arch_list = [a.strip() for a in archs.split(",") if a.strip()]
+    base = _config(**cfg)
+    for a in arch_list:
+        _config(**cfg, arch=a)  # every architecture known before anything runs
     try:
-        for a in arch_list:
-            get_spec(a)
-        s = run_pipeline(data, out, arch_list, _config(**cfg), synthetic=synthetic, resume=resume,
+        s = run_pipeline(data, out, arch_list, base, synthetic=synthetic, resume=resume,
                          log=lambda m: console.print(f"[cyan]›[/] {m}"))
-    except (WeightsUnavailable, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         fail(str(exc))
     from covid_cxr.evaluate.compare import to_markdown
 
@@ -292,14 +312,15 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 
         data = make_synthetic_dataset(out / "synthetic-data")
         console.print(f"[yellow]No --data given: using a generated SYNTHETIC dataset at {data}[/]")
-    _run(data, out, archs, synthetic, False, arch="efficientnet_lite0", weights="imagenet", epochs=30,
-         balance="undersample", max_per_class=None if synthetic else 219, seed=0)
+    _run(data, out, archs, synthetic, False, max_per_class=None if synthetic else STUDY_MAX_PER_CLASS)
 
 
 def _register_plugins() -> None:
+    from covid_cxr.bundle.cli import register as register_bundle
     from covid_cxr.explain.cli import register as register_explain
     from covid_cxr.serve.cli import register as register_serve
 
+    register_bundle(app)
     register_explain(app)
     register_serve(app)
 

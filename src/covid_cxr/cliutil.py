@@ -13,15 +13,22 @@ err_console = Console(stderr=True)
 
 def fail(msg: str, code: int = 2) -> NoReturn:
     """Print a red one-line error on stderr and exit (2: bad arguments or unusable input)."""
-    err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
-def open_bundle(model: Path):
-    """MODELS/<name>[/<version>] -> Bundle, or a clear error exit."""
-    from covid_cxr.bundle import BundleError, load_bundle
+def open_bundle(model: Path, check: bool = True):
+    """MODELS/<name>[/<version>] -> Bundle, or one line naming the broken file and exit 2.
+
+    `check` (what `bundle check` does): also open model.onnx, compare it with the metadata and run
+    one image, so a broken bundle is reported here rather than as a traceback later."""
+    from covid_cxr.bundle import BundleError, check_bundle, load_bundle
 
     try:
-        return load_bundle(model)
-    except (BundleError, OSError, ValueError) as exc:
+        return check_bundle(model) if check else load_bundle(model)
+    except BundleError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"{model}: {exc.strerror or exc}")

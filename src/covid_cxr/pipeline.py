@@ -6,11 +6,8 @@ The dataset is scanned, deduplicated and split once, so every architecture sees 
 
 from __future__ import annotations
 
-import csv
-import io
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from covid_cxr.data import prepare
@@ -18,17 +15,13 @@ from covid_cxr.data.split import SPLITS
 from covid_cxr.evaluate.compare import to_markdown, write_comparison
 from covid_cxr.evaluate.report import metrics_table_md
 from covid_cxr.train.fit import TrainConfig, TrainResult, train
-from covid_cxr.utils import atomic_write_json, atomic_write_text
+from covid_cxr.utils import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
 def write_splits(prepared, path: Path) -> None:
     """Which image went to which split (csv module: paths may hold commas or quotes)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "split", "sha256", "group"])
-    for s in SPLITS:
-        w.writerows([r.path, r.label, s, r.sha256, r.group] for r in prepared.splits[s])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ["path", "label", "split", "sha256", "group"],
+                     ([r.path, r.label, s, r.sha256, r.group] for s in SPLITS for r in prepared.splits[s]))
 
 
 def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig, synthetic: bool = False,
@@ -50,7 +43,7 @@ def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig,
     results: dict[str, TrainResult] = {}
     for arch in archs:
         t = time.perf_counter()
-        cfg = replace(base, arch=arch, name=f"synthetic-{arch}" if synthetic else None)
+        cfg = base.model_copy(update={"arch": arch, "name": f"synthetic-{arch}" if synthetic else None})
         results[arch] = train(data_dir, models_dir, cfg, workdir=out / "work", prepared=prepared, resume=resume)
         timings[f"train+evaluate+bundle {arch}"] = time.perf_counter() - t
         log(f"{arch}: accuracy {results[arch].metrics['accuracy']:.3f} -> {results[arch].bundle_path}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,3 +47,32 @@ def progress_iter(items: Iterable[T], description: str, enabled: bool = True,
     from rich.progress import track
 
     yield from track(items, description=description, total=total, transient=True)
+
+
+class Stopwatch:
+    """Seconds per named step, and the total since creation."""
+
+    def __init__(self):
+        self._start = self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+        return self.laps[name]
+
+    def summary(self) -> dict[str, float]:
+        return {**self.laps, "total": time.perf_counter() - self._start}
+
+
+def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file (csv module: values may hold commas, quotes or newlines), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

@@ -19,6 +19,13 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
+# What a model's input is, as the bundle's metadata describes it (read from here, never restated).
+CHANNELS = 1
+VALUE_RANGE = (0.0, 1.0)
+COLOR = "grayscale: RGB by luminance, alpha over black; DICOM through its modality and VOI LUTs"
+RESAMPLE = Image.Resampling.BILINEAR
+RESIZE_METHOD = f"{RESAMPLE.name.lower()} (PIL, antialiased), no crop"
+
 
 class DecodeError(ValueError):
     """The bytes are not an image we can read; `str(err)` says why."""
@@ -117,11 +124,11 @@ def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decod
 
 
 def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize (PIL, antialiased) of a float [0, 1] H x W image; float32 out."""
+    """RESAMPLE resize (PIL, antialiased) of a float [0, 1] H x W image; float32 out."""
     if pixels.shape == (height, width):
         return pixels.astype(np.float32, copy=False)
     img = Image.fromarray(pixels.astype(np.float32), mode="F")
-    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(img.resize((width, height), RESAMPLE), dtype=np.float32)
 
 
 def load_for_model(source: str | Path | bytes, height: int, width: int,
@@ -129,3 +136,8 @@ def load_for_model(source: str | Path | bytes, height: int, width: int,
     """File path or encoded bytes -> float32 H x W in [0, 1], ready for the model's first layer."""
     dec = decode_gray(source, max_pixels) if isinstance(source, bytes) else decode_file(source, max_pixels)
     return resize(dec.pixels, height, width)
+
+
+def load_batch(sources, height: int, width: int) -> np.ndarray:
+    """Several files (or encoded images) -> float32 N x H x W: the decode-resize-stack every stage needs."""
+    return np.stack([load_for_model(s, height, width) for s in sources]).astype(np.float32, copy=False)

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from covid_cxr.errors import DataNotFound
+
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
 
 _ALIASES = {
@@ -71,7 +73,7 @@ def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = Non
     """List every file under each requested class folder (none silently dropped: decoding decides)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        raise DataNotFound(f"dataset folder not found: {root}")
     wanted = tuple(normalise_class(c) for c in (classes or CLASS_NAMES))
 
     base = root
@@ -100,7 +102,7 @@ def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = Non
         files += [LabelledFile(p, p.relative_to(root).as_posix(), label) for p in paths]
     missing = [c for c in wanted if c not in found]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"no folder for class(es) {missing} under {base}; found folders: "
             f"{sorted(d.name for d in base.iterdir() if d.is_dir())}"
         )

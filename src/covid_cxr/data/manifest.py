@@ -7,9 +7,8 @@ statistics of any split come without decoding again).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import imagehash
@@ -58,16 +57,10 @@ class Manifest:
         return h.hexdigest()
 
     def write_csv(self, path: str | Path) -> None:
-        import io
+        from covid_cxr.utils import atomic_write_csv
 
-        from covid_cxr.utils import atomic_write_text
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=[f.name for f in fields(Record)])
-        w.writeheader()
-        for r in self.records:
-            w.writerow(asdict(r))
-        atomic_write_text(path, buf.getvalue())
+        names = [f.name for f in fields(Record)]
+        atomic_write_csv(path, names, ([getattr(r, n) for n in names] for r in self.records))
 
 
 def scan_file(path: Path, relpath: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Record:

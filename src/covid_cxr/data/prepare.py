@@ -9,8 +9,9 @@ from pathlib import Path
 from covid_cxr.data.manifest import Manifest, Record, build_manifest
 from covid_cxr.data.split import SPLITS, select, stratified_group_split
 from covid_cxr.data.stats import mean_std
+from covid_cxr.errors import DataError
+from covid_cxr.train.config import BALANCE_CHOICES
 
-BALANCE_CHOICES = ("undersample", "weights", "none")
 
 
 @dataclass
@@ -61,19 +62,19 @@ def prepare(data_dir: str | Path, classes=None, balance: str = "undersample",
             fractions=(0.70, 0.15, 0.15), near_threshold: int = 4,
             progress: bool = True, manifest: Manifest | None = None) -> PreparedData:
     if balance not in BALANCE_CHOICES:
-        raise ValueError(f"--balance must be one of {BALANCE_CHOICES}, got {balance!r}")
+        raise DataError(f"--balance must be one of {BALANCE_CHOICES}, got {balance!r}")
     man = manifest or build_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress)
     ok = man.ok
     missing = [c for c in man.classes if not any(r.label == c for r in ok)]
     if missing:
-        raise ValueError(f"no usable images for class(es) {missing} in {man.root}")
+        raise DataError(f"no usable images for class(es) {missing} in {man.root}")
     chosen = select(ok, balance=balance, max_per_class=max_per_class, seed=seed)
     split = stratified_group_split(chosen, fractions, seed=seed)
     splits = {s: sorted((r for r in chosen if split.assignment[r.path] == s), key=lambda r: r.path)
               for s in SPLITS}
     for s in SPLITS:
         if not splits[s]:
-            raise ValueError(f"the {s} split is empty: too few images ({len(chosen)}) for fractions {fractions}")
+            raise DataError(f"the {s} split is empty: too few images ({len(chosen)}) for fractions {fractions}")
     mean, std = mean_std(splits["train"])
     weights = None
     if balance == "weights":  # inverse frequency, normalised to mean 1 (sklearn's "balanced")

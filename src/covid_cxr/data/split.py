@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from covid_cxr.errors import DataError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -17,7 +19,6 @@ SPLITS = ("train", "val", "test")
 class SplitResult:
     assignment: dict[str, str]  # record path -> split
     counts: dict[str, dict[str, int]]  # split -> class -> n
-    selection: str  # description of the balancing that was applied
 
 
 def _groups_by_class(records) -> dict[str, dict[int, list]]:
@@ -59,7 +60,7 @@ def select(records, balance: str = "none", max_per_class: int | None = None, see
 def stratified_group_split(records, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> SplitResult:
     """Per class, shuffle the groups and fill test, then val, to their share; the rest is train."""
     if abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+        raise DataError(f"split fractions must sum to 1, got {fractions}")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {s: Counter() for s in SPLITS}
@@ -77,4 +78,4 @@ def stratified_group_split(records, fractions=(0.70, 0.15, 0.15), seed: int = 0)
             for r in g:
                 assignment[r.path] = split
                 counts[split][r.label] += 1
-    return SplitResult(assignment, {s: dict(counts[s]) for s in SPLITS}, "")
+    return SplitResult(assignment, {s: dict(counts[s]) for s in SPLITS})

@@ -3,13 +3,15 @@ bundle's ONNX model: exactly what the server would answer."""
 
 from __future__ import annotations
 
+from covid_cxr.errors import DataError
+
 from pathlib import Path
 
 import numpy as np
 
 from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
-from covid_cxr.data.decode import load_for_model
+from covid_cxr.data.decode import load_batch
 from covid_cxr.evaluate.metrics import compute_metrics
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.utils import progress_iter
@@ -19,11 +21,11 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     man = build_manifest(data_dir, classes=bundle.classes, progress=progress)
     recs = man.ok  # skipped files are listed in the manifest and the report
     if not recs:
-        raise ValueError(f"no readable labelled images in {data_dir}")
+        raise DataError(f"no readable labelled images in {data_dir}")
     h, w = bundle.input_hw
     probs = []
     for i in progress_iter(range(0, len(recs), 32), "evaluating", enabled=progress):
-        x = np.stack([load_for_model(man.root / r.path, h, w) for r in recs[i:i + 32]])
+        x = load_batch([man.root / r.path for r in recs[i:i + 32]], h, w)
         probs.append(bundle.predict(x))
     y = np.array([bundle.classes.index(r.label) for r in recs])
     m = compute_metrics(y, np.concatenate(probs), bundle.classes)

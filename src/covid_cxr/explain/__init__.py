@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {name: "covid_cxr.explain.gradcam" for name in (
     "METHODS", "Explainer", "Explanation", "explain_array", "explainer_for_bundle", "overlay",
-    "overlay_for_bundle", "png_bytes", "jet", "clear_cache")}
+    "overlay_for_bundle", "png_bytes", "jet")}
 
 __all__ = sorted(_EXPORTS)
 

@@ -84,14 +84,12 @@ def explain_command(
 ):
     """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from covid_cxr.cliutil import err_console as err
     from covid_cxr.cliutil import fail, open_bundle
-    from covid_cxr.data.decode import DecodeError, load_for_model
-    from covid_cxr.explain.gradcam import METHODS, Explainer, overlay, png_bytes
-    from covid_cxr.utils import atomic_write_bytes
+    from covid_cxr.errors import UserError
+    from covid_cxr.explain.gradcam import METHODS, Explainer
 
     console = Console()
 
@@ -114,30 +112,11 @@ def explain_command(
     except OSError as exc:
         fail(f"cannot create {out}: {exc}")
 
-    explainer = Explainer(bundle.load_torch())
-    h, w = bundle.input_hw
-    rows, skipped, used = [], [], set()
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"Grad-CAM ({method})", total=len(files))
-        for f in files:
-            try:
-                pixels = load_for_model(f, h, w)
-            except DecodeError as exc:
-                skipped.append((f, str(exc)))
-                err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True)
-                bar.advance(task)
-                continue
-            e = explainer.explain(pixels, class_index, method)[0]
-            stem = _unique_stem(f, used)
-            buf = _npy_bytes(e.cam)
-            atomic_write_bytes(out / f"{stem}_cam.npy", buf)
-            atomic_write_bytes(out / f"{stem}_cam.png", png_bytes(overlay(pixels, e.cam, alpha)))
-            pred = e.predicted_index
-            rows.append((str(f), f"{classes[pred]} ({e.probabilities[pred]:.3f})", classes[e.class_index],
-                         f"{e.probabilities[e.class_index]:.3f}"))
-            bar.advance(task)
+    try:
+        explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
+    except UserError as exc:  # weights that do not fit the metadata
+        fail(str(exc))
+    rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress)
     explainer.close()
 
     t = Table(title=f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}")
@@ -150,6 +129,40 @@ def explain_command(
     console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
     if not rows:
         raise typer.Exit(1)
+
+
+def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[int], method: str, alpha: float,
+                   out: Path, progress: bool) -> tuple[list[tuple], list[tuple[Path, str]]]:
+    """Explain each file, writing <stem>_cam.npy/.png atomically; unreadable files are skipped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from covid_cxr.cliutil import err_console as err
+    from covid_cxr.data.decode import DecodeError, load_for_model
+    from covid_cxr.explain.gradcam import overlay, png_bytes
+    from covid_cxr.utils import atomic_write_bytes
+
+    classes, (h, w) = bundle.classes, bundle.input_hw
+    rows, skipped, used = [], [], set()
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"Grad-CAM ({method})", total=len(files))
+        for f in files:
+            bar.advance(task)
+            try:
+                pixels = load_for_model(f, h, w)
+            except DecodeError as exc:
+                skipped.append((f, str(exc)))
+                err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)
+                continue
+            e = explainer.explain(pixels, class_index, method)[0]
+            stem = _unique_stem(f, used)
+            atomic_write_bytes(out / f"{stem}_cam.npy", _npy_bytes(e.cam))
+            atomic_write_bytes(out / f"{stem}_cam.png", png_bytes(overlay(pixels, e.cam, alpha)))
+            pred = e.predicted_index
+            rows.append((str(f), f"{classes[pred]} ({e.probabilities[pred]:.3f})", classes[e.class_index],
+                         f"{e.probabilities[e.class_index]:.3f}"))
+    return rows, skipped
 
 
 def _npy_bytes(arr) -> bytes:

@@ -280,7 +280,8 @@ def explainer_for_bundle(bundle) -> Explainer:
         if found is not None:
             _cache.move_to_end(key)
             return found
-    explainer = Explainer(bundle.load_torch())  # outside the lock: loading takes a while
+    # outside the lock: loading takes a while. Layer and architecture come from the bundle's metadata.
+    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
     with _cache_lock:
         found = _cache.get(key)
         if found is not None:
@@ -291,12 +292,6 @@ def explainer_for_bundle(bundle) -> Explainer:
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)[1].close()
         return explainer
-
-
-def clear_cache() -> None:
-    with _cache_lock:
-        while _cache:
-            _cache.popitem()[1].close()
 
 
 def overlay_for_bundle(bundle, pixels_hw_float01: np.ndarray, class_index: int | None = None,

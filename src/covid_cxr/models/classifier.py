@@ -101,3 +101,13 @@ def create_model(arch: str, weights: str = "imagenet", num_classes: int = 3,
     if freeze:
         model.freeze_backbone()
     return model, source
+
+
+def classifier_from_metadata(meta) -> Classifier:
+    """A bundle's classifier, shaped by its metadata alone (timm name, head, Grad-CAM layer), so an
+    edit to the registry never breaks an old bundle. Weights are loaded by the caller."""
+    arch = meta.architecture
+    spec = ArchSpec(arch.name, arch.timm_name, meta.input.height, arch.cam_layer, imagenet_source="bundle",
+                    finetune_modules=())
+    norm = meta.input.normalisation
+    return Classifier(spec, len(meta.classes), arch.hidden, arch.dropout, norm.mean, norm.std)

@@ -6,6 +6,8 @@ and looks the same from outside: grayscale image in, class probabilities out.
 
 from __future__ import annotations
 
+from covid_cxr.errors import ConfigError
+
 from dataclasses import dataclass
 
 
@@ -45,4 +47,4 @@ def get_spec(name: str) -> ArchSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(REGISTRY)}") from None
+        raise ConfigError(f"unknown architecture {name!r}; choose from {', '.join(REGISTRY)}") from None

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covid_cxr.errors import UserError
 from covid_cxr.models.registry import ArchSpec
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights cannot be obtained here; the message says what to do instead."""
 
 

@@ -53,8 +53,6 @@ class MicroBatcher:
         self._running: set[asyncio.Task] = set()
         self._preparing = 0
         self._closed = False
-        self.batches = 0  # calls made, and the largest batch: for tests and logs
-        self.largest = 0
 
     @asynccontextmanager
     async def preparing(self):
@@ -154,8 +152,6 @@ class MicroBatcher:
                 raise
             return
         seconds = time.perf_counter() - t0
-        self.batches += 1
-        self.largest = max(self.largest, len(x))
         if self._on_batch is not None:
             self._on_batch(len(x), seconds)
         start = 0

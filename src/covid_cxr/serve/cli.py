@@ -1,4 +1,7 @@
-"""`covid-cxr serve` (registered on the main Typer app by `register`)."""
+"""`covid-cxr serve` (registered on the main Typer app by `register`).
+
+Every option's default and help text comes from `ServeSettings`, the one home of serving defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +9,50 @@ from pathlib import Path
 
 import typer
 
+from covid_cxr.serve.settings import MB, ServeSettings
+
+F = ServeSettings.model_fields
+
+
+def _opt(field: str, *names: str, **kw):
+    return typer.Option(F[field].get_default(call_default_factory=False), *names, help=F[field].description, **kw)
+
 
 def serve(
-    models: Path = typer.Option(..., "--models", help="model repository: MODELS/<name>/<version>/",
-                                exists=True, file_okay=False),
-    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"),
-    port: int = typer.Option(8501, help="TCP port (8501: TF Serving's REST port)"),
-    api_key: str = typer.Option(None, "--api-key", envvar="COVID_CXR_API_KEY",
-                                help="bearer token required on predict endpoints"),
-    max_body_mb: float = typer.Option(20.0, help="request body limit in MB (413 beyond it)"),
-    max_concurrency: int = typer.Option(64, help="in-flight predict requests before answering 503"),
-    batching: bool = typer.Option(True, "--batching/--no-batching", help="micro-batch concurrent requests"),
-    max_batch: int = typer.Option(4, help="most images in one ONNX Runtime call"),
-    max_wait_ms: float = typer.Option(5.0, help="longest a batch waits for requests being decoded"),
-    rescan_seconds: float = typer.Option(2.0, help="how often the model repository is re-read"),
-    intra_op_threads: int = typer.Option(None, help="ONNX Runtime threads per call (default: CPU cores)"),
-    inference_workers: int = typer.Option(1, help="batches run at the same time"),
-    ort_spinning: bool = typer.Option(False, "--ort-spinning/--no-ort-spinning",
-                                      help="let ONNX Runtime's idle threads busy-wait"),
+    models: Path = typer.Option(..., "--models", help=F["models"].description, exists=True, file_okay=False),
+    host: str = _opt("host"),
+    port: int = _opt("port"),
+    api_key: str = _opt("api_key", "--api-key", envvar="COVID_CXR_API_KEY"),
+    max_body_mb: float = typer.Option(F["max_body_bytes"].default / MB, help="request body limit in MB (413 beyond it)"),
+    max_concurrency: int = _opt("max_concurrency"),
+    batching: bool = _opt("batching", "--batching/--no-batching"),
+    max_batch: int = _opt("max_batch"),
+    max_wait_ms: float = _opt("max_wait_ms"),
+    max_instances: int = _opt("max_instances"),
+    rescan_seconds: float = _opt("rescan_seconds"),
+    intra_op_threads: int = typer.Option(None, help=f"{F['intra_op_threads'].description} (default: CPU cores)"),
+    inference_workers: int = _opt("inference_workers"),
+    ort_spinning: bool = _opt("ort_spinning", "--ort-spinning/--no-ort-spinning"),
+    default_model: str = _opt("default_model"),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="log every request"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Serve models over TF Serving REST, an upload API and a web page (FastAPI + ONNX Runtime)."""
     import uvicorn
+    from pydantic import ValidationError
 
+    from covid_cxr.cliutil import fail
     from covid_cxr.serve.app import create_app
-    from covid_cxr.serve.settings import MB, ServeSettings
 
-    settings = ServeSettings(models=models, host=host, port=port, api_key=api_key or None,
-                             max_body_bytes=int(max_body_mb * MB), max_concurrency=max_concurrency,
-                             batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             rescan_seconds=rescan_seconds, inference_workers=inference_workers,
-                             ort_spinning=ort_spinning,
-                             **({"intra_op_threads": intra_op_threads} if intra_op_threads else {}))
+    given = dict(models=models, host=host, port=port, api_key=api_key or None, max_body_bytes=int(max_body_mb * MB),
+                 max_concurrency=max_concurrency, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                 max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
+                 ort_spinning=ort_spinning, default_model=default_model, intra_op_threads=intra_op_threads)
+    try:
+        settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        fail(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}")
     uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
                 timeout_graceful_shutdown=5)
 

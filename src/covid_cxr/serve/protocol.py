@@ -32,6 +32,9 @@ class ErrorResponse(BaseModel):
     error: str
 
 
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)}  # OpenAPI: what errors look like
+
+
 class TFStatus(BaseModel):
     error_code: str = "OK"
     error_message: str = ""

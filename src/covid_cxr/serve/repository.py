@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio.to_thread
 import numpy as np
 
-from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle, open_session, valid_name, versions
+from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle, open_checked_session, valid_name, versions
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
@@ -148,10 +148,6 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ loading
 
-    @property
-    def ready(self) -> bool:
-        return bool(self._loaded)
-
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
 
@@ -163,8 +159,10 @@ class ModelRepository:
                 out.append((v, "AVAILABLE", ""))
             elif (name, v) in self._failed:
                 out.append((v, "END", self._failed[(name, v)][1]))
-            else:  # on disk, loads on first use (or by the next background scan for the newest)
-                out.append((v, "AVAILABLE" if v != max(self._disk[name]) else "LOADING", ""))
+            elif v == max(self._disk[name]):  # the next background scan loads it
+                out.append((v, "LOADING", ""))
+            else:  # an older version not in memory: it loads if a request names it
+                out.append((v, "END", ""))
         return out
 
     async def get(self, name: str, version: int | None = None) -> LoadedModel:
@@ -228,15 +226,9 @@ class ModelRepository:
 
     def _open(self, name: str, version: int) -> tuple[Bundle, object]:
         bundle = load_bundle(self.root / name, version)
+        session = open_checked_session(bundle, self.settings.intra_op_threads, self.settings.ort_spinning)
         h, w = bundle.input_hw
-        classes = bundle.classes
-        session = open_session(bundle.onnx_path, self.settings.intra_op_threads, self.settings.ort_spinning)
-        names = [i.name for i in session.get_inputs()]
-        if names != [ONNX_INPUT]:
-            raise ValueError(f"model.onnx takes inputs {names}, expected [{ONNX_INPUT!r}]")
-        out = session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})[0]  # warm-up
-        if out.shape != (1, len(classes)):
-            raise ValueError(f"model.onnx gives shape {out.shape}, metadata names {len(classes)} classes")
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})  # warm-up
         return bundle, session
 
     async def _load_quietly(self, name: str, version: int) -> None:

@@ -11,11 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from covid_cxr.data.decode import load_for_model
+from covid_cxr.data.decode import load_batch
 from covid_cxr.utils import progress_iter
 
 
@@ -61,7 +60,7 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
     store = cache.rows if cache is not None else {}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for n, batch in enumerate(progress_iter(batches, "extracting features", enabled=progress and bool(batches)), 1):
-        x = torch.from_numpy(np.stack([load_for_model(p, size, size) for p, _ in batch]))[:, None]
+        x = torch.from_numpy(load_batch([p for p, _ in batch], size, size))[:, None]
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             feats = model.features(x).float()
@@ -73,3 +72,16 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
         cache.save()
     model.to(memory_format=torch.contiguous_format)
     return torch.stack([store[s] for _, s in items])
+
+
+def cached_features(model, prepared, cfg, source: str, cache_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """split -> (features N x F, labels N) for every split, extracting only what the cache lacks."""
+    from covid_cxr.data.dataset import labels_of
+
+    key = cache_key(cfg.arch, source, cfg.size, prepared.mean, prepared.std)
+    cache = FeatureCache(cache_dir / f"{key}.safetensors")
+    items = {s: [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[s]] for s in prepared.splits}
+    everything = [it for s in ("train", "val", "test") for it in items[s]]
+    extract(model, everything, cfg.size, cache, progress=cfg.progress, precision=cfg.precision)
+    return {s: (torch.stack([cache.rows[sha] for _, sha in items[s]]), torch.from_numpy(labels_of(prepared, s)))
+            for s in ("train", "val", "test")}

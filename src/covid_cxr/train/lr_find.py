@@ -11,7 +11,8 @@ import lightning as L
 from covid_cxr.data import PreparedData
 from covid_cxr.data.dataset import FeatureDataModule
 from covid_cxr.models import create_model
-from covid_cxr.train.fit import TrainConfig, _features
+from covid_cxr.train.config import TrainConfig
+from covid_cxr.train.features import cached_features
 from covid_cxr.train.module import ClassifierModule
 from covid_cxr.utils import atomic_write_bytes
 
@@ -55,7 +56,7 @@ def lr_find(prepared: PreparedData, cfg: TrainConfig, out: Path, workdir: Path,
     L.seed_everything(cfg.seed, verbose=False)
     model, source = create_model(cfg.arch, cfg.weights, len(prepared.classes), cfg.hidden, cfg.dropout,
                                  prepared.mean, prepared.std)
-    feats = _features(model, prepared, cfg, source, workdir / "feature-cache")
+    feats = cached_features(model, prepared, cfg, source, workdir / "feature-cache")
     dm = FeatureDataModule(feats, cfg.batch_size, cfg.seed)
     return range_test(model.head, dm, prepared.class_weights, out, workdir, f"{cfg.arch} head", cfg.progress,
                       min_lr, max_lr, num_training)

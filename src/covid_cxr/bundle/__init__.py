@@ -1,0 +1,23 @@
+"""The model bundle: a TensorFlow-Serving-style model repository, readable without training code.
+
+    MODELS/<name>/<version>/  model.safetensors  model.onnx  metadata.json  report/
+
+schema (the typed metadata.json), store (names, versions, atomic publishing), reader (numpy + ONNX
+Runtime only), check (`covid-cxr bundle check`), writer (torch: export and write).
+"""
+
+from covid_cxr.bundle.check import check_bundle
+from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle, open_checked_session, open_session, read_metadata
+from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, BundleMetadata
+from covid_cxr.bundle.store import parse_version, valid_name, versions
+
+__all__ = ["FORMAT_VERSION", "ONNX_INPUT", "ONNX_OUTPUT", "Bundle", "BundleError", "BundleMetadata",
+           "check_bundle", "load_bundle", "open_checked_session", "open_session", "parse_version",
+           "read_metadata", "valid_name", "versions", "write_bundle"]
+
+
+def write_bundle(*args, **kwargs):
+    """See `covid_cxr.bundle.writer.write_bundle` (imported on use: it needs torch)."""
+    from covid_cxr.bundle.writer import write_bundle as write
+
+    return write(*args, **kwargs)

@@ -1,0 +1,171 @@
+"""Read a bundle with numpy and ONNX Runtime only (no torch): what the server and evaluation use.
+
+Every problem with a bundle is a `BundleError` whose message is one line naming the file and what
+is wrong; the CLI prints it and exits 2, the server reports it as the version's load error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, BundleMetadata, upgrade
+from covid_cxr.bundle.store import FILES, versions
+from covid_cxr.errors import UserError
+
+
+class BundleError(UserError):
+    """A bundle that cannot be used; str() is one line: '<file>: <what is wrong>'."""
+
+
+@dataclass(eq=False)
+class Bundle:
+    path: Path
+    metadata: BundleMetadata
+    _session: object = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> int:
+        return self.metadata.version
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata.classes)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.metadata.input_hw
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / self.metadata.onnx.file
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    def session(self):
+        """ONNX Runtime session for model.onnx (created once per Bundle, checked against the metadata)."""
+        if self._session is None:
+            self._session = open_checked_session(self)
+        return self._session
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W float [0, 1] (already resized to input_hw) -> N x classes probabilities."""
+        x = np.asarray(images, dtype=np.float32)[..., None]
+        return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+
+    def load_torch(self):
+        """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
+        from covid_cxr.bundle.writer import load_torch
+
+        return load_torch(self)
+
+
+def read_metadata(path: Path) -> BundleMetadata:
+    """Parse and validate `path/metadata.json` (format 1 is upgraded); BundleError otherwise."""
+    file = path / "metadata.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{file}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{file}: unreadable: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{file}: not valid JSON (truncated?): {exc}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{file}: expected a JSON object, found {type(raw).__name__}")
+    fv = raw.get("format_version")
+    if fv not in (1, FORMAT_VERSION):
+        raise BundleError(f"{file}: format_version {fv!r} is not one this covid-cxr reads (1 or {FORMAT_VERSION})")
+    try:
+        return BundleMetadata.model_validate(upgrade(raw))
+    except ValidationError as exc:
+        raise BundleError(f"{file}: {_first_error(exc)}") from None
+    except (KeyError, TypeError, ValueError) as exc:  # a format-1 file missing what upgrade() needs
+        raise BundleError(f"{file}: format-1 metadata without {exc}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {e['msg']}{more}"
+
+
+def resolve(path: str | Path, version: int | None = None) -> Path:
+    """MODELS/<name>/<version> as given, or MODELS/<name> -> its newest version (or `version`)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    vs = versions(path)
+    if not vs:
+        raise BundleError(f"{path}: no model bundle here (expected metadata.json or numbered version folders)")
+    if version is not None and version not in vs:
+        raise BundleError(f"{path}: no version {version}; versions: {vs}")
+    return path / str(version or vs[-1])
+
+
+def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
+    """Open a bundle: metadata validated against the schema, its files present. BundleError otherwise."""
+    path = resolve(path, version)
+    meta = read_metadata(path)
+    for name in FILES[1:]:
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: missing")
+    return Bundle(path, meta)
+
+
+def open_session(onnx_path: Path, threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session. `threads` 0: ONNX Runtime's default (all cores). A server turns
+    `spinning` off so idle ORT threads do not steal the cores its event loop needs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+def open_checked_session(bundle: Bundle, threads: int = 0, spinning: bool = True):
+    """A session for the bundle's model.onnx whose tensors match the metadata (BundleError if not)."""
+    try:
+        session = open_session(bundle.onnx_path, threads, spinning)
+    except Exception as exc:  # onnxruntime raises its own exception types for broken files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{bundle.onnx_path}: ONNX Runtime cannot load it: {msg.replace(str(bundle.path), '')}") from None
+    check_session(bundle, session)
+    return session
+
+
+def _shape(dims) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in dims]
+
+
+def check_session(bundle: Bundle, session) -> None:
+    """The ONNX graph's inputs and outputs must be the metadata's (names, shapes, float32)."""
+    spec = bundle.metadata.onnx
+    for kind, got, want in (("inputs", session.get_inputs(), spec.inputs), ("outputs", session.get_outputs(), spec.outputs)):
+        have = {t.name: t for t in got}
+        for t in want:
+            if t.name not in have:
+                raise BundleError(f"{bundle.onnx_path}: has {kind} {sorted(have)}; metadata.json names {t.name!r}")
+            shape = _shape(have[t.name].shape)
+            if shape != t.shape:
+                raise BundleError(f"{bundle.onnx_path}: {kind[:-1]} {t.name!r} has shape {shape}; "
+                                  f"metadata.json says {t.shape}")
+            if have[t.name].type != "tensor(float)":
+                raise BundleError(f"{bundle.onnx_path}: {kind[:-1]} {t.name!r} is {have[t.name].type}, expected float32")

@@ -1,0 +1,202 @@
+"""The typed contract of a bundle's `metadata.json` (format 2), checked on every load.
+
+Everything a server, a reviewer or a later stage needs to use or judge the model lives here, without
+the training code: architecture and weight source, classes, input spec (read from the decode
+module's constants), normalisation, the training configuration and history, test metrics, and the
+exported ONNX graph's tensors. `docs/bundle.schema.json` is this model's JSON Schema
+(`covid-cxr bundle schema > docs/bundle.schema.json`; a test keeps the file current).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from covid_cxr.data import decode
+from covid_cxr.train.config import TrainConfig
+
+FORMAT_VERSION = 2
+ONNX_INPUT = "image"
+ONNX_OUTPUT = "probabilities"
+DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Architecture(_Strict):
+    name: str = Field(description="covid-cxr architecture name (registry key)")
+    timm_name: str = Field(description="timm model the backbone is built from")
+    weights: str = Field(description="where the backbone's weights came from")
+    hidden: list[PositiveInt] = Field(description="head hidden layer sizes")
+    dropout: float = Field(ge=0, lt=1)
+    cam_layer: str = Field(description="backbone module whose activations Grad-CAM uses")
+    frozen_backbone: bool = True
+
+
+class Normalisation(_Strict):
+    mean: float
+    std: float = Field(gt=0)
+    applied: Literal["inside the model"] = "inside the model"
+    computed_on: str = "train split"
+
+
+class InputSpec(_Strict):
+    """One grayscale image as the model takes it; the server decodes and resizes to this."""
+
+    height: PositiveInt
+    width: PositiveInt
+    channels: Literal[1] = decode.CHANNELS
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["float32"] = "float32"
+    value_range: tuple[float, float] = decode.VALUE_RANGE
+    color: str = decode.COLOR
+    resize: str = decode.RESIZE_METHOD
+    normalisation: Normalisation
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["float32"] = "float32"
+    shape: list[int] = Field(description=f"{DYNAMIC} marks a dimension chosen per call (the batch)")
+
+
+class OnnxInfo(_Strict):
+    file: Literal["model.onnx"] = "model.onnx"
+    opset: PositiveInt | None = Field(None, description="default-domain opset (unknown for format-1 bundles)")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parity_max_abs_diff: float = Field(ge=0, description="largest |p_torch - p_onnx| on parity_images images")
+    parity_images: int = Field(ge=0)
+
+
+class ClassMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")  # later stages add intervals and calibration per class
+    precision: float
+    recall: float
+    f1: float
+    support: int = Field(ge=0)
+    recall_ci95: tuple[float, float] | None = None
+    roc_auc: float | None = None
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    n: int = Field(ge=0)
+    accuracy: float
+    accuracy_ci95: tuple[float, float] | None = None
+    macro_f1: float | None = None
+    classes: list[str]
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: list[list[int]]
+
+
+class DataDescription(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    dataset_root: str
+    layout: str
+    manifest_sha256: str
+    files_found: int
+    files_skipped: int
+    exact_duplicates_removed: int
+    duplicates: dict[str, int] = {}
+    balance: str
+    max_per_class: int | None = None
+    seed: int
+    split_fractions: list[float]
+    counts: dict[str, dict[str, int]] = Field(description="split -> class -> images")
+    class_weights: list[float] | None = None
+
+
+class HistorySummary(_Strict):
+    epochs_run: int = Field(ge=0)
+    best_epoch: int = Field(ge=0)
+    best_val_acc: float | None = None
+    lr_range_test_suggestion: float | None = None
+
+
+class Training(_Strict):
+    config: TrainConfig
+    data: DataDescription
+    history: HistorySummary
+    feature_cache: bool
+    timings_s: dict[str, float] = Field(description="seconds per step; 'total' covers the whole run")
+
+
+class BundleMetadata(_Strict):
+    """`metadata.json` of MODELS/<name>/<version>/."""
+
+    format_version: Literal[2] = FORMAT_VERSION
+    task: Literal["classification"] = "classification"
+    name: str
+    version: PositiveInt
+    architecture: Architecture
+    classes: list[str] = Field(min_length=2, description="output order of the probabilities")
+    input: InputSpec
+    training: Training | None = None
+    test_metrics: Metrics | None = None
+    onnx: OnnxInfo
+    software: dict[str, str] = {}
+    created: datetime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BundleMetadata:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes repeat: {self.classes}")
+        want_in = [DYNAMIC, self.input.height, self.input.width, self.input.channels]
+        if [t.shape for t in self.onnx.inputs[:1]] != [want_in]:
+            raise ValueError(f"onnx.inputs[0].shape must be {want_in} (from 'input')")
+        outs = {t.name: t.shape for t in self.onnx.outputs}
+        if outs.get(ONNX_OUTPUT) != [DYNAMIC, len(self.classes)]:
+            raise ValueError(f"onnx output {ONNX_OUTPUT!r} must have shape [{DYNAMIC}, {len(self.classes)}]")
+        return self
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.input.height, self.input.width
+
+
+def onnx_tensors(height: int, width: int, n_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The exported classifier's input and output tensors."""
+    return ([TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])],
+            [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])])
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 metadata dict (the first release) in format 2's shape; format 2 passes through."""
+    if raw.get("format_version") != 1:
+        return raw
+    old_t = dict(raw.get("training") or {})
+    hist_keys = ("epochs_run", "best_epoch", "best_val_acc", "lr_range_test_suggestion")
+    inp = raw["input"]
+    ins, outs = onnx_tensors(int(inp["height"]), int(inp["width"]), len(raw["classes"]))
+    onnx = raw.get("onnx", {})
+    training = None
+    if old_t:
+        training = {"config": old_t.pop("hyperparameters", {}),
+                    "history": {k: old_t.pop(k, None) for k in hist_keys},
+                    "feature_cache": bool(old_t.pop("feature_cache", True)),
+                    "timings_s": raw.get("timings_s", {}), "data": old_t}
+        training["history"]["epochs_run"] = training["history"]["epochs_run"] or 0
+        training["history"]["best_epoch"] = training["history"]["best_epoch"] or 0
+        old_t.pop("normalisation", None)  # kept in input.normalisation
+    return {"format_version": 2, "task": "classification", "name": raw["name"], "version": raw["version"],
+            "architecture": raw["architecture"], "classes": raw["classes"],
+            "input": {k: v for k, v in inp.items() if k in InputSpec.model_fields},
+            "training": training, "test_metrics": raw.get("test_metrics"),
+            "onnx": {"inputs": [t.model_dump() for t in ins], "outputs": [t.model_dump() for t in outs],
+                     "parity_max_abs_diff": onnx.get("parity_max_abs_diff", 0.0),
+                     "parity_images": onnx.get("parity_images", 0)},
+            "software": raw.get("software", {}), "created": raw["created"]}
+
+
+def json_schema() -> str:
+    """The JSON Schema of format 2, as committed in docs/bundle.schema.json."""
+    schema = BundleMetadata.model_json_schema()
+    schema["$id"] = "https://github.com/covid-cxr/covid-cxr/docs/bundle.schema.json"
+    schema["title"] = "covid-cxr model bundle metadata.json (format 2)"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,123 @@
+"""Write a bundle (needs torch): weights, ONNX export checked for parity, validated metadata,
+assembled in a hidden folder and renamed into place so a crash never leaves half a model."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.bundle.reader import Bundle, BundleError, open_session
+from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_OUTPUT, BundleMetadata, OnnxInfo, onnx_tensors
+from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
+from covid_cxr.utils import Stopwatch, atomic_write_text
+
+MAX_PARITY_DIFF = 1e-4
+
+
+def export_onnx(model, path: Path, height: int, width: int) -> int:
+    """Export N x H x W x 1 -> probabilities; returns the default-domain opset."""
+    import onnx
+    import torch  # here, not at the top: the ONNX Runtime server must not pay ~600 MB for torch
+
+    from covid_cxr.models import ProbabilityModel
+
+    wrapper = ProbabilityModel(model).eval()
+    example = torch.rand(2, height, width, 1)
+    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                      dynamic_shapes={"images_nhwc": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                      dynamo=True, external_data=False, verbose=False)
+    opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    return int(opsets.get("", opsets.get("ai.onnx", 0)))
+
+
+def onnx_parity(model, onnx_path: Path, images: np.ndarray) -> float:
+    """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W)."""
+    import torch
+
+    x = images[..., None].astype(np.float32)
+    got = open_session(onnx_path).run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    with torch.no_grad():
+        want = torch.softmax(model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)), 1).numpy()
+    return float(np.abs(got - want).max())
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("covid-cxr", "torch", "timm", "lightning", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Stopwatch | None) -> BundleMetadata:
+    meta = {**content, "name": name, "version": version, "onnx": onnx, "software": software_versions(),
+            "created": datetime.now(timezone.utc).replace(microsecond=0)}
+    if clock is not None and meta.get("training"):
+        clock.lap("bundle")
+        meta["training"] = {**meta["training"], "timings_s": clock.summary()}
+    return BundleMetadata.model_validate(meta)
+
+
+def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,
+                 report_dir: Path | None = None, clock: Stopwatch | None = None) -> Bundle:
+    """Write the next version of `name`; returns the bundle. `content` holds the metadata's
+    architecture, classes, input, training and test_metrics; this adds the rest. Fails (and
+    publishes nothing) if the ONNX model disagrees with PyTorch or the metadata is invalid."""
+    from safetensors.torch import save_file
+
+    if not valid_name(name):
+        raise BundleError(f"{name}: invalid model name (letters, digits, '_', '-', '.'; no '..')")
+    model_dir = Path(models_dir) / name
+    staging = new_staging_dir(model_dir)
+    try:
+        model = model.eval()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+        (staging / "model.safetensors").chmod(0o644)
+        h, w = content["input"]["height"], content["input"]["width"]
+        opset = export_onnx(model, staging / "model.onnx", h, w)
+        diff = onnx_parity(model, staging / "model.onnx", parity_images)
+        if not diff <= MAX_PARITY_DIFF:
+            raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
+        ins, outs = onnx_tensors(h, w, len(content["classes"]))
+        onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
+                        parity_images=len(parity_images))
+        if report_dir is not None and Path(report_dir).is_dir():
+            shutil.copytree(report_dir, staging / "report")
+        box: dict[str, BundleMetadata] = {}
+
+        def write_metadata(folder: Path, version: int) -> None:
+            box["meta"] = _metadata(content, name, version, onnx, clock)
+            atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
+
+        version = publish(staging, model_dir, write_metadata)
+        return Bundle(model_dir / str(version), box["meta"])
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def load_torch(bundle: Bundle):
+    """The bundle's classifier in PyTorch, built from its metadata (not the live registry)."""
+    from safetensors.torch import load_file
+
+    from covid_cxr.models import classifier_from_metadata
+
+    model = classifier_from_metadata(bundle.metadata)
+    try:
+        state = load_file(str(bundle.path / "model.safetensors"))
+    except Exception as exc:  # safetensors raises its own types for damaged files
+        raise BundleError(f"{bundle.path / 'model.safetensors'}: unreadable: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{bundle.path / 'model.safetensors'}: does not fit metadata.json's "
+                          f"architecture: {str(exc).splitlines()[0]}") from None
+    return model.eval()

@@ -1,0 +1,47 @@
+"""What handlers receive by injection: the app's settings, model repository and metrics (all on
+`app.state`, so several apps can live in one process), the API-key check, version parsing."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Request
+
+from covid_cxr.bundle import parse_version as version_number
+from covid_cxr.serve.metrics import Metrics
+from covid_cxr.serve.protocol import BadRequest
+from covid_cxr.serve.repository import ModelRepository
+from covid_cxr.serve.settings import ServeSettings
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def get_settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
+
+
+def get_repo(request: Request) -> ModelRepository:
+    return request.app.state.repo
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def require_api_key(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
+    """Bearer-token check for predict endpoints (no-op when the server has no key)."""
+    if not settings.api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise Unauthorized()
+
+
+def parse_version(version: str) -> int:
+    number = version_number(version)
+    if number is None:
+        shown = version if len(version) <= 20 else version[:20] + "..."
+        raise BadRequest(f"malformed model version {shown!r}: expected a positive integer")
+    return number

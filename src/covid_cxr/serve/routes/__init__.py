@@ -1,0 +1,1 @@
+"""One router per protocol: operations (health, metrics), TF Serving REST, upload API, web page."""

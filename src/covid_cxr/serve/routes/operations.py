@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from covid_cxr.serve.deps import get_metrics, get_repo
+from covid_cxr.serve.metrics import Metrics
+from covid_cxr.serve.protocol import ErrorResponse
+from covid_cxr.serve.repository import ModelRepository
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(repo: ModelRepository = Depends(get_repo)):
+    """Readiness: at least one model version is loaded in ONNX Runtime."""
+    loaded = repo.loaded()
+    if not loaded:
+        return JSONResponse({"error": "no model loaded yet"}, status_code=503)
+    return {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
+
+
+@router.get("/metrics")
+async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,99 @@
+"""TensorFlow Serving REST, as its public API documents it: status, metadata, predict."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+
+from covid_cxr.serve.deps import get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.protocol import (
+    ERRORS,
+    TFColumnarResponse,
+    TFModelMetadataResponse,
+    TFModelStatusResponse,
+    TFPredictRequest,
+    TFPredictResponse,
+    TFStatus,
+    TFVersionStatus,
+    parse_predict,
+    signature_def,
+)
+from covid_cxr.serve.repository import ModelNotFound, ModelRepository
+from covid_cxr.serve.settings import ServeSettings
+
+router = APIRouter(tags=["tf-serving"], responses=ERRORS)
+PREDICT_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": TFPredictRequest.model_json_schema()}}}}
+
+
+def status_response(repo: ModelRepository, name: str, only: int | None = None) -> TFModelStatusResponse:
+    rows = repo.status(name)
+    if only is not None:
+        rows = [r for r in rows if r[0] == only]
+        if not rows:
+            raise ModelNotFound(f"Servable not found for request: Specific({name}, {only})")
+    return TFModelStatusResponse(model_version_status=[
+        TFVersionStatus(version=str(v), state=state, status=TFStatus(error_code="UNKNOWN" if err else "OK",
+                                                                     error_message=err))
+        for v, state, err in rows])
+
+
+@router.get("/v1/models/{name}", response_model=TFModelStatusResponse)
+async def model_status(name: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+    request.state.model = name
+    return status_response(repo, name)
+
+
+@router.get("/v1/models/{name}/versions/{version}", response_model=TFModelStatusResponse)
+async def version_status(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+    request.state.model = name
+    return status_response(repo, name, parse_version(version))
+
+
+async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFModelMetadataResponse:
+    """The metadata of the version that answers predictions (not whatever is newest on disk)."""
+    model = await repo.get(name, version)
+    meta = model.bundle.metadata
+    h, w = meta.input_hw
+    extra = meta.model_dump(mode="json", include={"classes", "input", "architecture", "test_metrics"})
+    return TFModelMetadataResponse(
+        model_spec={"name": name, "signature_name": "", "version": str(model.version)},
+        metadata={"signature_def": signature_def(h, w, len(meta.classes)), **extra})
+
+
+@router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse)
+async def model_metadata(name: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+    request.state.model = name
+    return await metadata(repo, name, None)
+
+
+@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse)
+async def version_metadata(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+    request.state.model = name
+    return await metadata(repo, name, parse_version(version))
+
+
+async def predict(request: Request, repo: ModelRepository, settings: ServeSettings, name: str, version: int | None):
+    model = await repo.get(name, version)
+    request.state.model = name
+    h, w = model.input_hw
+    body = await request.body()
+    async with model.preparing():
+        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances)
+    rows = (await model.predict(x)).tolist()
+    return TFColumnarResponse(outputs=rows) if columnar else TFPredictResponse(predictions=rows)
+
+
+@router.post("/v1/models/{name}:predict", response_model=TFPredictResponse | TFColumnarResponse,
+             openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
+async def tfs_predict(name: str, request: Request, repo: ModelRepository = Depends(get_repo),
+                      settings: ServeSettings = Depends(get_settings)):
+    """TF Serving predict on the newest version: `instances` -> `predictions`, `inputs` -> `outputs`."""
+    return await predict(request, repo, settings, name, None)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", response_model=TFPredictResponse | TFColumnarResponse,
+             openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
+async def tfs_predict_version(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo),
+                              settings: ServeSettings = Depends(get_settings)):
+    return await predict(request, repo, settings, name, parse_version(version))

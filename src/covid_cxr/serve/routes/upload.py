@@ -1,0 +1,71 @@
+"""The upload API: one X-ray file in (multipart), label and probabilities out; used by the web page."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+
+import anyio.to_thread
+import numpy as np
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+
+from covid_cxr.serve.deps import get_repo, get_settings, require_api_key
+from covid_cxr.serve.protocol import ERRORS, ModelList, ModelSummary, UploadPrediction, decode_image
+from covid_cxr.serve.repository import LoadedModel, ModelNotFound, ModelRepository
+from covid_cxr.serve.settings import ServeSettings
+
+log = logging.getLogger("covid_cxr.serve")
+router = APIRouter(tags=["upload"])
+
+
+@router.get("/api/v1/models", response_model=ModelList)
+async def list_models(repo: ModelRepository = Depends(get_repo)):
+    out = []
+    loaded = {(m.name, m.version): m for m in repo.loaded()}
+    for name, vs in repo.scan().items():
+        m = loaded.get((name, vs[-1]))
+        out.append(ModelSummary(name=name, versions=vs, classes=m.classes if m else None,
+                                input=dict(zip(("height", "width"), m.input_hw)) if m else None))
+    return ModelList(models=out)
+
+
+async def upload_model(repo: ModelRepository, settings: ServeSettings, name: str | None) -> LoadedModel:
+    if name is None:
+        names = repo.names()
+        if not names:
+            raise ModelNotFound("no model in the repository")
+        name = settings.default_model if settings.default_model in names else names[0]
+    return await repo.get(name)
+
+
+async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> None:
+    try:
+        png = await anyio.to_thread.run_sync(loaded.gradcam_png, pixels, idx)
+        out.gradcam_png = base64.b64encode(png).decode("ascii")
+    except Exception as exc:  # the prediction stands; say why the picture is missing
+        log.warning("Grad-CAM failed for %s/%s: %s", loaded.name, loaded.version, exc)
+        out.gradcam_error = f"Grad-CAM unavailable: {type(exc).__name__}: {exc}"
+
+
+@router.post("/api/v1/predict", response_model=UploadPrediction, response_model_exclude_none=True,
+             responses=ERRORS, dependencies=[Depends(require_api_key)])
+async def upload_predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM file"),
+                         model: str | None = Query(None, description="model name (default: the first)"),
+                         gradcam: bool = Query(False, description="add a Grad-CAM overlay (PNG, base64)"),
+                         repo: ModelRepository = Depends(get_repo), settings: ServeSettings = Depends(get_settings)):
+    """Classify one uploaded X-ray: label, every class probability, model, version, latency."""
+    loaded = await upload_model(repo, settings, model)
+    request.state.model = loaded.name
+    data = await file.read()
+    h, w = loaded.input_hw
+    async with loaded.preparing():
+        pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file")
+    probs = (await loaded.predict(pixels[None, :, :, None]))[0]
+    idx = int(np.argmax(probs))
+    out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
+                           model=loaded.name, version=loaded.version, latency_ms=0.0)
+    if gradcam:
+        await add_gradcam(out, loaded, pixels, idx)
+    out.latency_ms = round((time.perf_counter() - request.state.t0) * 1000.0, 3)
+    return out

@@ -1,0 +1,76 @@
+"""Training defaults, in one place: `TrainConfig` is what `covid-cxr train`/`run`/`lr-find` build
+their options from and what a bundle's metadata records (`training.config`).
+
+Torch-free, so the bundle schema (read by the ONNX-only server) can import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BALANCE_CHOICES = ("undersample", "weights", "none")
+STUDY_MAX_PER_CLASS = 219  # the study: 219 images per class after undersampling
+
+
+class TrainConfig(BaseModel):
+    """Every training setting with its default. Unknown keys are ignored when an older bundle's
+    config is read back, so adding a field never breaks old bundles."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    arch: str = Field("efficientnet_lite0", description="vgg16, resnet50, densenet121, efficientnet_lite0/1/2")
+    weights: str = Field("imagenet", description="imagenet | none | PATH (.safetensors or state_dict)")
+    epochs: int = Field(30, ge=1, description="most epochs (early stopping may end sooner)")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seed: int = 0
+    balance: Literal["undersample", "weights", "none"] = Field(
+        "undersample", description="undersample (the study) | weights | none")
+    max_per_class: int | None = Field(None, ge=1, description=f"cap per class (the study: {STUDY_MAX_PER_CLASS})")
+    image_size: int | None = Field(None, ge=16, description="square input side (default: the architecture's)")
+    hidden: list[int] = Field([256], description="head hidden sizes")
+    dropout: float | None = Field(None, ge=0, lt=1, description="head dropout (default: the study's)")
+    patience: int = Field(8, ge=1, description="early stopping patience on val accuracy")
+    finetune: bool = Field(False, description="unfreeze the backbone's last stages, train on augmented images")
+    cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
+    lr_find: bool = Field(True, description="run the LR range test first (plot and suggestion in the report)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="feature extraction: fp32 | bf16")
+    classes: list[str] | None = Field(None, description="classes to use (default: all three)")
+    name: str | None = Field(None, description="bundle name (default: the architecture)")
+    progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from covid_cxr.models.registry import get_spec
+
+        get_spec(v)  # ConfigError naming the choices
+        return v
+
+    @property
+    def size(self) -> int:
+        from covid_cxr.models.registry import get_spec
+
+        return self.image_size or get_spec(self.arch).input_size
+
+    @property
+    def bundle_name(self) -> str:
+        return self.name or self.arch
+
+    def run_id(self) -> str:
+        """Stable id of what is trained (for --resume): everything except cosmetics and the stopping
+        rule, so an interrupted run can also be resumed with more epochs."""
+        d = self.model_dump(exclude={"name", "epochs", "patience"})
+        return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+DEFAULTS = TrainConfig()
+
+
+def describe(field: str) -> str:
+    """The help text of a TrainConfig field (CLI options show it)."""
+    return TrainConfig.model_fields[field].description or ""

@@ -1,0 +1,38 @@
+"""The fast unit tier (`make test-fast`): no ../shared/data, tiny generated images, `--weights none`,
+64-pixel inputs. One tiny real bundle per session is shared by the bundle tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated 3-class dataset in plain class folders: 12 drawn 64x64 images per class."""
+    from covid_cxr.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny-data"), per_class=12, size=TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_data) -> Path:
+    """MODELS/tiny/1: efficientnet_lite0 with random weights at 64 px, trained 2 epochs."""
+    from covid_cxr.train.fit import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    cfg = TrainConfig(weights="none", image_size=TINY, epochs=2, lr_find=False, progress=False, name="tiny")
+    train(tiny_data, out, cfg, workdir=tmp_path_factory.mktemp("tiny-work"))
+    return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_models, tmp_path) -> Path:
+    """A private copy of the tiny bundle (MODELS/tiny/1) that a test may break."""
+    dst = tmp_path / "models" / "tiny" / "1"
+    shutil.copytree(tiny_models / "tiny" / "1", dst)
+    return dst

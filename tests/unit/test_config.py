@@ -1,0 +1,64 @@
+"""Defaults live in one place: every CLI option that maps to TrainConfig or ServeSettings has its
+default from there (typer keeps them on the click parameters we inspect)."""
+
+from __future__ import annotations
+
+import typer.main
+
+from covid_cxr.cli import app
+from covid_cxr.serve.settings import MB, ServeSettings
+from covid_cxr.train.config import DEFAULTS, TrainConfig
+
+
+def _params(command: str) -> dict:
+    group = typer.main.get_group(app)
+    return {p.name: p.default for p in group.commands[command].params}
+
+
+def test_training_commands_take_their_defaults_from_train_config():
+    fields = TrainConfig.model_fields
+    for command in ("train", "run", "lr-find"):
+        checked = 0
+        for name, default in _params(command).items():
+            if name in fields and name not in ("classes", "hidden"):
+                assert default == getattr(DEFAULTS, name), (command, name)
+                checked += 1
+            if name == "hidden":
+                assert default == ",".join(map(str, DEFAULTS.hidden))
+        assert checked >= 6, command
+    assert _params("run")["archs"] == DEFAULTS.arch
+
+
+def test_serve_takes_its_defaults_from_serve_settings():
+    fields = ServeSettings.model_fields
+    params = _params("serve")
+    checked = 0
+    for name, default in params.items():
+        if name in fields and name not in ("models", "intra_op_threads"):
+            assert default == fields[name].default, name
+            checked += 1
+    assert params["max_body_mb"] * MB == fields["max_body_bytes"].default
+    assert checked >= 10
+
+
+def test_config_rejects_bad_values_with_a_clear_message():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown architecture 'vgg19'"):
+        TrainConfig(arch="vgg19")
+    with pytest.raises(ValidationError, match="balance"):
+        TrainConfig(balance="oversample")
+
+
+def test_cli_reports_a_bad_option_value_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path), "--arch", "vgg19"])
+    assert res.exit_code == 2 and "unknown architecture 'vgg19'" in res.output and "Traceback" not in res.output
+
+
+def test_run_id_ignores_only_cosmetics_and_the_stopping_rule():
+    a = TrainConfig()
+    assert a.run_id() == TrainConfig(epochs=5, patience=2, name="x", progress=False).run_id()
+    assert a.run_id() != TrainConfig(lr=0.01).run_id()
