@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from covid_cxr.data import build_manifest, decode_gray, discover, normalise_class, prepare
+from covid_cxr.data import build_manifest, decode_gray, discover, prepare
 from covid_cxr.data.decode import DecodeError
 from tests.conftest import sample_images
+from tests.unit.images import _bomb_png
 
 REAL_DIRS = {"COVID-19": "COVID", "Normal": "Normal", "Viral Pneumonia": "Viral Pneumonia"}
 
@@ -62,70 +59,6 @@ def test_every_layout_gives_the_same_classes(data_dir, tmp_path, layout):
 def test_wrapper_folder_is_descended(data_dir, tmp_path):
     root = _copy_layout(data_dir, tmp_path / "ds" / "COVID-19_Radiography_Dataset", "release2")
     assert len(discover(tmp_path / "ds").files) == 9 and root.is_dir()
-
-
-def test_class_names_are_normalised():
-    assert normalise_class("COVID") == normalise_class("covid-19") == normalise_class("COVID-19") == "COVID-19"
-    assert normalise_class("NORMAL") == "Normal"
-    assert normalise_class("viral_pneumonia") == normalise_class("Viral Pneumonia") == "Viral Pneumonia"
-
-
-def test_missing_class_folder_is_a_clear_error(tmp_path):
-    (tmp_path / "COVID").mkdir()
-    with pytest.raises(FileNotFoundError, match="Normal"):
-        discover(tmp_path)
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def test_decoding_png_modes_jpeg_and_dicom_agree(data_dir):
-    src = Image.open(_real(data_dir, 1)["COVID-19"][0])
-    ref = np.asarray(src.convert("L"), dtype=np.float32) / 255
-    for mode in ("L", "RGB", "RGBA", "P"):
-        got = decode_gray(_encode(src.convert(mode), "PNG")).pixels
-        assert got.shape == ref.shape
-        assert np.abs(got - ref).mean() < (0.02 if mode == "P" else 1e-3), mode
-    sixteen = Image.fromarray((ref * 65535).astype(np.uint16))
-    assert np.abs(decode_gray(_encode(sixteen, "PNG")).pixels - ref).max() < 1e-3
-    jpeg = decode_gray(_encode(src.convert("L"), "JPEG", quality=95))
-    assert jpeg.format == "JPEG" and np.abs(jpeg.pixels - ref).mean() < 0.02
-    for photometric in ("MONOCHROME2", "MONOCHROME1"):
-        # the same picture stored both ways: MONOCHROME1 stores it inverted, decoding undoes that
-        dec = decode_gray(_dicom_bytes((ref * 4095).astype(np.uint16), photometric))
-        assert dec.format == "DICOM"
-        assert np.corrcoef(dec.pixels.ravel(), ref.ravel())[0, 1] > 0.999, photometric
-
-
-def _dicom_bytes(arr: np.ndarray, photometric: str = "MONOCHROME2") -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.PhotometricInterpretation = "CR", photometric
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    stored = arr if photometric == "MONOCHROME2" else (4095 - arr)
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    """A tiny PNG header claiming a huge image (decompression bomb)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_every_bad_file_is_skipped_with_its_reason(data_dir, tmp_path):
