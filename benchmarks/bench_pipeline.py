@@ -58,7 +58,7 @@ def bench_extraction(data: Path, archs: list[str], n: int) -> None:
     import numpy as np
     import torch
 
-    from covid_cxr.data.decode import load_for_model
+    from covid_cxr.data.decode import load_batch
     from covid_cxr.models import create_model, get_spec
 
     paths = sorted(data.glob("*/*.png"))[:: max(1, 4137 // n)][:n]
@@ -70,7 +70,7 @@ def bench_extraction(data: Path, archs: list[str], n: int) -> None:
         weights = "imagenet" if arch.startswith("efficientnet") else "none"  # same cost either way
         model, _ = create_model(arch, weights=weights)
         model.eval()
-        x_all = [torch.from_numpy(np.stack([load_for_model(p, size, size) for p in paths[i:i + 32]]))[:, None]
+        x_all = [torch.from_numpy(load_batch(paths[i:i + 32], size, size))[:, None]
                  for i in range(0, len(paths), 32)]
         rates, feats = {}, {}
         for mode in ("fp32", "fp32 CL", "bf16 CL"):
@@ -81,7 +81,7 @@ def bench_extraction(data: Path, archs: list[str], n: int) -> None:
                 t = time.perf_counter()
                 out = []
                 for i in range(0, len(paths), 32):  # decode+resize timed too: what training pays
-                    x = torch.from_numpy(np.stack([load_for_model(p, size, size) for p in paths[i:i + 32]]))[:, None]
+                    x = torch.from_numpy(load_batch(paths[i:i + 32], size, size))[:, None]
                     if cl:
                         x = x.contiguous(memory_format=torch.channels_last)
                     out.append(model.features(x).float())

@@ -50,7 +50,7 @@ def test_format1_bundle_loads_and_evaluates(bundle_copy, tiny_data, tmp_path):
 
     shutil.copy(FIXTURES / "format1-metadata.json", bundle_copy / "metadata.json")
     b = check_bundle(bundle_copy)
-    assert b.metadata.format_version == 2  # read as format 2
+    assert b.metadata.format_version == 2 and b.format_on_disk == 1  # read as format 2
     assert b.metadata.training.history.epochs_run >= 1 and b.metadata.test_metrics.n > 0
     assert b.metadata.onnx.opset is None  # format 1 did not record it
     m = evaluate_folder(b, tiny_data, tmp_path / "report", progress=False)

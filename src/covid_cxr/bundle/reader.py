@@ -26,6 +26,7 @@ class BundleError(UserError):
 class Bundle:
     path: Path
     metadata: BundleMetadata
+    format_on_disk: int = FORMAT_VERSION  # 1: written by the first release, upgraded when read
     _session: object = field(default=None, repr=False)
 
     @property
@@ -72,6 +73,10 @@ class Bundle:
 
 def read_metadata(path: Path) -> BundleMetadata:
     """Parse and validate `path/metadata.json` (format 1 is upgraded); BundleError otherwise."""
+    return _read_metadata(path)[0]
+
+
+def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
     file = path / "metadata.json"
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
@@ -87,7 +92,7 @@ def read_metadata(path: Path) -> BundleMetadata:
     if fv not in (1, FORMAT_VERSION):
         raise BundleError(f"{file}: format_version {fv!r} is not one this covid-cxr reads (1 or {FORMAT_VERSION})")
     try:
-        return BundleMetadata.model_validate(upgrade(raw))
+        return BundleMetadata.model_validate(upgrade(raw)), fv
     except ValidationError as exc:
         raise BundleError(f"{file}: {_first_error(exc)}") from None
     except (KeyError, TypeError, ValueError) as exc:  # a format-1 file missing what upgrade() needs
@@ -118,11 +123,11 @@ def resolve(path: str | Path, version: int | None = None) -> Path:
 def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
     """Open a bundle: metadata validated against the schema, its files present. BundleError otherwise."""
     path = resolve(path, version)
-    meta = read_metadata(path)
+    meta, stored = _read_metadata(path)
     for name in FILES[1:]:
         if not (path / name).is_file():
             raise BundleError(f"{path / name}: missing")
-    return Bundle(path, meta)
+    return Bundle(path, meta, stored)
 
 
 def open_session(onnx_path: Path, threads: int = 0, spinning: bool = True):
