@@ -318,10 +318,12 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 def _register_plugins() -> None:
     from covid_cxr.bundle.cli import register as register_bundle
     from covid_cxr.explain.cli import register as register_explain
+    from covid_cxr.export.cli import register as register_export
     from covid_cxr.serve.cli import register as register_serve
 
     register_bundle(app)
     register_explain(app)
+    register_export(app)
     register_serve(app)
 
 
