@@ -131,6 +131,19 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
         out_console.print("  " + ", ".join(f"{r.path}" for r in g))
 
 
+@data_app.command("download")
+def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the dataset in.")],
+                  force: Annotated[bool, typer.Option(help="Download again even if already there.")] = False):
+    """Fetch the COVID-19 Radiography Database from Kaggle (kagglehub; its usual credentials)."""
+    from covid_cxr.data.download import download
+
+    try:
+        root = download(dest, force)
+    except UserError as exc:
+        fail(str(exc))
+    out_console.print(f"dataset: {root}\nnext: covid-cxr run --data '{root}' --out runs/real")
+
+
 @app.command()
 def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
           arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,

@@ -9,6 +9,7 @@ MODELS/.work/logs/<name>/version_<n>. The optional packages are imported only wh
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from covid_cxr.errors import ConfigError
@@ -27,6 +28,10 @@ def check_available(logger: str) -> str:
 
 
 def default_tracking_uri(workdir: Path) -> str:
+    """MODELS/.work/mlruns: MLflow's file store, needing no server or database. MLflow 3 keeps that
+    backend in maintenance and asks for MLFLOW_ALLOW_FILE_STORE before using it; we set it for our
+    own default only (give --tracking-uri sqlite:///... or http://... for anything shared)."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return (Path(workdir).resolve() / "mlruns").as_uri()
 
 
@@ -43,8 +48,10 @@ def make_logger(cfg, workdir: Path):
     elif cfg.logger == "tensorboard":
         logger = loggers.TensorBoardLogger(str(Path(workdir) / "logs"), name=name, default_hp_metric=False)
     else:
-        logger = loggers.MLFlowLogger(experiment_name=EXPERIMENT, run_name=name,
-                                      tracking_uri=cfg.tracking_uri or default_tracking_uri(workdir))
+        uri = cfg.tracking_uri or default_tracking_uri(workdir)
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        logger = loggers.MLFlowLogger(experiment_name=EXPERIMENT, run_name=name, tracking_uri=uri)
     logger.log_hyperparams({**cfg.model_dump(mode="json"), "run_id": cfg.run_id()})
     return logger
 
