@@ -59,6 +59,12 @@ HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
 PrecisionOpt = Annotated[str, _opt("precision")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
+AcceleratorOpt = Annotated[str, _opt("accelerator")]
+DevicesOpt = Annotated[int, _opt("devices")]
+NodesOpt = Annotated[int, _opt("num_nodes")]
+StrategyOpt = Annotated[str, _opt("strategy")]
+LoggerOpt = Annotated[str, _opt("logger")]
+TrackingOpt = Annotated[Optional[str], _opt("tracking_uri", envvar="MLFLOW_TRACKING_URI")]
 HIDDEN_DEFAULT = ",".join(map(str, D.hidden))
 
 
@@ -125,6 +131,19 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
         out_console.print("  " + ", ".join(f"{r.path}" for r in g))
 
 
+@data_app.command("download")
+def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the dataset in.")],
+                  force: Annotated[bool, typer.Option(help="Download again even if already there.")] = False):
+    """Fetch the COVID-19 Radiography Database from Kaggle (kagglehub; its usual credentials)."""
+    from covid_cxr.data.download import download
+
+    try:
+        root = download(dest, force)
+    except UserError as exc:
+        fail(str(exc))
+    out_console.print(f"dataset: {root}\nnext: covid-cxr run --data '{root}' --out runs/real")
+
+
 @app.command()
 def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
           arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
@@ -134,19 +153,25 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
           patience: Annotated[int, _opt("patience")] = D.patience,
           finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
           classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
-          resume: ResumeOpt = False):
-    """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>."""
+          resume: ResumeOpt = False, accelerator: AcceleratorOpt = D.accelerator, devices: DevicesOpt = D.devices,
+          num_nodes: NodesOpt = D.num_nodes, strategy: StrategyOpt = D.strategy, logger: LoggerOpt = D.logger,
+          tracking_uri: TrackingOpt = None):
+    """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>.
+    --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
     from covid_cxr.train.fit import train as fit
 
     _quiet()
     cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
-                  classes=classes, name=name)
+                  classes=classes, name=name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                  strategy=strategy, logger=logger, tracking_uri=tracking_uri)
     try:
         r = fit(data, out, cfg, resume=resume)
     except UserError as exc:
         fail(str(exc))
+    if r.bundle_path is None:  # another process of a multi-process run: the main one reports
+        return
     _print_metrics(r.metrics, f"{cfg.bundle_name}: test split")
     out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
 
@@ -274,11 +299,13 @@ def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/
         seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
         image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
         patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
-        classes: ClassesOpt = None, resume: ResumeOpt = False):
+        classes: ClassesOpt = None, resume: ResumeOpt = False, logger: LoggerOpt = D.logger,
+        tracking_uri: TrackingOpt = None):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
     _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
          seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
-         dropout=dropout, patience=patience, precision=precision, classes=classes)
+         dropout=dropout, patience=patience, precision=precision, classes=classes, logger=logger,
+         tracking_uri=tracking_uri)
 
 
 def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
@@ -318,10 +345,12 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 def _register_plugins() -> None:
     from covid_cxr.bundle.cli import register as register_bundle
     from covid_cxr.explain.cli import register as register_explain
+    from covid_cxr.export.cli import register as register_export
     from covid_cxr.serve.cli import register as register_serve
 
     register_bundle(app)
     register_explain(app)
+    register_export(app)
     register_serve(app)
 
 

@@ -21,11 +21,13 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_data) -> Path:
-    """MODELS/tiny/1: efficientnet_lite0 with random weights at 64 px, trained 2 epochs."""
+    """MODELS/tiny/1: efficientnet_lite0 with random weights at 64 px, trained 2 epochs (tracked in
+    MLflow's local file store MODELS/.work/mlruns, which test_tracking reads back)."""
     from covid_cxr.train.fit import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-models")
-    cfg = TrainConfig(weights="none", image_size=TINY, epochs=2, lr_find=False, progress=False, name="tiny")
+    cfg = TrainConfig(weights="none", image_size=TINY, epochs=2, lr_find=False, progress=False, name="tiny",
+                      logger="mlflow", tracking_uri=(out / ".work" / "mlruns").as_uri())
     train(tiny_data, out, cfg, workdir=tmp_path_factory.mktemp("tiny-work"))
     return out
 

@@ -1,4 +1,4 @@
-"""FastAPI app factory: TF Serving REST, upload API, web page, health and metrics.
+"""FastAPI app factory: TF Serving REST, Open Inference Protocol (v2), upload API, web page, health and metrics.
 
 Everything the app holds lives on `app.state` (settings, metrics registry, model repository) and
 reaches handlers through dependencies (`serve.deps`); each protocol is its own router
@@ -22,7 +22,7 @@ from covid_cxr.serve.guard import Guard
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import InvalidModelName, ModelNotFound, ModelRepository, ModelUnavailable
-from covid_cxr.serve.routes import operations, tf_serving, upload, web
+from covid_cxr.serve.routes import oip, operations, tf_serving, upload, web
 from covid_cxr.serve.settings import ServeSettings
 
 STATUS_OF = ((BadRequest, 400), (InvalidModelName, 400), (ModelNotFound, 404), (ModelUnavailable, 503))
@@ -50,7 +50,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        max_concurrency=settings.max_concurrency)
     add_error_handlers(app)
-    for module in (operations, tf_serving, upload, web):
+    for module in (operations, tf_serving, oip, upload, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
     return app

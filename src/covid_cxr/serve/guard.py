@@ -25,13 +25,16 @@ def endpoint_of(path: str) -> str:
         if path.endswith("/metadata"):
             return "tfs_metadata"
         return "tfs_status"
+    if path.startswith("/v2"):
+        return "oip_infer" if path.endswith("/infer") else "oip"
     return {"/api/v1/predict": "upload_predict", "/api/v1/models": "models", "/healthz": "healthz",
             "/readyz": "readyz", "/metrics": "metrics", "/": "web"}.get(
         path, "static" if path.startswith("/static/") else "other")
 
 
 def is_predict(path: str) -> bool:
-    return path == "/api/v1/predict" or (path.startswith("/v1/models/") and path.endswith(":predict"))
+    return (path == "/api/v1/predict" or (path.startswith("/v1/models/") and path.endswith(":predict"))
+            or (path.startswith("/v2/models/") and path.endswith("/infer")))
 
 
 async def send_json(send, status: int, payload: dict, headers: list | None = None) -> None:

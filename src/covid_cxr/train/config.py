@@ -42,6 +42,18 @@ class TrainConfig(BaseModel):
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
+    # Where and how many: these change results only through the number of processes (DDP splits
+    # every batch across them), so run_id() counts them only when they differ from one process.
+    accelerator: Literal["cpu", "gpu", "auto"] = Field("cpu", description="cpu | gpu | auto (DDP: gloo on "
+                                                       "CPUs, NCCL on GPUs)")
+    devices: int = Field(1, ge=1, description="processes per machine: CPU processes or GPUs (DDP beyond 1)")
+    num_nodes: int = Field(1, ge=1, description="machines (torchrun or SLURM starts one command on each)")
+    strategy: Literal["auto", "ddp"] = Field("auto", description="auto (one process: none; several: ddp) | ddp")
+    # Experiment tracking: recorded, never part of run_id().
+    logger: Literal["csv", "tensorboard", "mlflow", "none"] = Field(
+        "csv", description="experiment tracking: csv | tensorboard | mlflow | none")
+    tracking_uri: str | None = Field(None, exclude=True, description="MLflow tracking URI (default: a local "
+                                     "file store, MODELS/.work/mlruns; not recorded: it may hold credentials)")
 
     @field_validator("arch")
     @classmethod
@@ -50,6 +62,17 @@ class TrainConfig(BaseModel):
 
         get_spec(v)  # ConfigError naming the choices
         return v
+
+    @field_validator("logger")
+    @classmethod
+    def _logger_installed(cls, v: str) -> str:
+        from covid_cxr.train.tracking import check_available
+
+        return check_available(v)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
 
     @property
     def size(self) -> int:
@@ -64,11 +87,16 @@ class TrainConfig(BaseModel):
     def run_id(self) -> str:
         """Stable id of what is trained (for --resume): everything except cosmetics and the stopping
         rule, so an interrupted run can also be resumed with more epochs."""
-        d = self.model_dump(exclude={"name", "epochs", "patience"})
+        d = self.model_dump(exclude={"name", "epochs", "patience", "logger"})
+        for k in PLACEMENT:  # at their defaults (one process) they leave older run ids as they were
+            if d[k] == DEFAULT_PLACEMENT[k] or self.world_size == 1:
+                d.pop(k)
         return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
 DEFAULTS = TrainConfig()
+PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
+DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
 
 
 def describe(field: str) -> str:

@@ -24,8 +24,10 @@ from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, create_model, get_spec
 from covid_cxr.train.config import TrainConfig
+from covid_cxr.train.distributed import Dist, launch, strategy
 from covid_cxr.train.features import cached_features
 from covid_cxr.train.module import ClassifierModule, History
+from covid_cxr.train.tracking import log_result, make_logger
 from covid_cxr.utils import Stopwatch, atomic_write_json
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -34,7 +36,7 @@ PARITY_IMAGES = 8
 
 @dataclass
 class TrainResult:
-    bundle_path: Path
+    bundle_path: Path | None  # None in the processes of a multi-process run other than the main one
     metrics: dict
     history: list[dict]
     timings: dict[str, float]
@@ -64,37 +66,43 @@ class Inputs:
     features: dict | None  # split -> (features, labels) when cached
 
 
-def start_run(cfg: TrainConfig, workdir: Path, resume: bool) -> RunDir:
+def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunDir:
     """Seed everything; a fresh run (no --resume) clears old checkpoints so it never resumes silently."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = RunDir(workdir / cfg.run_id())
-    if not resume and run.checkpoints.exists():
+    if dist.is_main and not resume and run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)
     run.root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     return run
 
 
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
-                    source: str) -> Inputs:
+                    source: str, dist: Dist | None = None) -> Inputs:
     if cfg.cache_features and not cfg.finetune:
-        feats = cached_features(model, prepared, cfg, source, cache_dir)
+        feats = cached_features(model, prepared, cfg, source, cache_dir, dist)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
     if cfg.finetune:
         model.freeze_backbone(trainable=get_spec(cfg.arch).finetune_modules)
     return Inputs(model, ImageDataModule(prepared, cfg.size, cfg.batch_size, augment=cfg.finetune), None)
 
 
-def lr_range_test(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir) -> float | None:
-    """The LR range test on cached features (cheap; the Tuner restores the weights afterwards)."""
+def lr_range_test(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir,
+                  dist: Dist) -> float | None:
+    """The LR range test on cached features (cheap; the Tuner restores the weights afterwards), in
+    the main process alone: it only informs the report."""
     from covid_cxr.train.lr_find import range_test
 
-    suggestion = range_test(inputs.net, inputs.datamodule, prepared.class_weights, run.report / "lr_find.png",
-                            run.root, f"{cfg.arch} head").suggestion
+    suggestion = None
+    if dist.is_main:
+        suggestion = range_test(inputs.net, inputs.datamodule, prepared.class_weights, run.report / "lr_find.png",
+                                run.root, f"{cfg.arch} head").suggestion
+    dist.barrier()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training starts as without it
     return suggestion
 
 
-def _trainer(cfg: TrainConfig, run: RunDir, history: History) -> L.Trainer:
+def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val_acc", mode="max",
@@ -103,17 +111,19 @@ def _trainer(cfg: TrainConfig, run: RunDir, history: History) -> L.Trainer:
     last = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False, save_on_train_epoch_end=True)
     early = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience)
-    return L.Trainer(max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False,
+    return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+                     num_nodes=cfg.num_nodes, strategy=strategy(cfg), logger=logger, log_every_n_steps=1,
                      callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
                      enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                      default_root_dir=str(run.root))
 
 
-def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool) -> History:
+def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool,
+        logger=False) -> History:
     """Lightning fit with the study's callbacks; the best epoch's weights are put back afterwards."""
     module = ClassifierModule(inputs.net, cfg.lr, prepared.class_weights)
     history = History()
-    trainer = _trainer(cfg, run, history)
+    trainer = _trainer(cfg, run, history, logger)
     last = run.checkpoints / "last.ckpt"
     trainer.fit(module, datamodule=inputs.datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     best_path = trainer.checkpoint_callback.best_model_path
@@ -174,27 +184,32 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
     from covid_cxr.bundle import write_bundle
 
+    dist = launch(cfg)  # several processes: from here on, this runs in each
     clock = Stopwatch()
     models_out = Path(models_out)
     workdir = Path(workdir) if workdir else models_out / ".work"
-    run = start_run(cfg, workdir, resume)
+    run = start_run(cfg, workdir, resume, dist)
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
                                    progress=cfg.progress)
     clock.lap("data")
     model, source = create_model(cfg.arch, cfg.weights, len(prepared.classes), cfg.hidden, cfg.dropout,
                                  prepared.mean, prepared.std)
-    inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source)
+    inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
     clock.lap("features")
     lr_suggestion = None
     if cfg.lr_find and inputs.features is not None:
-        lr_suggestion = lr_range_test(inputs, prepared, cfg, run)
+        lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
-    history = fit(inputs, prepared, cfg, run, resume)
+    logger = make_logger(cfg, workdir)
+    history = fit(inputs, prepared, cfg, run, resume, logger)
     clock.lap("train")
+    if not dist.is_main:  # the main process evaluates and writes the one bundle
+        return TrainResult(None, {}, history.epochs, clock.summary())
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split")
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock)
+    log_result(logger, metrics, bundle.path, len(history.epochs))
     return TrainResult(bundle.path, metrics, history.epochs, bundle.metadata.training.timings_s)

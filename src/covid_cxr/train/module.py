@@ -31,7 +31,10 @@ class ClassifierModule(L.LightningModule):
     def epoch_train_stats(self) -> dict[str, float]:
         """Mean training loss/accuracy of the current epoch (for History: Lightning's own epoch
         aggregates of train metrics are only ready after the callbacks' epoch-end hooks)."""
-        loss_sum, correct, n = getattr(self, "_epoch_sums", torch.zeros(3)).tolist()
+        sums = getattr(self, "_epoch_sums", torch.zeros(3))
+        if self._trainer is not None and self.trainer.world_size > 1:  # DDP: every process's batches
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        loss_sum, correct, n = sums.tolist()
         return {"train_loss": loss_sum / n, "train_acc": correct / n} if n else {}
 
     def _step(self, batch, stage: str) -> torch.Tensor:
@@ -42,8 +45,11 @@ class ClassifierModule(L.LightningModule):
         if stage == "train":
             self._epoch_sums += torch.tensor([loss.item() * len(y), acc.item() * len(y), len(y)])
         on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=on_step, batch_size=len(y))
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the monitored val_acc is every process's, not the main one's shard
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=on_step, batch_size=len(y),
+                 sync_dist=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -1,0 +1,131 @@
+"""`covid-cxr export --format triton`: a Triton Inference Server model repository from bundles.
+
+    REPO/<name>/config.pbtxt            platform onnxruntime_onnx, dynamic batching, tensors from metadata.json
+    REPO/<name>/labels.txt              class names, one a line, in output order (label_filename)
+    REPO/<name>/<version>/model.onnx    the bundle's ONNX model, unchanged
+
+Triton, and KServe's Triton runtime, load this as it is. The exported model takes what the ONNX
+graph takes: FP32 [N, H, W, 1] in [0, 1], already resized (see the input's dims); decoding image
+files (BYTES) is our server's job, not the graph's. The tensors come from `metadata.onnx`, so
+outputs a bundle adds (out-of-distribution scores) appear here without a change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from covid_cxr.bundle import Bundle, BundleError, check_bundle, valid_name, versions
+from covid_cxr.bundle.schema import DYNAMIC, BundleMetadata, TensorSpec
+from covid_cxr.export.tensors import triton_type
+
+PLATFORM = "onnxruntime_onnx"
+LABELS = "labels.txt"
+ENUM_FIELDS = {"data_type", "format", "kind"}  # written bare in the text format, not quoted
+
+
+def _tensor(t: TensorSpec, batched: bool) -> dict:
+    dims = t.shape[1:] if batched else t.shape
+    out = {"name": t.name, "data_type": triton_type(t.dtype), "dims": dims or [1]}
+    if batched and not dims:  # a per-image scalar, [N]: Triton wants dims [1] reshaped to []
+        out["reshape"] = {"shape": []}
+    return out
+
+
+def model_config(meta: BundleMetadata, max_batch_size: int = 64, max_queue_delay_us: int = 5000,
+                 all_versions: bool = False) -> dict:
+    """Triton's ModelConfig (as a dict in its protobuf field names) for one bundle's ONNX model."""
+    batched = all(t.shape[0] == DYNAMIC for t in (*meta.onnx.inputs, *meta.onnx.outputs))
+    inputs = [_tensor(t, batched) for t in meta.onnx.inputs]
+    for t in inputs:
+        if len(t["dims"]) == 3:
+            t["format"] = "FORMAT_NHWC"
+    outputs = [_tensor(t, batched) for t in meta.onnx.outputs]
+    for t in outputs:
+        if t["name"] == "probabilities":
+            t["label_filename"] = LABELS
+    config = {"name": meta.name, "platform": PLATFORM, "max_batch_size": max_batch_size if batched else 0,
+              "version_policy": {"all": {}} if all_versions else {"latest": {"num_versions": 1}},
+              "input": inputs, "output": outputs}
+    if batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": max_queue_delay_us}
+    return config
+
+
+def _value(key: str, v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return v if key in ENUM_FIELDS else json.dumps(v)
+
+
+def to_pbtxt(msg: dict, indent: int = 0) -> str:
+    """A ModelConfig dict in protobuf's text format (what config.pbtxt is)."""
+    pad = "  " * indent
+    lines = []
+    for key, v in msg.items():
+        if isinstance(v, dict):
+            lines.append(f"{pad}{key} {{\n{to_pbtxt(v, indent + 1)}{pad}}}")
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            items = ",\n".join(f"{pad}  {{\n{to_pbtxt(m, indent + 2)}{pad}  }}" for m in v)
+            lines.append(f"{pad}{key} [\n{items}\n{pad}]")
+        elif isinstance(v, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_value(key, x) for x in v)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_value(key, v)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_versions: bool) -> None:
+    newest = bundles[-1].metadata
+    dest.mkdir(parents=True)
+    config = model_config(newest, max_batch_size, all_versions=all_versions)
+    (dest / "config.pbtxt").write_text(f"# covid-cxr export of {newest.name}, newest version "
+                                       f"{newest.version}\n" + to_pbtxt(config), encoding="utf-8")
+    (dest / LABELS).write_text("".join(c + "\n" for c in newest.classes), encoding="utf-8")
+    for b in bundles:
+        same = (b.classes, b.metadata.onnx.inputs, b.metadata.onnx.outputs)
+        if same != (newest.classes, newest.onnx.inputs, newest.onnx.outputs):  # one config.pbtxt for all
+            raise BundleError(f"{b.path}: classes or input differ from version {newest.version}; "
+                              "export the newest version alone")
+        (dest / str(b.version)).mkdir()
+        shutil.copyfile(b.onnx_path, dest / str(b.version) / "model.onnx")
+
+
+def _replace(staged: Path, final: Path) -> None:
+    """Put a fully written model folder in place (the old one, if any, goes after)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{staged.name}")
+        final.rename(old)
+    staged.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_triton(models: str | Path, out: str | Path, names: list[str] | None = None,
+                  all_versions: bool = False, max_batch_size: int = 64) -> list[Path]:
+    """Export each model of the repository `models` (or those in `names`) to `out`; returns the
+    model folders written. Every bundle is checked first (`covid-cxr bundle check`)."""
+    models, out = Path(models), Path(out)
+    found = sorted(p.name for p in models.iterdir() if valid_name(p.name) and versions(p)) if models.is_dir() else []
+    names = names or found
+    missing = [n for n in names if n not in found]
+    if not names or missing:
+        raise BundleError(f"{models}: no model {missing or ''} here (found: {found or 'none'})")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        vs = versions(models / name) if all_versions else versions(models / name)[-1:]
+        bundles = [check_bundle(models / name / str(v)) for v in vs]
+        staged = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
+        try:
+            _write_model(bundles, staged / "m", max_batch_size, all_versions)
+            _replace(staged / "m", out / name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        written.append(out / name)
+    return written
