@@ -8,6 +8,7 @@ import hmac
 from fastapi import Depends, Request
 
 from covid_cxr.bundle import parse_version as version_number
+from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import ModelRepository
@@ -26,12 +27,17 @@ def get_repo(request: Request) -> ModelRepository:
     return request.app.state.repo
 
 
+def get_limits(request: Request) -> DecodeLimits:
+    return request.app.state.decode_limits
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 def require_api_key(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
-    """Bearer-token check for predict endpoints (no-op when the server has no key)."""
+    """Bearer-token check for predict endpoints (no-op when the server has no key). The scheme is
+    case-insensitive (RFC 6750 via RFC 7235: 'bearer' is as good as 'Bearer'); the token is not."""
     if not settings.api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

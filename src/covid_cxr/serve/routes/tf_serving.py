@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
-from covid_cxr.serve.deps import get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.protocol import (
     ERRORS,
     TFColumnarResponse,
@@ -78,8 +79,9 @@ async def predict(request: Request, repo: ModelRepository, settings: ServeSettin
     request.state.model = name
     h, w = model.input_hw
     body = await request.body()
+    limits: DecodeLimits = get_limits(request)
     async with model.preparing():
-        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances)
+        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances, limits)
     rows = (await model.predict(x)).tolist()
     return TFColumnarResponse(outputs=rows) if columnar else TFPredictResponse(predictions=rows)
 
