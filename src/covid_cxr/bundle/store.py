@@ -8,8 +8,11 @@ import tempfile
 import time
 from pathlib import Path
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")  # ASCII digits only: '²' or '①' pass str.isdigit()
+# As JSON Schema patterns too (the server's OpenAPI document), so clients and fuzzers know the rules.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # no '..' anywhere
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"  # ASCII digits only: '²' or '①' pass str.isdigit()
+_NAME_RE = re.compile(NAME_PATTERN.replace("$", r"\Z"))
+_VERSION_RE = re.compile(VERSION_PATTERN.replace("$", r"\Z"))
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 3600.0  # a staging folder unchanged this long was left by a killed writer
 FILES = ("metadata.json", "model.onnx", "model.safetensors")
@@ -17,7 +20,7 @@ FILES = ("metadata.json", "model.onnx", "model.safetensors")
 
 def valid_name(name: str) -> bool:
     """Model names are plain identifiers: no separators, no '..' (they become folder names)."""
-    return bool(_NAME_RE.match(name)) and ".." not in name
+    return bool(_NAME_RE.match(name))
 
 
 def parse_version(text: str) -> int | None:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from covid_cxr.bundle import parse_version as version_number
+from covid_cxr.bundle.store import NAME_PATTERN, VERSION_PATTERN
 from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
@@ -17,6 +19,13 @@ from covid_cxr.serve.settings import ServeSettings
 
 class Unauthorized(Exception):
     pass
+
+
+# Path parameters as the OpenAPI document shows them. The patterns are documentation only (not
+# FastAPI validation) so a bad value gets the handlers' own 400 message, the same as before.
+ModelName = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
+VersionText = Annotated[str, Path(description="model version: a positive integer",
+                                  json_schema_extra={"pattern": VERSION_PATTERN})]
 
 
 def get_settings(request: Request) -> ServeSettings:

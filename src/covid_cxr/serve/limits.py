@@ -49,3 +49,22 @@ class DecodeLimits:
     def load(self, data: bytes, height: int, width: int) -> np.ndarray:
         """Encoded image -> float32 H x W in [0, 1] (blocking; waits for its share of the budget)."""
         return load_for_model(data, height, width, self.max_pixels, self.budget.hold if self.budget else None)
+
+
+def return_large_frees_to_the_os(threshold: int = 4 * 1024 * 1024) -> bool:
+    """glibc only: serve allocations of `threshold` bytes or more from mmap, always.
+
+    By default glibc raises its mmap threshold after each large free (up to 32 MB), so the next
+    decoded image lands in one of its per-thread heaps, and that memory stays with the process
+    after the request: a burst of large images left a server at 3 GB. A fixed threshold turns
+    off that adjustment; image-sized buffers then go back to the OS when freed. Returns whether
+    it applied (False on other C libraries)."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
