@@ -55,7 +55,6 @@ def print_run(title: str, wall: float, rss: float, summary: dict, limit_s: float
 
 
 def bench_extraction(data: Path, archs: list[str], n: int) -> None:
-    import numpy as np
     import torch
 
     from covid_cxr.data.decode import load_batch

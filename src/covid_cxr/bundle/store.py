@@ -5,17 +5,22 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")  # ASCII digits only: '²' or '①' pass str.isdigit()
+# As JSON Schema patterns too (the server's OpenAPI document), so clients and fuzzers know the rules.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # no '..' anywhere
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"  # ASCII digits only: '²' or '①' pass str.isdigit()
+_NAME_RE = re.compile(NAME_PATTERN.replace("$", r"\Z"))
+_VERSION_RE = re.compile(VERSION_PATTERN.replace("$", r"\Z"))
 TMP_PREFIX = ".tmp-"
+STALE_AFTER_S = 3600.0  # a staging folder unchanged this long was left by a killed writer
 FILES = ("metadata.json", "model.onnx", "model.safetensors")
 
 
 def valid_name(name: str) -> bool:
     """Model names are plain identifiers: no separators, no '..' (they become folder names)."""
-    return bool(_NAME_RE.match(name)) and ".." not in name
+    return bool(_NAME_RE.match(name))
 
 
 def parse_version(text: str) -> int | None:
@@ -24,20 +29,51 @@ def parse_version(text: str) -> int | None:
 
 
 def versions(model_dir: Path) -> list[int]:
-    """Complete versions of one model: folders named by a positive integer holding metadata.json."""
+    """Complete versions of one model: folders named by a positive integer holding metadata.json.
+    A version folder that cannot be inspected (permissions) is left out, not fatal; an unreadable
+    model folder raises OSError (the caller decides: the server logs it and serves the others)."""
     if not Path(model_dir).is_dir():
         return []
     found = []
     for p in Path(model_dir).iterdir():
         v = parse_version(p.name)
-        if v is not None and p.is_dir() and (p / "metadata.json").is_file():
-            found.append(v)
+        try:
+            if v is not None and p.is_dir() and (p / "metadata.json").is_file():
+                found.append(v)
+        except OSError:
+            continue
     return sorted(found)
 
 
+def _last_touched(folder: Path) -> float:
+    return max([folder.stat().st_mtime] + [c.lstat().st_mtime for c in folder.iterdir()])
+
+
+def clean_stale(model_dir: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove staging folders left by killed writers: `.tmp-*` folders in which nothing has changed
+    for `max_age_s`. A live writer creates its files one after another within seconds, so an
+    hour without a change means nobody is writing there. Symlinks are never followed."""
+    removed = []
+    now = time.time()
+    try:
+        candidates = [p for p in Path(model_dir).iterdir() if p.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return removed
+    for p in candidates:
+        try:
+            if p.is_dir() and not p.is_symlink() and now - _last_touched(p) > max_age_s:
+                shutil.rmtree(p)
+                removed.append(p)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def new_staging_dir(model_dir: Path) -> Path:
-    """A hidden folder beside the versions, where a bundle is assembled before it is published."""
+    """A hidden folder beside the versions, where a bundle is assembled before it is published
+    (stale ones left by killed writers are removed first)."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(model_dir)
     tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=TMP_PREFIX))
     tmp.chmod(0o755)
     return tmp

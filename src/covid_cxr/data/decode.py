@@ -1,22 +1,35 @@
 """Decode any supported image file (PNG, JPEG, DICOM) into one grayscale float channel.
 
-Training, evaluation, Grad-CAM and the server all call `decode_gray` + `preprocess`, so a model sees
-the same pixels wherever it runs. Every failure is a `DecodeError` with a human-readable reason; the
-caller decides whether to skip (dataset scan) or answer 400 (server).
+Training, evaluation, Grad-CAM and the server all call `load_for_model`, so a model sees the same
+pixels wherever it runs. Every failure is a `DecodeError` with a human-readable reason; the caller
+decides whether to skip (dataset scan) or answer 400 (server).
+
+Memory is bounded by what the model needs, not by the file: given a target size, a JPEG is decoded
+at a reduced scale (libjpeg's DCT scaling, `Image.draft`), and a PNG or DICOM is box-reduced by an
+integer factor on its 8/16-bit pixels, before any float32 copy exists. The reduction always leaves
+at least `REDUCING_GAP` times the target size, where PIL documents the two-step result as
+indistinguishable from a full-resolution resize ("fair resampling"); images under three times the
+target (every image of the COVID-19 Radiography Database) are not reduced at all.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-# 50 megapixels: far above any real radiograph (a 4k x 4k detector is 16 MP), far below a bomb.
-DEFAULT_MAX_PIXELS = 50_000_000
+# 20 megapixels: takes the largest real radiographs (4,300 x 4,300 detectors, 18.5 MP) and bounds
+# what one decode may cost (a 16-bit or RGBA picture of 20 MP is 40-80 MB before any reduction).
+DEFAULT_MAX_PIXELS = 20_000_000
+REDUCING_GAP = 3.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 # What a model's input is, as the bundle's metadata describes it (read from here, never restated).
@@ -25,6 +38,11 @@ VALUE_RANGE = (0.0, 1.0)
 COLOR = "grayscale: RGB by luminance, alpha over black; DICOM through its modality and VOI LUTs"
 RESAMPLE = Image.Resampling.BILINEAR
 RESIZE_METHOD = f"{RESAMPLE.name.lower()} (PIL, antialiased), no crop"
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}  # modes PIL's Image.reduce() takes
+
+# `admit(pixels)`: a context held while an image of that many pixels is being decoded (the
+# server's budget on concurrent decodes); called once the header has been read, before decoding.
+Admit = Callable[[int], AbstractContextManager]
 
 
 class DecodeError(ValueError):
@@ -33,94 +51,190 @@ class DecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: np.ndarray  # float32, H x W, values in [0, 1]
+    pixels: np.ndarray  # float32, H x W, values in [0, 1] (reduced when a target size was given)
     format: str  # "PNG", "JPEG", "DICOM"
-    width: int
+    width: int  # of the file, before any reduction
     height: int
 
 
+def _no_admit(pixels: int) -> AbstractContextManager:
+    return nullcontext()
+
+
+def reduce_factor(width: int, height: int, target: tuple[int, int] | None) -> int:
+    """The integer box-reduction that still leaves REDUCING_GAP x the target (1: none). Uses the
+    smaller side against the larger target side, so a later 90-degree turn cannot undercut it."""
+    if target is None:
+        return 1
+    return max(1, int(min(width, height) / (REDUCING_GAP * max(target))))
+
+
+def _block_mean(arr: np.ndarray, k: int) -> np.ndarray:
+    """k x k box mean of an integer H x W (x C) array, rounded back to its dtype (LUTs index by it)."""
+    if k <= 1:
+        return arr
+    h, w = arr.shape[0] // k * k, arr.shape[1] // k * k
+    blocks = arr[:h, :w].reshape(h // k, k, w // k, k, *arr.shape[2:])  # a view: no full-size copy
+    mean = blocks.mean(axis=(1, 3), dtype=np.float64)
+    return np.rint(mean).astype(arr.dtype) if arr.dtype.kind in "iu" else mean.astype(arr.dtype)
+
+
+# ---------------------------------------------------------------------------------- DICOM
+
 def _is_dicom(data: bytes) -> bool:
-    return len(data) > 132 and data[128:132] == b"DICM"
+    """Part-10 file (128-byte preamble + 'DICM'), or a bare data set starting with a group-2
+    (file meta) or group-8 tag, as some archives write them."""
+    return (len(data) > 132 and data[128:132] == b"DICM") or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
+def _read_dicom(data: bytes, max_pixels: int):
     import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DecodeError(f"unreadable DICOM: {str(exc)[:200]}") from None
+    if rows * cols > max_pixels:
+        raise DecodeError(f"too many pixels: {cols}x{rows} > {max_pixels}")
+    if frames != 1 or rows <= 0 or cols <= 0:
+        raise DecodeError(f"unsupported DICOM: {frames} frames of {cols}x{rows} (one 2-D image expected)")
+    return ds, rows, cols
+
+
+def _dicom_pixels(ds, k: int) -> np.ndarray:
+    """Stored values -> reduced -> modality and VOI LUTs -> float32 [0, 1] (MONOCHROME1 inverted)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise DecodeError(f"unreadable DICOM: {exc}") from exc
-    if rows * cols > max_pixels:
-        raise DecodeError(f"too many pixels: {cols}x{rows} > {max_pixels}")
-    try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise DecodeError(f"DICOM without readable pixel data: {exc}") from exc
+        raise DecodeError(f"DICOM without readable pixel data: {str(exc)[:200]}") from None
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for CXR)
-        arr = arr[..., :3].mean(axis=-1)
-    elif arr.ndim != 2:
+        arr = _block_mean(arr, k)[..., :3].mean(axis=-1)
+    elif arr.ndim == 2:
+        arr = _block_mean(arr, k)
+    else:
         raise DecodeError(f"unsupported DICOM pixel shape {arr.shape} (multi-frame?)")
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds, index=0)
-    arr = arr.astype(np.float32)
+    try:
+        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0).astype(np.float32)
+    except Exception as exc:
+        raise DecodeError(f"DICOM with unusable LUTs: {str(exc)[:200]}") from None
     lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    arr = (arr - lo) / (hi - lo) if np.isfinite(hi - lo) and hi > lo else np.zeros_like(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: high values are dark
+    return arr
+
+
+def _decode_dicom(data: bytes, max_pixels: int, target, admit: Admit) -> Decoded:
+    ds, rows, cols = _read_dicom(data, max_pixels)
+    with admit(rows * cols):
+        arr = _dicom_pixels(ds, reduce_factor(cols, rows, target))
     return Decoded(arr, "DICOM", cols, rows)
 
 
-def _decode_pil(data: bytes, max_pixels: int) -> Decoded:
+# ---------------------------------------------------------------------------------- PNG / JPEG
+
+def _open_pil(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only: format and size are checked before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            fmt = img.format or "?"
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DecodeError(f"too many pixels: {w}x{h} > {max_pixels}")
-            if fmt not in ("PNG", "JPEG"):
-                raise DecodeError(f"unsupported image format {fmt}")
-            img.load()  # forces full decode: catches truncated files
-    except DecodeError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(f"too many pixels (decompression bomb?): {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise DecodeError("not a PNG, JPEG or DICOM image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DecodeError(f"not a readable image: {exc}") from exc
+        raise DecodeError(f"too many pixels (decompression bomb?): {exc}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a PNG, JPEG or DICOM image") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise DecodeError(f"not a readable image: {exc}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DecodeError(f"too many pixels: {w}x{h} > {max_pixels}")
+    if img.format not in ("PNG", "JPEG"):
+        raise DecodeError(f"unsupported image format {img.format or '?'}")
+    return img
 
+
+def _load_reduced(img: Image.Image, target) -> Image.Image:
+    """Decode (a JPEG at reduced scale when it can), box-reduce, then turn as EXIF says."""
+    if target is not None and img.format == "JPEG":
+        gap = int(REDUCING_GAP * max(target))
+        img.draft("L", (gap, gap))  # libjpeg scales by 1/2..1/8, never below the size asked
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()  # forces the full decode: catches truncated files
+        k = reduce_factor(*img.size, target)
+        if k > 1 and img.mode in _REDUCIBLE:
+            img = img.reduce(k)
+        elif k > 1 and img.mode.startswith("I;16"):
+            img = Image.fromarray(_block_mean(np.asarray(img), k))
+        return ImageOps.exif_transpose(img)  # the picture as its viewer shows it
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"not a readable image: {exc}") from None
+
+
+def _to_float(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 gray in [0, 1]: 16-bit scaled by 65535, alpha composited over black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         scale = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
-        arr = arr / scale
-    else:
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(bg, img)
-        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    return Decoded(np.clip(arr, 0.0, 1.0), fmt, w, h)
+        return np.clip(arr / scale, 0.0, 1.0)
+    if img.mode == "F":
+        return np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
-def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode PNG (8/16-bit, any mode), JPEG or DICOM bytes into grayscale float32 in [0, 1]."""
+def _decode_pil(data: bytes, max_pixels: int, target, admit: Admit) -> Decoded:
+    img = _open_pil(data, max_pixels)
+    w, h = img.size
+    with admit(w * h):
+        arr = _to_float(_load_reduced(img, target))
+    return Decoded(arr, img.format, w, h)
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, target: tuple[int, int] | None = None,
+                admit: Admit | None = None) -> Decoded:
+    """Decode PNG (8/16-bit, any mode), JPEG or DICOM bytes into grayscale float32 in [0, 1].
+
+    `target` (height, width): the size the pixels are for; the decode may then return them reduced
+    (never below REDUCING_GAP x target). Without it, full resolution (dataset statistics)."""
     if not data:
         raise DecodeError("empty file")
+    admit = admit or _no_admit
     if _is_dicom(data):
-        return _decode_dicom(data, max_pixels)
-    return _decode_pil(data, max_pixels)
+        return _decode_dicom(data, max_pixels, target, admit)
+    return _decode_pil(data, max_pixels, target, admit)
 
 
-def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def read_regular(path: str | Path) -> bytes:
+    """A file's bytes, refusing anything but a regular file: reading a FIFO or a device would block
+    (or never end), so special files are reported as such instead of read."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc}") from exc
-    return decode_gray(data, max_pixels)
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "directory" if stat.S_ISDIR(mode) else "special file"
+            raise DecodeError(f"not a regular file ({kind})")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def decode_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                target: tuple[int, int] | None = None) -> Decoded:
+    return decode_gray(read_regular(path), max_pixels, target)
 
 
 def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -132,9 +246,10 @@ def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_for_model(source: str | Path | bytes, height: int, width: int,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, admit: Admit | None = None) -> np.ndarray:
     """File path or encoded bytes -> float32 H x W in [0, 1], ready for the model's first layer."""
-    dec = decode_gray(source, max_pixels) if isinstance(source, bytes) else decode_file(source, max_pixels)
+    data = source if isinstance(source, bytes) else read_regular(source)
+    dec = decode_gray(data, max_pixels, (height, width), admit)
     return resize(dec.pixels, height, width)
 
 

@@ -63,7 +63,7 @@ def _class_files(class_dir: Path) -> tuple[str, list[Path]]:
         base, layout = class_dir, "class folders"
     files = [
         p for p in sorted(base.rglob("*"))
-        if p.is_file()
+        if not p.is_dir()  # special files (FIFOs...) too: the scan skips them with a reason
         and not any(part.lower() in _IGNORED_DIRS or part.startswith(".") for part in p.relative_to(base).parts)
     ]
     return layout, files

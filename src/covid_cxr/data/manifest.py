@@ -15,7 +15,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from covid_cxr.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_gray
+from covid_cxr.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_gray, read_regular
 from covid_cxr.data.layouts import CLASS_NAMES, Discovery, discover, normalise_class
 
 
@@ -66,9 +66,9 @@ class Manifest:
 def scan_file(path: Path, relpath: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Record:
     rec = Record(path=relpath, label=label)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        rec.status, rec.reason = "skipped", f"cannot read file: {exc}"
+        data = read_regular(path)  # a FIFO or device is skipped with its reason, never read
+    except DecodeError as exc:
+        rec.status, rec.reason = "skipped", str(exc)
         return rec
     rec.size_bytes = len(data)
     rec.sha256 = hashlib.sha256(data).hexdigest()

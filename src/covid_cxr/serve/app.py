@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from covid_cxr import __version__
 from covid_cxr.serve.deps import Unauthorized
 from covid_cxr.serve.guard import Guard
+from covid_cxr.serve.limits import DecodeLimits, PixelBudget, return_large_frees_to_the_os
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import InvalidModelName, ModelNotFound, ModelRepository, ModelUnavailable
@@ -47,8 +48,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repo = repo
+    app.state.decode_limits = DecodeLimits(settings.max_image_pixels, PixelBudget(settings.decode_budget_pixels))
+    return_large_frees_to_the_os()
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       max_concurrency=settings.max_concurrency)
+                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s)
     add_error_handlers(app)
     for module in (operations, tf_serving, oip, upload, web):
         app.include_router(module.router)

@@ -28,6 +28,11 @@ class BatcherClosed(RuntimeError):
     pass
 
 
+def split(x: np.ndarray, size: int) -> list[np.ndarray]:
+    """`x` in consecutive parts of at most `size` rows (views, no copy)."""
+    return [x[i:i + size] for i in range(0, len(x), size)] or [x]
+
+
 @dataclass
 class _Item:
     x: np.ndarray  # n x H x W x 1
@@ -64,17 +69,26 @@ class MicroBatcher:
             self._preparing -= 1
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities for `x` (n x H x W x 1), computed in some batch with other requests."""
+        """Probabilities for `x` (n x H x W x 1), computed in some batch with other requests.
+
+        A request of more than `max_batch` images is queued as several items of at most `max_batch`
+        each, so no ONNX Runtime call (and no memory arena) ever grows past `max_batch`."""
         if self._closed:
             raise BatcherClosed("model version is being unloaded")
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="covid-cxr-batcher")
-        item = _Item(x, loop.create_future())
-        self._items.append(item)
+        items = [_Item(part, loop.create_future()) for part in split(x, self.max_batch)]
+        self._items.extend(items)
         self._wake.set()
-        return await item.future
+        try:
+            parts = [await it.future for it in items]
+        except BaseException:
+            for it in items:  # the client is gone or one part failed: the rest need not run
+                it.future.cancel()
+            raise
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def close(self) -> None:
         """Finish what is queued, then stop the task."""

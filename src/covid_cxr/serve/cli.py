@@ -25,6 +25,9 @@ def serve(
     api_key: str = _opt("api_key", "--api-key", envvar="COVID_CXR_API_KEY"),
     max_body_mb: float = typer.Option(F["max_body_bytes"].default / MB, help="request body limit in MB (413 beyond it)"),
     max_concurrency: int = _opt("max_concurrency"),
+    body_timeout_s: float = _opt("body_timeout_s"),
+    max_image_pixels: int = _opt("max_image_pixels"),
+    decode_budget_pixels: int = _opt("decode_budget_pixels"),
     batching: bool = _opt("batching", "--batching/--no-batching"),
     max_batch: int = _opt("max_batch"),
     max_wait_ms: float = _opt("max_wait_ms"),
@@ -45,7 +48,8 @@ def serve(
     from covid_cxr.serve.app import create_app
 
     given = dict(models=models, host=host, port=port, api_key=api_key or None, max_body_bytes=int(max_body_mb * MB),
-                 max_concurrency=max_concurrency, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                 max_concurrency=max_concurrency, body_timeout_s=body_timeout_s, max_image_pixels=max_image_pixels,
+                 decode_budget_pixels=decode_budget_pixels, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                  max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
                  ort_spinning=ort_spinning, default_model=default_model, intra_op_threads=intra_op_threads)
     try:

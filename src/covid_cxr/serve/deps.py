@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from covid_cxr.bundle import parse_version as version_number
+from covid_cxr.bundle.store import NAME_PATTERN, VERSION_PATTERN
+from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import ModelRepository
@@ -18,6 +21,13 @@ class Unauthorized(Exception):
     pass
 
 
+# Path parameters as the OpenAPI document shows them. The patterns are documentation only (not
+# FastAPI validation) so a bad value gets the handlers' own 400 message, the same as before.
+ModelName = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
+VersionText = Annotated[str, Path(description="model version: a positive integer",
+                                  json_schema_extra={"pattern": VERSION_PATTERN})]
+
+
 def get_settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
@@ -26,12 +36,17 @@ def get_repo(request: Request) -> ModelRepository:
     return request.app.state.repo
 
 
+def get_limits(request: Request) -> DecodeLimits:
+    return request.app.state.decode_limits
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 def require_api_key(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
-    """Bearer-token check for predict endpoints (no-op when the server has no key)."""
+    """Bearer-token check for predict endpoints (no-op when the server has no key). The scheme is
+    case-insensitive (RFC 6750 via RFC 7235: 'bearer' is as good as 'Bearer'); the token is not."""
     if not settings.api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -1,20 +1,31 @@
-"""ASGI middleware in front of the app: metrics, concurrency limit and body limit, before any parsing.
+"""ASGI middleware in front of the app: metrics, body limit and timeout, admission, last-resort errors.
 
-Pure ASGI (not BaseHTTPMiddleware) so it adds microseconds, and so it can refuse a request before
-reading its body: a saturated server answers 503 at once, and an oversized body is cut off at the
-limit whether or not the client sent Content-Length (chunked uploads are counted as they arrive).
+Pure ASGI (not BaseHTTPMiddleware) so it adds microseconds, and so it reads the body itself before
+the app sees it:
+- the body must arrive within `body_timeout_s` (408 and the connection closed), and is cut off at
+  `max_body_bytes` whether or not the client sent Content-Length (413);
+- only then is a predict request admitted against `max_concurrency` (503 at once when full): a
+  client that sends headers and stalls holds a socket, never a slot, so 64 stalled clients cannot
+  lock the others out;
+- anything the app raises unexpectedly becomes a JSON 500 sent here (logged with its traceback),
+  so the connection stays usable: uvicorn would otherwise drop a keep-alive connection after the
+  500 without saying `Connection: close`, and the client's next good request on it would fail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 
 from covid_cxr.serve.metrics import Metrics
 
+log = logging.getLogger("covid_cxr.serve")
 # After the limit, the rest of an oversized body is read and thrown away (up to this much more)
 # so that the client, still sending, gets to read the 413 instead of a reset connection.
 DRAIN_BYTES = 64 * 1024 * 1024
+CLOSE = [(b"connection", b"close")]
 
 
 def endpoint_of(path: str) -> str:
@@ -46,11 +57,13 @@ async def send_json(send, status: int, payload: dict, headers: list | None = Non
 
 
 class Guard:
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int, max_concurrency: int):
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, max_concurrency: int,
+                 body_timeout_s: float = 30.0):
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.max_concurrency = max_concurrency
+        self.body_timeout = body_timeout_s
         self.inflight = 0
 
     async def __call__(self, scope, receive, send):
@@ -59,43 +72,60 @@ class Guard:
         t0 = time.perf_counter()
         state = scope.setdefault("state", {})
         state["t0"] = t0
-        path = scope["path"]
-        status = [500]
+        status = [0]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        predict = is_predict(path)
         try:
-            if predict and self.inflight >= self.max_concurrency:
-                self.metrics.rejected.labels("busy").inc()
-                await send_json(send_status, 503, {"error": f"server busy: {self.max_concurrency} predict "
-                                                   "requests in flight; retry later"}, [(b"retry-after", b"1")])
-                return
-            if predict:
-                self.inflight += 1
-                self.metrics.inflight.inc()
-            try:
-                if scope["method"] in ("POST", "PUT", "PATCH"):
-                    body, refusal = await self._read_body(scope, receive)
-                    if refusal is not None:
-                        self.metrics.rejected.labels(refusal).inc()
-                        if refusal == "too_large":
-                            await send_json(send_status, 413, {"error": f"request body larger than "
-                                                               f"{self.max_body} bytes"},
-                                            [(b"connection", b"close")])
-                        return  # client gone: nothing to answer
-                    receive = _replay(body, receive)
-                await self.app(scope, receive, send_status)
-            finally:
-                if predict:
-                    self.inflight -= 1
-                    self.metrics.inflight.dec()
+            await self._handle(scope, receive, send_status, status)
         finally:
-            self.metrics.observe_request(endpoint_of(path), state.get("model", ""), status[0],
+            self.metrics.observe_request(endpoint_of(scope["path"]), state.get("model", ""), status[0] or 500,
                                          time.perf_counter() - t0)
+
+    async def _handle(self, scope, receive, send, status: list[int]) -> None:
+        try:
+            body, refusal = await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout)
+        except asyncio.TimeoutError:
+            body, refusal = b"", "timeout"
+        if refusal is not None:
+            await self._refuse(send, refusal)
+            return
+        predict = is_predict(scope["path"])
+        if predict and self.inflight >= self.max_concurrency:
+            self.metrics.rejected.labels("busy").inc()
+            await send_json(send, 503, {"error": f"server busy: {self.max_concurrency} predict requests in "
+                                        "flight; retry later"}, [(b"retry-after", b"1")])
+            return
+        if predict:
+            self.inflight += 1
+            self.metrics.inflight.inc()
+        try:
+            await self._call_app(scope, _replay(body, receive), send, status)
+        finally:
+            if predict:
+                self.inflight -= 1
+                self.metrics.inflight.dec()
+
+    async def _refuse(self, send, refusal: str) -> None:
+        self.metrics.rejected.labels(refusal).inc()
+        if refusal == "too_large":
+            await send_json(send, 413, {"error": f"request body larger than {self.max_body} bytes"}, CLOSE)
+        elif refusal == "timeout":
+            await send_json(send, 408, {"error": f"request body not received within {self.body_timeout:g} s"},
+                            CLOSE)
+        # "disconnect": the client is gone, nothing to answer
+
+    async def _call_app(self, scope, receive, send, status: list[int]) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if status[0]:  # the response has begun: all we can do is let the server drop the connection
+                raise
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            await send_json(send, 500, {"error": "internal server error (logged on the server)"})
 
     async def _read_body(self, scope, receive) -> tuple[bytes, str | None]:
         declared = None

@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from covid_cxr.bundle import ONNX_INPUT
-from covid_cxr.data.decode import DecodeError, load_for_model
+from covid_cxr.data.decode import VALUE_RANGE, DecodeError
+from covid_cxr.serve.limits import DecodeLimits
 
 SIGNATURE = "serving_default"
 
@@ -32,7 +33,7 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)}  # OpenAPI: what errors look like
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 500, 503)}  # OpenAPI: what errors look like
 
 
 class TFStatus(BaseModel):
@@ -115,12 +116,10 @@ def signature_def(h: int, w: int, n_classes: int) -> dict:
 
 # ---------------------------------------------------------------------------------- parsing
 
-def parse_predict(body: bytes, height: int, width: int, max_instances: int) -> tuple[np.ndarray, bool]:
+def parse_predict(body: bytes, height: int, width: int, max_instances: int,
+                  limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, bool]:
     """Body of a :predict call -> (float32 N x H x W x 1 batch, columnar?). Raises BadRequest."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    obj = parse_json(body)
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object with 'instances' or 'inputs'")
     try:
@@ -137,7 +136,18 @@ def parse_predict(body: bytes, height: int, width: int, max_instances: int) -> t
         raise BadRequest("no instances in request")
     if len(items) > max_instances:
         raise BadRequest(f"{len(items)} instances in one request; at most {max_instances}")
-    return to_batch(items, height, width), columnar
+    return to_batch(items, height, width, limits), columnar
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON text -> Python; BadRequest for anything else. Nesting is bounded by the parser's own
+    recursion guard (RecursionError, about 1,000 levels; a tensor needs 5)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
 def _unwrap(value: Any) -> Any:
@@ -158,20 +168,20 @@ def _columnar_items(inputs: Any) -> list:
     return inputs
 
 
-def to_batch(items: list, height: int, width: int) -> np.ndarray:
-    """Instances -> float32 N x H x W x 1, checking shape and finiteness."""
+def to_batch(items: list, height: int, width: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Instances -> float32 N x H x W x 1, checking shape, finiteness and range."""
     if all(isinstance(i, list) for i in items):  # the common case: one numpy conversion for all
-        return _finite(_shape_batch(_numeric(items), height, width))
+        return _in_range(_shape_batch(_numeric(items), height, width))
     out = []
     for k, item in enumerate(items):
         if isinstance(item, dict):
-            out.append(decode_b64(item, height, width, k)[..., None])
+            out.append(decode_b64(item, height, width, k, limits)[..., None])
         elif isinstance(item, list):
             out.append(_shape_batch(_numeric([item]), height, width, k)[0])
         else:
             raise BadRequest(f"instance {k}: expected a tensor (nested list) or {{'b64': ...}}, "
                              f"got {type(item).__name__}")
-    return _finite(np.stack(out))
+    return _in_range(np.stack(out))
 
 
 def _numeric(value: list) -> np.ndarray:
@@ -201,13 +211,19 @@ def _shape_batch(arr: np.ndarray, h: int, w: int, index: int | None = None) -> n
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _finite(arr: np.ndarray) -> np.ndarray:
+def _in_range(arr: np.ndarray) -> np.ndarray:
+    """The model was trained on [0, 1] pixels: 0-255 values would give a confident wrong answer."""
     if not np.isfinite(arr).all():
         raise BadRequest("instances hold NaN or infinite values (or numbers too large for float32)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < VALUE_RANGE[0] or hi > VALUE_RANGE[1]:
+        raise BadRequest(f"instance values must lie in [{VALUE_RANGE[0]:g}, {VALUE_RANGE[1]:g}], found "
+                         f"[{lo:g}, {hi:g}] (8-bit pixels: divide by 255)")
     return arr
 
 
-def decode_b64(item: dict, height: int, width: int, index: int = 0) -> np.ndarray:
+def decode_b64(item: dict, height: int, width: int, index: int = 0,
+               limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """{"b64": "<base64 PNG/JPEG/DICOM file>"} -> float32 H x W in [0, 1], resized as in training."""
     if set(item) != {"b64"} or not isinstance(item["b64"], str):
         raise BadRequest(f"instance {index}: a binary value must be {{'b64': '<base64 string>'}}")
@@ -217,11 +233,12 @@ def decode_b64(item: dict, height: int, width: int, index: int = 0) -> np.ndarra
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"instance {index}: invalid base64: {exc}") from None
-    return decode_image(data, height, width, f"instance {index}")
+    return decode_image(data, height, width, f"instance {index}", limits)
 
 
-def decode_image(data: bytes, height: int, width: int, what: str = "image") -> np.ndarray:
+def decode_image(data: bytes, height: int, width: int, what: str = "image",
+                 limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     try:
-        return load_for_model(data, height, width)
+        return limits.load(data, height, width)
     except DecodeError as exc:
         raise BadRequest(f"{what}: undecodable image: {exc}") from None

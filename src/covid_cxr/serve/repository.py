@@ -5,12 +5,18 @@ version (older versions load on demand and are dropped again after `keep_old_sec
 The folder is re-read every `rescan_seconds` (by a background task, and by requests when the last
 read is older than that), so a bundle renamed into place is served without a restart; until it has
 loaded, the previous version keeps answering, as TensorFlow Serving does.
+
+Whatever is odd in the folder stays that folder's problem: names that cannot be models, folders
+that cannot be read and bundles that do not load are left out and logged (once each), the others
+are served; an unreadable repository keeps the last good listing. Error messages that reach
+clients name files relative to the repository, never by their absolute path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
@@ -21,13 +27,29 @@ from pathlib import Path
 import anyio.to_thread
 import numpy as np
 
-from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle, open_checked_session, valid_name, versions
-from covid_cxr.serve.batching import BatcherClosed, MicroBatcher
+from covid_cxr.bundle import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    Bundle,
+    clean_stale,
+    load_bundle,
+    open_checked_session,
+    valid_name,
+    versions,
+)
+from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
 
 log = logging.getLogger("covid_cxr.serve")
 RETRY_FAILED_S = 30.0  # a broken bundle is retried this often, not at every scan
+CLEAN_STAGING_S = 300.0  # how often staging folders left by killed writers are looked for
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":]+/)+([^\s/'\":]*)")
+
+
+def strip_paths(text: str) -> str:
+    """Every absolute path in `text` cut to its last part ('/srv/models/m/1/model.onnx' -> 'model.onnx')."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or "/", text)
 
 
 class InvalidModelName(ValueError):
@@ -52,6 +74,7 @@ class LoadedModel:
     session: object = field(repr=False)
     batcher: MicroBatcher | None = field(default=None, repr=False)
     observe: Callable[[int, float], None] | None = field(default=None, repr=False)  # (images, seconds)
+    max_batch: int = 4
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -77,11 +100,13 @@ class LoadedModel:
                 return await self.batcher.submit(x)
             except BatcherClosed:
                 pass  # unloaded between lookup and submit: this one request runs on its own
-        t0 = time.perf_counter()
-        out = await anyio.to_thread.run_sync(self.run, x)
-        if self.observe is not None:
-            self.observe(len(x), time.perf_counter() - t0)
-        return out
+        parts = []
+        for part in split(x, self.max_batch):  # never one call larger than max_batch
+            t0 = time.perf_counter()
+            parts.append(await anyio.to_thread.run_sync(self.run, part))
+            if self.observe is not None:
+                self.observe(len(part), time.perf_counter() - t0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def gradcam_png(self, pixels: np.ndarray, class_index: int) -> bytes:
         """Grad-CAM overlay PNG (blocking; torch model loaded lazily and cached by covid_cxr.explain)."""
@@ -109,6 +134,8 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple[float, str]] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
+        self._reported: set[str] = set()
+        self._cleaned_at = float("-inf")
 
     # ------------------------------------------------------------------ disk
 
@@ -116,20 +143,48 @@ class ModelRepository:
         """Model names and complete versions on disk; re-read at most every `rescan_seconds`."""
         now = time.monotonic()
         if force or now - self._scanned_at >= self.settings.rescan_seconds:
-            found: dict[str, list[int]] = {}
-            try:
-                entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
-            except OSError as exc:
-                log.warning("cannot read model repository %s: %s", self.root, exc)
-                entries = []
-            for p in entries:
-                if valid_name(p.name) and p.is_dir():
-                    vs = versions(p)
-                    if vs:
-                        found[p.name] = vs
-            self._disk = found
+            self._disk = self._read_disk()
             self._scanned_at = now
         return self._disk
+
+    def _read_disk(self) -> dict[str, list[int]]:
+        try:
+            entries = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            self._report(str(self.root), f"model repository {self.root} does not exist")
+            return {}
+        except OSError as exc:  # a transient fault must not unload every model: keep the last listing
+            self._report(str(self.root), f"cannot read model repository {self.root}: {exc}")
+            return self._disk
+        found: dict[str, list[int]] = {}
+        for p in entries:
+            if p.name.startswith("."):
+                continue  # .work, staging folders
+            if not valid_name(p.name):
+                self._report(p.name, f"ignoring {p}: not a model name (letters, digits, '_', '-', '.')")
+                continue
+            try:
+                vs = versions(p)
+            except OSError as exc:  # this model only: the others are still served
+                self._report(p.name, f"ignoring model folder {p}: {exc}")
+                vs = self._disk.get(p.name, [])
+            if vs:
+                found[p.name] = vs
+        return found
+
+    def _report(self, key: str, message: str) -> None:
+        """Log each repository problem once, not at every scan."""
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning(message)
+
+    def public(self, message: str) -> str:
+        """A message as clients may see it: repository paths relative to the repository, any other
+        absolute path cut to its last part (no filesystem layout leaks to unauthenticated clients)."""
+        roots = {str(self.root), str(self.root.absolute()), str(self.root.resolve())} - {".", ""}
+        for root in sorted(roots, key=len, reverse=True):
+            message = message.replace(root.rstrip("/") + "/", "")
+        return strip_paths(message)
 
     def names(self) -> list[str]:
         return list(self.scan())
@@ -206,14 +261,9 @@ class ModelRepository:
             try:
                 bundle, session = await anyio.to_thread.run_sync(self._open, name, version)
             except Exception as exc:  # any broken bundle: keep serving the others
-                msg = f"{type(exc).__name__}: {exc}"
-                if key not in self._failed:
-                    log.error("cannot load %s version %s: %s", name, version, msg)
-                    self.metrics.load_failures.labels(name, str(version)).inc()
-                self._failed[key] = (time.monotonic(), msg)
-                raise ModelUnavailable(f"version {version}: {msg}") from exc
+                raise ModelUnavailable(f"version {version}: {self._failure(key, exc)}") from exc
             self._failed.pop(key, None)
-            model = LoadedModel(name, version, bundle, session)
+            model = LoadedModel(name, version, bundle, session, max_batch=self.settings.max_batch)
             model.observe = lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s)
             if self.settings.batching:
                 model.batcher = MicroBatcher(model.run, self.executor, self.settings.max_batch,
@@ -223,6 +273,15 @@ class ModelRepository:
             self.metrics.loaded.set(len(self._loaded))
             log.info("loaded %s version %s (%s)", name, version, bundle.path)
             return model
+
+    def _failure(self, key: tuple[str, int], exc: Exception) -> str:
+        """Log a load failure (in full, once) and remember it; returns what clients are told."""
+        if key not in self._failed:
+            log.error("cannot load %s version %s: %s: %s", *key, type(exc).__name__, exc)
+            self.metrics.load_failures.labels(key[0], str(key[1])).inc()
+        msg = self.public(f"{type(exc).__name__}: {exc}")
+        self._failed[key] = (time.monotonic(), msg)
+        return msg
 
     def _open(self, name: str, version: int) -> tuple[Bundle, object]:
         bundle = load_bundle(self.root / name, version)
@@ -247,6 +306,9 @@ class ModelRepository:
     async def refresh(self) -> None:
         """Re-read the folder, load each model's newest version, drop versions gone or superseded."""
         disk = self.scan(force=True)
+        if time.monotonic() - self._cleaned_at >= CLEAN_STAGING_S:
+            self._cleaned_at = time.monotonic()
+            await anyio.to_thread.run_sync(self.clean_staging)
         for name, vs in disk.items():
             for v in reversed(vs):  # newest that loads
                 try:
@@ -265,6 +327,16 @@ class ModelRepository:
                 self.metrics.loaded.set(len(self._loaded))
                 log.info("unloaded %s version %s", name, v)
                 await model.close()
+
+    def clean_staging(self) -> None:
+        """Remove staging folders left by killed bundle writers (see `bundle.store.clean_stale`)."""
+        try:
+            folders = [p for p in self.root.iterdir() if valid_name(p.name) and p.is_dir()]
+        except OSError:
+            return
+        for folder in folders:
+            for p in clean_stale(folder):
+                log.info("removed stale staging folder %s", p)
 
     async def run_forever(self) -> None:
         while True:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from covid_cxr.data.decode import DEFAULT_MAX_PIXELS
+
 MB = 1024 * 1024
 
 
@@ -18,11 +20,21 @@ class ServeSettings(BaseModel):
     port: int = 8501
     api_key: str | None = Field(None, description="bearer token required on predict endpoints (None: open)")
     max_body_bytes: int = Field(20 * MB, ge=1, description="request body limit (413 beyond it)")
-    max_concurrency: int = Field(64, ge=1, description="in-flight predict requests; beyond it 503 at once")
+    max_concurrency: int = Field(64, ge=1, description="predict requests being handled (counted once their body "
+                                 "has arrived, so clients still sending cannot lock others out); beyond it 503 at once")
+    # 30 s: a 20 MB body at 6 Mbit/s; an X-ray file of a few MB takes seconds even on a slow link.
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a client may take to send its request body; "
+                                  "beyond it 408 and the connection is closed")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image accepted, in pixels "
+                                  "(the default takes 4,300 x 4,300 radiographs)")
+    # Two largest images at once (one per core on this machine): with reduced decoding each costs
+    # at most ~4 bytes per pixel, so decoding holds ~160 MB at worst whatever the load.
+    decode_budget_pixels: int = Field(2 * DEFAULT_MAX_PIXELS, ge=1, description="pixels being decoded at once "
+                                      "across all requests; further decodes wait")
     batching: bool = Field(True, description="group concurrent requests into one ONNX Runtime call")
     # 4: on this 2-core CPU, ONNX Runtime's CPU time per image is flat up to 4 images per call and
     # grows beyond (+15% at 8, +40% at 32: cache), as does its memory arena; a GPU would want more.
-    max_batch: int = Field(4, ge=1, description="most images in one ONNX Runtime call")
+    max_batch: int = Field(4, ge=1, description="most images in one ONNX Runtime call (larger requests are split)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits for requests still being decoded")
     max_instances: int = Field(64, ge=1, description="most instances in one TF Serving request")
     rescan_seconds: float = Field(2.0, gt=0, description="how often the model repository is re-read")

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from covid_cxr.data.decode import load_batch
+from covid_cxr.errors import UserError
 from covid_cxr.utils import progress_iter
+
+log = logging.getLogger("covid_cxr.train")
+SPOT_CHECK = 2  # cached rows recomputed per run to prove the cache still matches its images
 
 
 def cache_key(arch: str, weight_source: str, size: int, mean: float, std: float) -> str:
@@ -24,25 +30,63 @@ def cache_key(arch: str, weight_source: str, size: int, mean: float, std: float)
 
 
 class FeatureCache:
+    """sha256 -> feature vector, in one safetensors file whose metadata holds the key list.
+
+    Keys and rows live in the same file, replaced atomically, so they can never be paired from two
+    different saves. On reading, the key list must be valid and as long as the rows, or the cache is
+    dropped and rebuilt (logged); a file safetensors cannot read is a UserError naming it.
+    """
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: dict[str, torch.Tensor] = {}
+        self.loaded: set[str] = set()  # keys read from disk (not computed by this run)
         if self.path.is_file():
-            t = load_file(str(self.path))
-            keys = json.loads(self.path.with_suffix(".keys.json").read_text())
-            self.rows = dict(zip(keys, t["features"]))
+            self.rows = self._read()
+            self.loaded = set(self.rows)
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+                feats = f.get_tensor("features") if "features" in f.keys() else None
+        except Exception as exc:  # safetensors raises its own types for damaged files
+            raise FeatureCacheError(f"{self.path}: unreadable feature cache ({str(exc)[:120]}): delete it "
+                                    "(it is rebuilt from the images)") from None
+        try:
+            keys = json.loads(meta.get("keys", "null"))
+        except ValueError:
+            keys = None
+        if feats is None or not _valid_keys(keys, len(feats)):
+            log.warning("feature cache %s: key list missing or not matching its %s rows; rebuilding it",
+                        self.path, "no" if feats is None else len(feats))
+            return {}
+        return dict(zip(keys, feats))
+
+    def discard(self, keys) -> None:
+        for k in keys:
+            self.rows.pop(k, None)
+            self.loaded.discard(k)
 
     def save(self) -> None:
-        from covid_cxr.utils import atomic_write_text
-
         if not self.rows:
             return
         keys = list(self.rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        save_file({"features": torch.stack([self.rows[k] for k in keys])}, str(tmp))
-        atomic_write_text(self.path.with_suffix(".keys.json"), json.dumps(keys))
+        save_file({"features": torch.stack([self.rows[k] for k in keys])}, str(tmp),
+                  metadata={"keys": json.dumps(keys)})
         tmp.replace(self.path)
+        self.path.with_suffix(".keys.json").unlink(missing_ok=True)  # the old, separate key list
+
+
+class FeatureCacheError(UserError):
+    """A feature cache file that cannot be read."""
+
+
+def _valid_keys(keys, n_rows: int) -> bool:
+    return (isinstance(keys, list) and len(keys) == n_rows and len(set(keys)) == n_rows
+            and all(isinstance(k, str) for k in keys))
 
 
 @torch.inference_mode()
@@ -61,10 +105,7 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
     store = cache.rows if cache is not None else {}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for n, batch in enumerate(progress_iter(batches, "extracting features", enabled=progress and bool(batches)), 1):
-        x = torch.from_numpy(load_batch([p for p, _ in batch], size, size))[:, None]
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            feats = model.features(x).float().cpu()
+        feats = _features(model, [p for p, _ in batch], size, precision, device)
         for (_, sha), f in zip(batch, feats):
             store[sha] = f.clone()
         if cache is not None and n % save_every == 0:
@@ -94,6 +135,31 @@ def extract_sharded(model, items: list[tuple[Path, str]], cfg, cache: FeatureCac
     dist.barrier()
 
 
+def _features(model, paths: list[Path], size: int, precision: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One batch of images -> backbone features on the CPU (model already eval, channels-last, on `device`)."""
+    device = torch.device(device)
+    x = torch.from_numpy(load_batch(paths, size, size))[:, None]
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model.features(x).float().cpu()
+
+
+@torch.inference_mode()
+def spot_check(model, cache: FeatureCache, items: list[tuple[Path, str]], size: int, precision: str) -> bool:
+    """Recompute a few rows read from disk: a cache whose rows do not belong to their keys (however
+    that came about) is caught here instead of training silently on the wrong features."""
+    sample = [(p, s) for p, s in items if s in cache.loaded][:SPOT_CHECK]
+    if not sample:
+        return True
+    model.eval()
+    model.to(memory_format=torch.channels_last)
+    fresh = _features(model, [p for p, _ in sample], size, precision)
+    model.to(memory_format=torch.contiguous_format)
+    cached = torch.stack([cache.rows[s] for _, s in sample])
+    tol = 5e-2 if precision == "bf16" else 1e-3
+    return bool(((fresh - cached).abs().max() <= tol * fresh.abs().max().clamp_min(1e-6)).item())
+
+
 def cached_features(model, prepared, cfg, source: str, cache_dir: Path,
                     dist=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """split -> (features N x F, labels N) for every split, extracting only what the cache lacks
@@ -104,6 +170,9 @@ def cached_features(model, prepared, cfg, source: str, cache_dir: Path,
     cache = FeatureCache(cache_dir / f"{key}.safetensors")
     items = {s: [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[s]] for s in prepared.splits}
     everything = [it for s in ("train", "val", "test") for it in items[s]]
+    if not spot_check(model, cache, everything, cfg.size, cfg.precision):
+        log.warning("feature cache %s does not match its images; rebuilding it", cache.path)
+        cache.discard(list(cache.rows))
     if dist is not None and dist.world > 1:
         extract_sharded(model, everything, cfg, cache, dist)
     else:

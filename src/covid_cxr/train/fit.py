@@ -19,6 +19,7 @@ import torch
 from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
+from covid_cxr.errors import UserError
 from covid_cxr.evaluate.metrics import compute_metrics
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
@@ -118,6 +119,21 @@ def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L
                      default_root_dir=str(run.root))
 
 
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint is a zip archive (torch.save): check every member's CRC before Lightning unpickles
+    it, so a truncated file (a kill while it was written) is one line saying what to do."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        bad = str(exc)
+    if bad is not None:
+        raise UserError(f"{path}: unreadable checkpoint (truncated? {bad}): delete it to resume from the start, "
+                        "or run without --resume")
+
+
 def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool,
         logger=False) -> History:
     """Lightning fit with the study's callbacks; the best epoch's weights are put back afterwards."""
@@ -125,6 +141,8 @@ def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, r
     history = History()
     trainer = _trainer(cfg, run, history, logger)
     last = run.checkpoints / "last.ckpt"
+    if resume and last.is_file():
+        check_checkpoint(last)
     trainer.fit(module, datamodule=inputs.datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     best_path = trainer.checkpoint_callback.best_model_path
     if best_path:  # our own checkpoint, written by this run; plain tensors only

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from covid_cxr.serve.deps import get_metrics, get_repo
 from covid_cxr.serve.metrics import Metrics
@@ -28,6 +28,8 @@ async def readyz(repo: ModelRepository = Depends(get_repo)):
     return {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)

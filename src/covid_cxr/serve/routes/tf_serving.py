@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
-from covid_cxr.serve.deps import get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.protocol import (
     ERRORS,
     TFColumnarResponse,
@@ -39,13 +40,13 @@ def status_response(repo: ModelRepository, name: str, only: int | None = None) -
 
 
 @router.get("/v1/models/{name}", response_model=TFModelStatusResponse)
-async def model_status(name: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+async def model_status(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return status_response(repo, name)
 
 
 @router.get("/v1/models/{name}/versions/{version}", response_model=TFModelStatusResponse)
-async def version_status(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+async def version_status(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return status_response(repo, name, parse_version(version))
 
@@ -62,13 +63,13 @@ async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFM
 
 
 @router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse)
-async def model_metadata(name: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+async def model_metadata(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, None)
 
 
 @router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse)
-async def version_metadata(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo)):
+async def version_metadata(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, parse_version(version))
 
@@ -78,15 +79,16 @@ async def predict(request: Request, repo: ModelRepository, settings: ServeSettin
     request.state.model = name
     h, w = model.input_hw
     body = await request.body()
+    limits: DecodeLimits = get_limits(request)
     async with model.preparing():
-        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances)
+        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances, limits)
     rows = (await model.predict(x)).tolist()
     return TFColumnarResponse(outputs=rows) if columnar else TFPredictResponse(predictions=rows)
 
 
 @router.post("/v1/models/{name}:predict", response_model=TFPredictResponse | TFColumnarResponse,
              openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
-async def tfs_predict(name: str, request: Request, repo: ModelRepository = Depends(get_repo),
+async def tfs_predict(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo),
                       settings: ServeSettings = Depends(get_settings)):
     """TF Serving predict on the newest version: `instances` -> `predictions`, `inputs` -> `outputs`."""
     return await predict(request, repo, settings, name, None)
@@ -94,6 +96,6 @@ async def tfs_predict(name: str, request: Request, repo: ModelRepository = Depen
 
 @router.post("/v1/models/{name}/versions/{version}:predict", response_model=TFPredictResponse | TFColumnarResponse,
              openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
-async def tfs_predict_version(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo),
+async def tfs_predict_version(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo),
                               settings: ServeSettings = Depends(get_settings)):
     return await predict(request, repo, settings, name, parse_version(version))

@@ -10,9 +10,9 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from covid_cxr.serve.deps import get_repo, get_settings, require_api_key
-from covid_cxr.serve.protocol import ERRORS, ModelList, ModelSummary, UploadPrediction, decode_image
-from covid_cxr.serve.repository import LoadedModel, ModelNotFound, ModelRepository
+from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key
+from covid_cxr.serve.protocol import ERRORS, BadRequest, ModelList, ModelSummary, UploadPrediction, decode_image
+from covid_cxr.serve.repository import LoadedModel, ModelNotFound, ModelRepository, strip_paths
 from covid_cxr.serve.settings import ServeSettings
 
 log = logging.getLogger("covid_cxr.serve")
@@ -45,7 +45,7 @@ async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.nda
         out.gradcam_png = base64.b64encode(png).decode("ascii")
     except Exception as exc:  # the prediction stands; say why the picture is missing
         log.warning("Grad-CAM failed for %s/%s: %s", loaded.name, loaded.version, exc)
-        out.gradcam_error = f"Grad-CAM unavailable: {type(exc).__name__}: {exc}"
+        out.gradcam_error = f"Grad-CAM unavailable: {type(exc).__name__}: {strip_paths(str(exc))}"
 
 
 @router.post("/api/v1/predict", response_model=UploadPrediction, response_model_exclude_none=True,
@@ -57,10 +57,13 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     """Classify one uploaded X-ray: label, every class probability, model, version, latency."""
     loaded = await upload_model(repo, settings, model)
     request.state.model = loaded.name
+    if len((await request.form()).getlist("file")) != 1:  # the parsed form is cached: no second parse
+        raise BadRequest("send exactly one file (form field 'file'); several were sent")
     data = await file.read()
     h, w = loaded.input_hw
     async with loaded.preparing():
-        pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file")
+        pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file",
+                                                get_limits(request))
     probs = (await loaded.predict(pixels[None, :, :, None]))[0]
     idx = int(np.argmax(probs))
     out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},

@@ -11,6 +11,6 @@ STATIC = Path(__file__).resolve().parents[1] / "static"
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # HEAD: link checkers and uptime probes ask for it
 async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
