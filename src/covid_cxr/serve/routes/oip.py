@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, Response
 
 from covid_cxr import __version__
 from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT
-from covid_cxr.serve.deps import get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.batching import split
+from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
 from covid_cxr.serve.oip import HEADER_LENGTH, encode_response, image_batch, parse_infer, tensor_metadata
 from covid_cxr.serve.protocol import ERRORS, BadRequest
 from covid_cxr.serve.repository import LoadedModel, ModelRepository
@@ -58,12 +59,12 @@ def _model_ready(repo: ModelRepository, name: str, version: str | None):
 
 
 @router.get("/v2/models/{name}/ready")
-async def model_ready(name: str, repo: ModelRepository = Depends(get_repo)):
+async def model_ready(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return _model_ready(repo, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready")
-async def version_ready(name: str, version: str, repo: ModelRepository = Depends(get_repo)):
+async def version_ready(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return _model_ready(repo, name, version)
 
 
@@ -78,12 +79,12 @@ async def _metadata(repo: ModelRepository, name: str, version: str | None) -> di
 
 
 @router.get("/v2/models/{name}")
-async def model_metadata(name: str, repo: ModelRepository = Depends(get_repo)):
+async def model_metadata(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}")
-async def version_metadata(name: str, version: str, repo: ModelRepository = Depends(get_repo)):
+async def version_metadata(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, version)
 
 
@@ -96,20 +97,21 @@ async def _config(repo: ModelRepository, name: str, version: str | None) -> dict
 
 
 @router.get("/v2/models/{name}/config")
-async def model_config(name: str, repo: ModelRepository = Depends(get_repo)):
+async def model_config(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/config")
-async def version_config(name: str, version: str, repo: ModelRepository = Depends(get_repo)):
+async def version_config(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, version)
 
 
 async def _outputs(model: LoadedModel, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     if names == [ONNX_OUTPUT]:  # the common case: batched with every other request
         return {ONNX_OUTPUT: await model.predict(x)}
-    arrays = await anyio.to_thread.run_sync(model.session.run, names, {ONNX_INPUT: x})
-    return dict(zip(names, arrays))
+    parts = [await anyio.to_thread.run_sync(model.session.run, names, {ONNX_INPUT: part})
+             for part in split(x, model.max_batch)]  # never one call larger than max_batch
+    return {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
 
 
 async def infer(request: Request, repo: ModelRepository, settings: ServeSettings, name: str,
@@ -121,7 +123,7 @@ async def infer(request: Request, repo: ModelRepository, settings: ServeSettings
     available = [t.name for t in model.bundle.metadata.onnx.outputs]
     async with model.preparing():
         req = await anyio.to_thread.run_sync(parse_infer, body, request.headers.get(HEADER_LENGTH))
-        x = await anyio.to_thread.run_sync(image_batch, req, h, w, settings.max_instances)
+        x = await anyio.to_thread.run_sync(image_batch, req, h, w, settings.max_instances, get_limits(request))
     wanted = req.outputs if req.outputs is not None else [(n, req.binary_default) for n in available]
     unknown = [n for n, _ in wanted if n not in available]
     if unknown or not wanted:
@@ -134,7 +136,7 @@ async def infer(request: Request, repo: ModelRepository, settings: ServeSettings
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=INFER_DOC, dependencies=[Depends(require_api_key)])
-async def model_infer(name: str, request: Request, repo: ModelRepository = Depends(get_repo),
+async def model_infer(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo),
                       settings: ServeSettings = Depends(get_settings)):
     """Inference on the served version: FP32 [N, H, W, 1] or BYTES [N] in, named outputs out."""
     return await infer(request, repo, settings, name, None)
@@ -142,6 +144,6 @@ async def model_infer(name: str, request: Request, repo: ModelRepository = Depen
 
 @router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC,
              dependencies=[Depends(require_api_key)])
-async def version_infer(name: str, version: str, request: Request, repo: ModelRepository = Depends(get_repo),
+async def version_infer(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo),
                         settings: ServeSettings = Depends(get_settings)):
     return await infer(request, repo, settings, name, parse_version(version))
