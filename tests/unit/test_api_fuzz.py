@@ -36,7 +36,7 @@ def fuzz_operation(operation, mode: GenerationMode) -> int:
     sent = [0]
     # A schema-valid predict body or upload need not hold a decodable image of the model's shape:
     # no JSON Schema can say that, so "valid data must be accepted" is not checked there.
-    semantic = operation.path.endswith(":predict") or operation.path == "/api/v1/predict"
+    semantic = operation.path.endswith((":predict", "/infer")) or operation.path == "/api/v1/predict"
     excluded = [positive_data_acceptance] if semantic else []
 
     @given(case=operation.as_strategy(generation_mode=mode))

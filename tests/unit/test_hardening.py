@@ -148,6 +148,9 @@ def test_tensor_values_outside_0_1_are_400(server):
     for bad in (255.0, -0.5):
         r = requests.post(f"{server}/v1/models/tiny:predict", json={"instances": [[[bad] * 64] * 64]}, headers=AUTH)
         assert r.status_code == 400 and "[0, 1]" in r.json()["error"]
+        oip = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 64, 64, 1], "data": [bad] * 4096}]}
+        r = requests.post(f"{server}/v2/models/tiny/infer", json=oip, headers=AUTH)
+        assert r.status_code == 400 and "[0, 1]" in r.json()["error"]
 
 
 # ---------------------------------------------------------------------------------- 4, 5, 7. repository
@@ -235,6 +238,23 @@ def test_unbatched_model_also_splits(tiny_models):
     m = LoadedModel("tiny", 1, load_bundle(tiny_models / "tiny"), Session(), max_batch=4)
     out = asyncio.run(m.predict(np.zeros((9, 64, 64, 1), np.float32)))
     assert out.shape == (9, 3) and sizes == [4, 4, 1]
+
+
+def test_oip_named_outputs_are_split_too(tiny_models):
+    from covid_cxr.bundle import load_bundle
+    from covid_cxr.serve.repository import LoadedModel
+    from covid_cxr.serve.routes.oip import _outputs
+
+    sizes = []
+
+    class Session:
+        def run(self, names, feeds):
+            sizes.append(len(feeds["image"]))
+            return [np.zeros((len(feeds["image"]), 3), np.float32) for _ in names]
+
+    m = LoadedModel("tiny", 1, load_bundle(tiny_models / "tiny"), Session(), max_batch=4)
+    out = asyncio.run(_outputs(m, np.zeros((6, 64, 64, 1), np.float32), ["probabilities", "other"]))
+    assert sizes == [4, 2] and out["other"].shape == (6, 3)
 
 
 # ---------------------------------------------------------------------------------- 2. decode memory

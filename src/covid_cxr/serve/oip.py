@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from covid_cxr.bundle import ONNX_INPUT
 from covid_cxr.export.tensors import oip_datatype
-from covid_cxr.serve.protocol import BadRequest, decode_image
+from covid_cxr.serve.limits import DecodeLimits
+from covid_cxr.serve.protocol import BadRequest, check_values, decode_image
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -101,8 +102,10 @@ def _binary_inputs(inputs: list[InferInput], rest: bytes) -> dict[str, bytes]:
     return out
 
 
-def image_batch(req: ParsedRequest, height: int, width: int, max_instances: int) -> np.ndarray:
-    """The `image` input as float32 N x H x W x 1 (FP32 as given, BYTES decoded). Raises BadRequest."""
+def image_batch(req: ParsedRequest, height: int, width: int, max_instances: int,
+                limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """The `image` input as float32 N x H x W x 1 (FP32 as given, BYTES decoded within the server's
+    decode limits). Raises BadRequest."""
     t = req.image
     n = t.shape[0] if t.shape else 0
     if not 0 < n <= max_instances:
@@ -111,16 +114,13 @@ def image_batch(req: ParsedRequest, height: int, width: int, max_instances: int)
         if t.shape not in ([n], [n, 1]):
             raise BadRequest(f"BYTES input {t.name!r}: shape {t.shape}, expected [N] or [N, 1] (one file each)")
         files = _bytes_elements(t, req.raw, n)
-        return np.stack([decode_image(f, height, width, f"image {k}") for k, f in enumerate(files)])[..., None]
+        return np.stack([decode_image(f, height, width, f"image {k}", limits) for k, f in enumerate(files)])[..., None]
     if t.datatype != "FP32":
         raise BadRequest(f"input {t.name!r}: datatype {t.datatype}; expected FP32 [N, {height}, {width}, 1] "
                          "or BYTES [N] (encoded image files)")
     if t.shape != [n, height, width, 1]:
         raise BadRequest(f"input {t.name!r}: shape {t.shape} does not match the model's [N, {height}, {width}, 1]")
-    x = _fp32_elements(t, req.raw).reshape(t.shape)
-    if not np.isfinite(x).all():
-        raise BadRequest(f"input {t.name!r} holds NaN or infinite values")
-    return x
+    return check_values(_fp32_elements(t, req.raw).reshape(t.shape))
 
 
 def _fp32_elements(t: InferInput, raw: bytes | None) -> np.ndarray:

@@ -171,7 +171,7 @@ def _columnar_items(inputs: Any) -> list:
 def to_batch(items: list, height: int, width: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Instances -> float32 N x H x W x 1, checking shape, finiteness and range."""
     if all(isinstance(i, list) for i in items):  # the common case: one numpy conversion for all
-        return _in_range(_shape_batch(_numeric(items), height, width))
+        return check_values(_shape_batch(_numeric(items), height, width))
     out = []
     for k, item in enumerate(items):
         if isinstance(item, dict):
@@ -181,7 +181,7 @@ def to_batch(items: list, height: int, width: int, limits: DecodeLimits = Decode
         else:
             raise BadRequest(f"instance {k}: expected a tensor (nested list) or {{'b64': ...}}, "
                              f"got {type(item).__name__}")
-    return _in_range(np.stack(out))
+    return check_values(np.stack(out))
 
 
 def _numeric(value: list) -> np.ndarray:
@@ -211,7 +211,7 @@ def _shape_batch(arr: np.ndarray, h: int, w: int, index: int | None = None) -> n
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _in_range(arr: np.ndarray) -> np.ndarray:
+def check_values(arr: np.ndarray) -> np.ndarray:
     """The model was trained on [0, 1] pixels: 0-255 values would give a confident wrong answer."""
     if not np.isfinite(arr).all():
         raise BadRequest("instances hold NaN or infinite values (or numbers too large for float32)")

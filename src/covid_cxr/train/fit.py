@@ -68,11 +68,14 @@ class Inputs:
 
 
 def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunDir:
-    """Seed everything; a fresh run (no --resume) clears old checkpoints so it never resumes silently."""
+    """Seed everything; a fresh run (no --resume) clears old checkpoints so it never resumes silently,
+    a resumed one first checks that its checkpoint is whole."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = RunDir(workdir / cfg.run_id())
     if dist.is_main and not resume and run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)
+    if resume and (run.checkpoints / "last.ckpt").is_file():
+        check_checkpoint(run.checkpoints / "last.ckpt")  # before any work, not after features and LR test
     run.root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return run
@@ -141,8 +144,6 @@ def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, r
     history = History()
     trainer = _trainer(cfg, run, history, logger)
     last = run.checkpoints / "last.ckpt"
-    if resume and last.is_file():
-        check_checkpoint(last)
     trainer.fit(module, datamodule=inputs.datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     best_path = trainer.checkpoint_callback.best_model_path
     if best_path:  # our own checkpoint, written by this run; plain tensors only

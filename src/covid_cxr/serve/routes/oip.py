@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, Response
 
 from covid_cxr import __version__
 from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT
-from covid_cxr.serve.deps import ModelName, VersionText, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.batching import split
+from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
 from covid_cxr.serve.oip import HEADER_LENGTH, encode_response, image_batch, parse_infer, tensor_metadata
 from covid_cxr.serve.protocol import ERRORS, BadRequest
 from covid_cxr.serve.repository import LoadedModel, ModelRepository
@@ -108,8 +109,9 @@ async def version_config(name: ModelName, version: VersionText, repo: ModelRepos
 async def _outputs(model: LoadedModel, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     if names == [ONNX_OUTPUT]:  # the common case: batched with every other request
         return {ONNX_OUTPUT: await model.predict(x)}
-    arrays = await anyio.to_thread.run_sync(model.session.run, names, {ONNX_INPUT: x})
-    return dict(zip(names, arrays))
+    parts = [await anyio.to_thread.run_sync(model.session.run, names, {ONNX_INPUT: part})
+             for part in split(x, model.max_batch)]  # never one call larger than max_batch
+    return {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
 
 
 async def infer(request: Request, repo: ModelRepository, settings: ServeSettings, name: str,
@@ -121,7 +123,7 @@ async def infer(request: Request, repo: ModelRepository, settings: ServeSettings
     available = [t.name for t in model.bundle.metadata.onnx.outputs]
     async with model.preparing():
         req = await anyio.to_thread.run_sync(parse_infer, body, request.headers.get(HEADER_LENGTH))
-        x = await anyio.to_thread.run_sync(image_batch, req, h, w, settings.max_instances)
+        x = await anyio.to_thread.run_sync(image_batch, req, h, w, settings.max_instances, get_limits(request))
     wanted = req.outputs if req.outputs is not None else [(n, req.binary_default) for n in available]
     unknown = [n for n, _ in wanted if n not in available]
     if unknown or not wanted:
