@@ -78,6 +78,15 @@ class Bundle:
         probs, score, inside = self.session().run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
         return probs, score, inside > 0.5
 
+    def trust_arrays(self) -> dict[str, np.ndarray] | None:
+        """temperature, means, chol, threshold from trust.safetensors (None for older bundles)."""
+        from safetensors.numpy import load_file
+
+        from covid_cxr.bundle.schema import TRUST_FILE
+
+        path = self.path / TRUST_FILE
+        return load_file(str(path)) if path.is_file() else None
+
     def load_torch(self):
         """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
         from covid_cxr.bundle.writer import load_torch

@@ -22,6 +22,7 @@ FORMAT_VERSION = 2
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "probabilities"
 OOD_OUTPUTS = ("ood_score", "in_distribution")  # present when the bundle has an out-of-distribution gate
+TRUST_FILE = "trust.safetensors"  # optional: temperature and OOD statistics as arrays (also inside model.onnx)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
 
 

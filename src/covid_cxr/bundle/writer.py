@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
-from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata, OnnxInfo, onnx_tensors
+from covid_cxr.bundle.schema import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    OOD_OUTPUTS,
+    TRUST_FILE,
+    BundleMetadata,
+    OnnxInfo,
+    onnx_tensors,
+)
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.utils import Stopwatch, atomic_write_text
 
@@ -63,6 +71,19 @@ def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None) -> float
     return float(np.abs(got[0] - want[0]).max())
 
 
+def save_trust(trust, path: Path) -> None:
+    """The temperature and OOD statistics that model.onnx holds as constants, also as plain arrays
+    (numpy-readable: a check, a re-export or another engine can use them without parsing the graph)."""
+    from safetensors.numpy import save_file
+
+    arrays = {"temperature": np.array([trust.temperature], np.float64)}
+    if trust.ood is not None:
+        arrays.update(means=trust.ood.means.astype(np.float64), chol=trust.ood.chol.astype(np.float64),
+                      threshold=np.array([trust.ood.threshold], np.float64))
+    save_file(arrays, str(path))
+    path.chmod(0o644)
+
+
 def software_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -105,6 +126,8 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         diff = onnx_parity(model, staging / "model.onnx", parity_images, trust)
         if not diff <= MAX_PARITY_DIFF:
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
+        if trust is not None:
+            save_trust(trust, staging / TRUST_FILE)
         ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")))
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
                         parity_images=len(parity_images))
