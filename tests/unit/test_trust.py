@@ -172,3 +172,14 @@ def test_audit_flags_a_planted_marker(tiny_models, tiny_data, tmp_path):
     assert results["marked"]["shortcut_suspected"] and any("acquisition" in x for x in results["marked"]["reasons"])
     assert not results["clean"]["probes"]["acquisition"]["suspect"]
     assert acq["marked"][key] > acq["clean"][key] + 0.2
+
+
+def test_evaluate_json_has_calibration_intervals_and_ood_rate(tiny_models, tiny_data, tmp_path):
+    r = runner.invoke(app, ["evaluate", "--model", str(tiny_models / "tiny"), "--data", str(tiny_data),
+                            "--out", str(tmp_path / "rep"), "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"accuracy", "macro_f1", "ece", "brier", "ood_rate", "ci"} <= set(m)
+    assert m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
+    assert all(len(e["ci"]["recall"]) == 2 for e in m["per_class"].values())
+    assert (tmp_path / "rep" / "reliability.png").is_file() and "out of distribution" in r.output

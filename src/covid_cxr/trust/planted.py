@@ -23,9 +23,10 @@ def paste_marker(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr, mode=img.mode if img.mode != "I;16" else None)
 
 
-def plant(src: Path, dst: Path, marked_class: str = "COVID-19", files: dict[str, list[str]] | None = None) -> Path:
+def plant(src: Path, dst: Path, marked_class: str | None = "COVID-19", files: dict[str, list[str]] | None = None) -> Path:
     """Copy `src`'s class folders to `dst` (only `files[class_folder]` when given): images of
-    `marked_class` get the marker (written as PNG), the rest are symlinks to the originals."""
+    `marked_class` get the marker (written as PNG), the rest are symlinks to the originals
+    (all of them when `marked_class` is None: the same images without the marker)."""
     from covid_cxr.data.layouts import discover, normalise_class
 
     disc = discover(src)
@@ -37,7 +38,7 @@ def plant(src: Path, dst: Path, marked_class: str = "COVID-19", files: dict[str,
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists() or out.is_symlink():
             continue
-        if normalise_class(f.label) == normalise_class(marked_class):
+        if marked_class is not None and normalise_class(f.label) == normalise_class(marked_class):
             with Image.open(f.path) as im:
                 paste_marker(im if im.mode in ("L", "RGB", "I;16") else im.convert("L")).save(out.with_suffix(".png"))
         else:
