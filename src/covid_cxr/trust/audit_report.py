@@ -56,7 +56,9 @@ def gradcam_png(p: dict, path: Path) -> None:
 
 def regions_png(sample, masks: np.ndarray, cams: list, path: Path) -> None:
     """One image per class: the lung fields, both occlusions, and its Grad-CAM (when computed)."""
-    picks = [int(np.flatnonzero(sample.labels == i)[0]) for i in np.unique(sample.labels)]
+    explained = {e["path"] for e in cams}
+    picks = [next((int(k) for k in np.flatnonzero(sample.labels == i) if str(sample.paths[k]) in explained),
+                  int(np.flatnonzero(sample.labels == i)[0])) for i in np.unique(sample.labels)]
     fig, axes = plt.subplots(len(picks), 4, figsize=(9, 2.4 * len(picks)), squeeze=False)
     for row, i in zip(axes, picks):
         x, m = sample.images[i], masks[i]
@@ -82,7 +84,8 @@ def audit_md(r: dict) -> str:
     lines = [f"# Shortcut audit: {r['model']['name']} v{r['model']['version']} on {Path(r['data']).name}\n",
              f"\nVerdict: {flag}.\n", *(f"- {x}\n" for x in r["reasons"]),
              f"\nSample: {s['n']} images (at most {s['per_class_max']} per class, seed {s['seed']}): "
-             + ", ".join(f"{c} {n}" for c, n in s["counts"].items()) + f"; {len(s['skipped'])} unreadable skipped.\n",
+             + ", ".join(f"{c} {n}" for c, n in s["counts"].items()) + f"; {len(s['skipped'])} unreadable skipped. Drawn from the whole folder: images the model "
+             "was trained on may be among them (the probes compare the model with itself, occluded or not).\n",
              f"\nLung fields: {r['lung_fields']['note']}.\n\n![regions](regions.png)\n"]
     p = r["probes"]["occlusion"]
     lines += ["\n## Occlusion (DeGrave et al. 2021)\n\n| variant | accuracy | " +
