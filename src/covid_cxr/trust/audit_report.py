@@ -84,8 +84,9 @@ def audit_md(r: dict) -> str:
     lines = [f"# Shortcut audit: {r['model']['name']} v{r['model']['version']} on {Path(r['data']).name}\n",
              f"\nVerdict: {flag}.\n", *(f"- {x}\n" for x in r["reasons"]),
              f"\nSample: {s['n']} images (at most {s['per_class_max']} per class, seed {s['seed']}): "
-             + ", ".join(f"{c} {n}" for c, n in s["counts"].items()) + f"; {len(s['skipped'])} unreadable skipped. Drawn from the whole folder: images the model "
-             "was trained on may be among them (the probes compare the model with itself, occluded or not).\n",
+             + ", ".join(f"{c} {n}" for c, n in s["counts"].items()) + f"; {len(s['skipped'])} unreadable skipped. "
+             "Drawn from the whole folder: images the model was trained on may be among them (the probes "
+             "compare the model with itself, occluded or not).\n",
              f"\nLung fields: {r['lung_fields']['note']}.\n\n![regions](regions.png)\n"]
     p = r["probes"]["occlusion"]
     lines += ["\n## Occlusion (DeGrave et al. 2021)\n\n| variant | accuracy | " +
