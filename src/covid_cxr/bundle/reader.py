@@ -65,6 +65,12 @@ class Bundle:
         return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
 
     @property
+    def temperature(self) -> float:
+        """What model.onnx divides the logits by (1.0 for bundles without calibration)."""
+        cal = self.metadata.trust.calibration if self.metadata.trust is not None else None
+        return cal.temperature if cal is not None else 1.0
+
+    @property
     def has_ood(self) -> bool:
         """Whether model.onnx also answers ood_score and in_distribution (bundles since trust/)."""
         return self.metadata.has_ood
