@@ -45,8 +45,8 @@ def test_bundle_is_complete_and_onnx_matches_pytorch(bundle_dir, data_dir):
     onnx_p = b.predict(x)
     import torch
 
-    with torch.no_grad():
-        torch_p = b.load_torch().predict_proba(torch.from_numpy(x)[:, None]).numpy()
+    with torch.no_grad():  # model.onnx divides the logits by the calibration temperature
+        torch_p = torch.softmax(b.load_torch()(torch.from_numpy(x)[:, None]) / b.temperature, 1).numpy()
     diff = float(np.abs(onnx_p - torch_p).max())
     print(f"ONNX vs PyTorch max |dp| on {len(x)} real X-rays: {diff:.2e}")
     assert diff < 1e-4

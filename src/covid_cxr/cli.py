@@ -230,10 +230,19 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
     for s in m["skipped"]:
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    if m.get("ood_rate") is not None:
+        out_console.print(f"out of distribution: {m['ood_rate']:.1%} of the images")
     if json_path:
-        atomic_write_json(json_path, {"accuracy": m["accuracy"], "per_class": {
-            c: {k: e[k] for k in ("precision", "recall", "f1", "support")} for c, e in m["per_class"].items()}})
+        atomic_write_json(json_path, _evaluate_json(m))
     out_console.print(f"report: {out / 'metrics.md'}")
+
+
+def _evaluate_json(m: dict) -> dict:
+    """`evaluate --json`: each figure with its bootstrap 95% interval beside it ("ci")."""
+    keys = ("precision", "recall", "f1", "support", "ci")
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m.get("ece"), "brier": m.get("brier"),
+            "ood_rate": m.get("ood_rate"), "n": m["n"], "ci": m.get("ci"),
+            "per_class": {c: {k: e[k] for k in keys if k in e} for c, e in m["per_class"].items()}}
 
 
 @app.command()
@@ -267,12 +276,14 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
     results = []
     for p in images:
         try:
-            probs = b.predict(load_for_model(p, h, w)[None])[0]
+            probs, score, inside = b.predict_with_ood(load_for_model(p, h, w)[None])
         except DecodeError as exc:
             results.append({"image": str(p), "error": str(exc)})
             continue
-        results.append({"image": str(p), "label": b.classes[int(probs.argmax())],
-                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs)}})
+        results.append({"image": str(p), "label": b.classes[int(probs[0].argmax())],
+                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
+                        "in_distribution": None if inside is None else bool(inside[0]),
+                        "ood_score": None if score is None else float(score[0])})
     if json_out:
         out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
     else:
@@ -281,14 +292,21 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
         t.add_column("label")
         for c in b.classes:
             t.add_column(c)
+        t.add_column("in distribution")
         for r in results:
             if "error" in r:
-                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * len(b.classes))
+                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1))
             else:
-                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes))
+                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes), _gate(r))
         out_console.print(t)
     if any("error" in r for r in results):
         raise typer.Exit(1)
+
+
+def _gate(r: dict) -> str:
+    if r["in_distribution"] is None:
+        return "– (no gate in this bundle)"
+    return "yes" if r["in_distribution"] else "[red]NO: unlike the training X-rays; do not trust the label[/]"
 
 
 @app.command()
@@ -347,11 +365,13 @@ def _register_plugins() -> None:
     from covid_cxr.explain.cli import register as register_explain
     from covid_cxr.export.cli import register as register_export
     from covid_cxr.serve.cli import register as register_serve
+    from covid_cxr.trust.cli import register as register_trust
 
     register_bundle(app)
     register_explain(app)
     register_export(app)
     register_serve(app)
+    register_trust(app)
 
 
 _register_plugins()

@@ -8,10 +8,10 @@ Runtime only), check (`covid-cxr bundle check`), writer (torch: export and write
 
 from covid_cxr.bundle.check import check_bundle
 from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle, open_checked_session, open_session, read_metadata
-from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, BundleMetadata
+from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata
 from covid_cxr.bundle.store import clean_stale, parse_version, valid_name, versions
 
-__all__ = ["FORMAT_VERSION", "ONNX_INPUT", "ONNX_OUTPUT", "Bundle", "BundleError", "BundleMetadata",
+__all__ = ["FORMAT_VERSION", "ONNX_INPUT", "ONNX_OUTPUT", "OOD_OUTPUTS", "Bundle", "BundleError", "BundleMetadata",
            "check_bundle", "clean_stale", "load_bundle", "open_checked_session", "open_session", "parse_version",
            "read_metadata", "valid_name", "versions", "write_bundle"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, BundleMetadata, upgrade
+from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata, upgrade
 from covid_cxr.bundle.store import FILES, versions
 from covid_cxr.errors import UserError
 
@@ -63,6 +63,35 @@ class Bundle:
         """N x H x W float [0, 1] (already resized to input_hw) -> N x classes probabilities."""
         x = np.asarray(images, dtype=np.float32)[..., None]
         return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+
+    @property
+    def temperature(self) -> float:
+        """What model.onnx divides the logits by (1.0 for bundles without calibration)."""
+        cal = self.metadata.trust.calibration if self.metadata.trust is not None else None
+        return cal.temperature if cal is not None else 1.0
+
+    @property
+    def has_ood(self) -> bool:
+        """Whether model.onnx also answers ood_score and in_distribution (bundles since trust/)."""
+        return self.metadata.has_ood
+
+    def predict_with_ood(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(probabilities N x C, ood_score N or None, in_distribution N bool or None): None for
+        bundles without an out-of-distribution gate."""
+        x = np.asarray(images, dtype=np.float32)[..., None]
+        if not self.has_ood:
+            return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
+        probs, score, inside = self.session().run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
+        return probs, score, inside > 0.5
+
+    def trust_arrays(self) -> dict[str, np.ndarray] | None:
+        """temperature, means, chol, threshold from trust.safetensors (None for older bundles)."""
+        from safetensors.numpy import load_file
+
+        from covid_cxr.bundle.schema import TRUST_FILE
+
+        path = self.path / TRUST_FILE
+        return load_file(str(path)) if path.is_file() else None
 
     def load_torch(self):
         """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""

@@ -21,6 +21,8 @@ from covid_cxr.train.config import TrainConfig
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "probabilities"
+OOD_OUTPUTS = ("ood_score", "in_distribution")  # present when the bundle has an out-of-distribution gate
+TRUST_FILE = "trust.safetensors"  # optional: temperature and OOD statistics as arrays (also inside model.onnx)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
 
 
@@ -127,6 +129,30 @@ class Training(_Strict):
     timings_s: dict[str, float] = Field(description="seconds per step; 'total' covers the whole run")
 
 
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: float = Field(gt=0, description="logits are divided by it inside model.onnx")
+    fitted_on: str = "val split"
+    val_nll_before: float | None = None
+    val_nll_after: float | None = None
+
+
+class OODGate(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fitting details (feature size, shrinkage, rates)
+    method: str = Field(description="how ood_score is computed (see covid_cxr.trust.ood)")
+    threshold: float = Field(description="ood_score above it: in_distribution = 0")
+    accept_target: float = Field(gt=0, le=1, description="share of the validation split accepted")
+    val_accept_rate: float | None = None
+    test_accept_rate: float | None = None
+
+
+class TrustInfo(_Strict):
+    """Calibration and the out-of-distribution gate; both live inside model.onnx (covid_cxr.trust)."""
+
+    calibration: Calibration | None = None
+    ood: OODGate | None = None
+
+
 class BundleMetadata(_Strict):
     """`metadata.json` of MODELS/<name>/<version>/."""
 
@@ -140,6 +166,7 @@ class BundleMetadata(_Strict):
     training: Training | None = None
     test_metrics: Metrics | None = None
     onnx: OnnxInfo
+    trust: TrustInfo | None = Field(None, description="absent in bundles written before covid-cxr had it")
     software: dict[str, str] = {}
     created: datetime
 
@@ -153,17 +180,24 @@ class BundleMetadata(_Strict):
         outs = {t.name: t.shape for t in self.onnx.outputs}
         if outs.get(ONNX_OUTPUT) != [DYNAMIC, len(self.classes)]:
             raise ValueError(f"onnx output {ONNX_OUTPUT!r} must have shape [{DYNAMIC}, {len(self.classes)}]")
+        if self.has_ood and any(outs.get(n) != [DYNAMIC] for n in OOD_OUTPUTS):
+            raise ValueError(f"trust.ood is set: onnx outputs {list(OOD_OUTPUTS)} must have shape [{DYNAMIC}]")
         return self
+
+    @property
+    def has_ood(self) -> bool:
+        return self.trust is not None and self.trust.ood is not None
 
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.input.height, self.input.width
 
 
-def onnx_tensors(height: int, width: int, n_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The exported classifier's input and output tensors."""
-    return ([TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])],
-            [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])])
+def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The exported classifier's input and output tensors (with the OOD gate's when `ood`)."""
+    outs = [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])]
+    outs += [TensorSpec(name=n, shape=[DYNAMIC]) for n in OOD_OUTPUTS] if ood else []
+    return [TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])], outs
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

@@ -11,38 +11,77 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
-from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_OUTPUT, BundleMetadata, OnnxInfo, onnx_tensors
+from covid_cxr.bundle.schema import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    OOD_OUTPUTS,
+    TRUST_FILE,
+    BundleMetadata,
+    OnnxInfo,
+    onnx_tensors,
+)
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.utils import Stopwatch, atomic_write_text
 
 MAX_PARITY_DIFF = 1e-4
 
 
-def export_onnx(model, path: Path, height: int, width: int) -> int:
-    """Export N x H x W x 1 -> probabilities; returns the default-domain opset."""
+def exported_module(model, trust=None):
+    """What model.onnx computes: the study's probabilities, or (with a `covid_cxr.trust.fit.Trust`)
+    temperature-scaled probabilities plus the out-of-distribution score and verdict."""
+    from covid_cxr.models import ProbabilityModel
+
+    if trust is None:
+        return ProbabilityModel(model).eval()
+    from covid_cxr.trust.ood import trusted_module
+
+    return trusted_module(model, trust.temperature, trust.ood)
+
+
+def export_onnx(model, path: Path, height: int, width: int, trust=None) -> int:
+    """Export N x H x W x 1 -> probabilities [, ood_score, in_distribution]; returns the default-domain opset."""
     import onnx
     import torch  # here, not at the top: the ONNX Runtime server must not pay ~600 MB for torch
 
-    from covid_cxr.models import ProbabilityModel
-
-    wrapper = ProbabilityModel(model).eval()
+    wrapper = exported_module(model, trust)
     example = torch.rand(2, height, width, 1)
-    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+    names = [ONNX_OUTPUT, *(OOD_OUTPUTS if trust is not None and trust.ood is not None else ())]
+    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=names,
                       dynamic_shapes={"images_nhwc": {0: torch.export.Dim("batch", min=1, max=1024)}},
                       dynamo=True, external_data=False, verbose=False)
     opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
     return int(opsets.get("", opsets.get("ai.onnx", 0)))
 
 
-def onnx_parity(model, onnx_path: Path, images: np.ndarray) -> float:
-    """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W)."""
+def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None) -> float:
+    """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W);
+    with an OOD gate, its score must also agree (relative 1e-3)."""
     import torch
 
     x = images[..., None].astype(np.float32)
-    got = open_session(onnx_path).run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    session = open_session(onnx_path)
+    got = session.run(None, {ONNX_INPUT: x})
     with torch.no_grad():
-        want = torch.softmax(model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)), 1).numpy()
-    return float(np.abs(got - want).max())
+        want = exported_module(model.eval(), trust)(torch.from_numpy(x))
+    want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    if len(want) > 1:
+        score_diff = np.abs(got[1] - want[1]).max() / max(1.0, float(np.abs(want[1]).max()))
+        if not score_diff <= 1e-3:
+            raise BundleError(f"{onnx_path}: ood_score disagrees with PyTorch (relative {score_diff:.2e})")
+    return float(np.abs(got[0] - want[0]).max())
+
+
+def save_trust(trust, path: Path) -> None:
+    """The temperature and OOD statistics that model.onnx holds as constants, also as plain arrays
+    (numpy-readable: a check, a re-export or another engine can use them without parsing the graph)."""
+    from safetensors.numpy import save_file
+
+    arrays = {"temperature": np.array([trust.temperature], np.float64)}
+    if trust.ood is not None:
+        arrays.update(means=trust.ood.means.astype(np.float64), chol=trust.ood.chol.astype(np.float64),
+                      threshold=np.array([trust.ood.threshold], np.float64))
+    save_file(arrays, str(path))
+    path.chmod(0o644)
 
 
 def software_versions() -> dict[str, str]:
@@ -67,9 +106,10 @@ def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Sto
 
 
 def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,
-                 report_dir: Path | None = None, clock: Stopwatch | None = None) -> Bundle:
+                 report_dir: Path | None = None, clock: Stopwatch | None = None, trust=None) -> Bundle:
     """Write the next version of `name`; returns the bundle. `content` holds the metadata's
-    architecture, classes, input, training and test_metrics; this adds the rest. Fails (and
+    architecture, classes, input, training, test_metrics and trust; `trust` (covid_cxr.trust.fit.Trust)
+    puts the temperature and OOD gate into model.onnx. This adds the rest. Fails (and
     publishes nothing) if the ONNX model disagrees with PyTorch or the metadata is invalid."""
     from safetensors.torch import save_file
 
@@ -82,11 +122,13 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "model.safetensors").chmod(0o644)
         h, w = content["input"]["height"], content["input"]["width"]
-        opset = export_onnx(model, staging / "model.onnx", h, w)
-        diff = onnx_parity(model, staging / "model.onnx", parity_images)
+        opset = export_onnx(model, staging / "model.onnx", h, w, trust)
+        diff = onnx_parity(model, staging / "model.onnx", parity_images, trust)
         if not diff <= MAX_PARITY_DIFF:
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
-        ins, outs = onnx_tensors(h, w, len(content["classes"]))
+        if trust is not None:
+            save_trust(trust, staging / TRUST_FILE)
+        ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")))
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
                         parity_images=len(parity_images))
         if report_dir is not None and Path(report_dir).is_dir():

@@ -23,12 +23,16 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     if not recs:
         raise DataError(f"no readable labelled images in {data_dir}")
     h, w = bundle.input_hw
-    probs = []
+    probs, inside = [], []
     for i in progress_iter(range(0, len(recs), 32), "evaluating", enabled=progress):
         x = load_batch([man.root / r.path for r in recs[i:i + 32]], h, w)
-        probs.append(bundle.predict(x))
+        p, _, ok = bundle.predict_with_ood(x)
+        probs.append(p)
+        inside.append(ok if ok is not None else np.ones(len(p), bool))
     y = np.array([bundle.classes.index(r.label) for r in recs])
     m = compute_metrics(y, np.concatenate(probs), bundle.classes)
+    if bundle.has_ood:  # the share of the folder the model's gate calls unlike its training images
+        m["ood_rate"] = float(1 - np.concatenate(inside).mean())
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
     m["model"] = {"name": bundle.name, "version": bundle.version}
     m["data"] = str(man.root)

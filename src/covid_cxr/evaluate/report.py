@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from covid_cxr.evaluate.plots import confusion_matrix_png
+from covid_cxr.trust.report import ci_text, trust_md
 from covid_cxr.utils import atomic_write_json, atomic_write_text
 
 KEY_CLASS = "COVID-19"
@@ -14,7 +15,8 @@ def metrics_table_md(m: dict) -> str:
     rows = ["| Category | Precision | Recall | F1 | Support | ROC AUC |", "|---|---|---|---|---|---|"]
     for c, e in m["per_class"].items():
         auc = "–" if e["roc_auc"] is None else f"{e['roc_auc']:.3f}"
-        rows.append(f"| {c} | {e['precision']:.2f} | {e['recall']:.2f} | {e['f1']:.2f} | {e['support']} | {auc} |")
+        rows.append(f"| {c} | {e['precision']:.2f}{ci_text(e, 'precision')} | {e['recall']:.2f}{ci_text(e, 'recall')} | "
+                    f"{e['f1']:.2f}{ci_text(e, 'f1')} | {e['support']} | {auc} |")
     lo, hi = m["accuracy_ci95"]
     summary = f"\nAccuracy **{m['accuracy']:.3f}** (95% CI {lo:.3f}–{hi:.3f}, n = {m['n']})"
     if KEY_CLASS in m["per_class"]:
@@ -28,7 +30,7 @@ def write_report(m: dict, out: Path, title: str, extra_md: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", m)
     confusion_matrix_png(m["confusion_matrix"], m["classes"], out / "confusion_matrix.png", title)
-    md = [f"# {title}\n", metrics_table_md(m), "\n![confusion matrix](confusion_matrix.png)\n"]
+    md = [f"# {title}\n", metrics_table_md(m), trust_md(m, out, title), "\n![confusion matrix](confusion_matrix.png)\n"]
     if (out / "curves.png").is_file():
         md.append("\n![training curves](curves.png)\n")
     if (out / "lr_find.png").is_file():

@@ -154,7 +154,8 @@ def _as_batch(pixels: np.ndarray) -> np.ndarray:
 class Explainer:
     """Grad-CAM for one classifier, reusable across images and methods (thread-safe)."""
 
-    def __init__(self, model: nn.Module, layer: str | None = None):
+    def __init__(self, model: nn.Module, layer: str | None = None, temperature: float = 1.0):
+        self.temperature = float(temperature)  # the bundle's calibration: probabilities as model.onnx gives them
         self.layer_name = layer or target_layer_name(model)
         self.model = cam_copy(model)
         backbone = getattr(self.model, "backbone", self.model)
@@ -208,7 +209,7 @@ class Explainer:
                 logits = cam.outputs.detach()
             finally:
                 cam.activations_and_grads.release()
-        probs = torch.softmax(logits.float(), dim=1).numpy()
+        probs = torch.softmax(logits.float() / self.temperature, dim=1).numpy()
         if targets is None:
             wanted = [int(np.argmax(p)) for p in probs]
         maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -281,7 +282,8 @@ def explainer_for_bundle(bundle) -> Explainer:
             _cache.move_to_end(key)
             return found
     # outside the lock: loading takes a while. Layer and architecture come from the bundle's metadata.
-    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
+    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer,
+                          temperature=bundle.temperature)
     with _cache_lock:
         found = _cache.get(key)
         if found is not None:

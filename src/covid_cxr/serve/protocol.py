@@ -21,6 +21,7 @@ from covid_cxr.data.decode import VALUE_RANGE, DecodeError
 from covid_cxr.serve.limits import DecodeLimits
 
 SIGNATURE = "serving_default"
+OOD_SIGNATURE = "with_ood"  # probabilities, ood_score, in_distribution (bundles with an OOD gate)
 
 
 class BadRequest(ValueError):
@@ -68,6 +69,18 @@ class TFColumnarResponse(BaseModel):
     outputs: list[list[float]]
 
 
+class TFNamedPredictResponse(BaseModel):
+    """Row format with several named outputs (TF Serving): one object per instance."""
+
+    predictions: list[dict[str, Any]]
+
+
+class TFNamedColumnarResponse(BaseModel):
+    """Columnar format with several named outputs: output name -> batch."""
+
+    outputs: dict[str, list]
+
+
 class TFModelMetadataResponse(BaseModel):
     model_spec: dict[str, Any]
     metadata: dict[str, Any]
@@ -75,6 +88,11 @@ class TFModelMetadataResponse(BaseModel):
 
 class UploadPrediction(BaseModel):
     label: str
+    in_distribution: bool | None = Field(None, description="false: the image is unlike the training X-rays "
+                                         "(a photo, noise, another body part...); do not trust the label. "
+                                         "Absent for bundles without an out-of-distribution gate")
+    ood_score: float | None = Field(None, description="distance from the training images (larger: less alike)")
+    warning: str | None = Field(None, description="shown instead of a confident label when out of distribution")
     probabilities: dict[str, float] = Field(description="every class, in the model's class order")
     model: str
     version: int
@@ -96,22 +114,25 @@ class ModelList(BaseModel):
 
 # ---------------------------------------------------------------------------------- metadata
 
-def signature_def(h: int, w: int, n_classes: int) -> dict:
-    """The model's signature as TF Serving's GetModelMetadata shows a SavedModel's one."""
+def signature_def(h: int, w: int, n_classes: int, with_ood: bool = False) -> dict:
+    """The model's signatures as TF Serving's GetModelMetadata shows a SavedModel's: serving_default
+    (probabilities only, unchanged for the study's client) and, with an OOD gate, with_ood."""
     def shape(*dims: int) -> dict:
         return {"dim": [{"size": str(d), "name": ""} for d in dims], "unknown_rank": False}
 
-    return {
-        "signature_def": {
-            SIGNATURE: {
-                "inputs": {ONNX_INPUT: {"dtype": "DT_FLOAT", "tensor_shape": shape(-1, h, w, 1),
-                                        "name": f"{SIGNATURE}_{ONNX_INPUT}:0"}},
-                "outputs": {"probabilities": {"dtype": "DT_FLOAT", "tensor_shape": shape(-1, n_classes),
-                                              "name": "probabilities:0"}},
-                "method_name": "tensorflow/serving/predict",
-            }
-        }
-    }
+    def signature(name: str, outputs: dict) -> dict:
+        return {"inputs": {ONNX_INPUT: {"dtype": "DT_FLOAT", "tensor_shape": shape(-1, h, w, 1),
+                                        "name": f"{name}_{ONNX_INPUT}:0"}},
+                "outputs": {k: {"dtype": dtype, "tensor_shape": shape(*dims), "name": f"{k}:0"}
+                            for k, (dtype, dims) in outputs.items()},
+                "method_name": "tensorflow/serving/predict"}
+
+    probs = {"probabilities": ("DT_FLOAT", (-1, n_classes))}
+    sigs = {SIGNATURE: signature(SIGNATURE, probs)}
+    if with_ood:
+        sigs[OOD_SIGNATURE] = signature(OOD_SIGNATURE, {**probs, "ood_score": ("DT_FLOAT", (-1,)),
+                                                         "in_distribution": ("DT_BOOL", (-1,))})
+    return {"signature_def": sigs}
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -119,6 +140,14 @@ def signature_def(h: int, w: int, n_classes: int) -> dict:
 def parse_predict(body: bytes, height: int, width: int, max_instances: int,
                   limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, bool]:
     """Body of a :predict call -> (float32 N x H x W x 1 batch, columnar?). Raises BadRequest."""
+    x, columnar, _ = parse_signed_predict(body, height, width, max_instances, limits=limits)
+    return x, columnar
+
+
+def parse_signed_predict(body: bytes, height: int, width: int, max_instances: int,
+                         signatures: tuple[str, ...] = (SIGNATURE,),
+                         limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, bool, str]:
+    """parse_predict, also accepting and returning the signature named (one of `signatures`)."""
     obj = parse_json(body)
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object with 'instances' or 'inputs'")
@@ -126,8 +155,9 @@ def parse_predict(body: bytes, height: int, width: int, max_instances: int,
         req = TFPredictRequest.model_validate(obj)
     except ValidationError as exc:
         raise BadRequest(f"malformed request: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
-    if req.signature_name not in (None, "", SIGNATURE):
-        raise BadRequest(f"serving signature name {req.signature_name!r} not found; this model has {SIGNATURE!r}")
+    if req.signature_name not in (None, "", *signatures):
+        raise BadRequest(f"serving signature name {req.signature_name!r} not found; this model has "
+                         f"{', '.join(map(repr, signatures))}")
     if (req.instances is None) == ("inputs" not in obj):
         raise BadRequest("request must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
     columnar = req.instances is None
@@ -136,7 +166,7 @@ def parse_predict(body: bytes, height: int, width: int, max_instances: int,
         raise BadRequest("no instances in request")
     if len(items) > max_instances:
         raise BadRequest(f"{len(items)} instances in one request; at most {max_instances}")
-    return to_batch(items, height, width, limits), columnar
+    return to_batch(items, height, width, limits), columnar, req.signature_name or SIGNATURE
 
 
 def parse_json(body: bytes) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 from covid_cxr.bundle import (
     ONNX_INPUT,
     ONNX_OUTPUT,
+    OOD_OUTPUTS,
     Bundle,
     clean_stale,
     load_bundle,
@@ -86,14 +87,30 @@ class LoadedModel:
         return self.bundle.input_hw
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """One ONNX Runtime call (blocking): n x H x W x 1 float32 -> n x classes."""
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+        """One ONNX Runtime call (blocking): n x H x W x 1 float32 -> n x classes; with an
+        out-of-distribution gate, ood_score and in_distribution follow as two more columns."""
+        if not self.bundle.has_ood:
+            return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+        probs, score, inside = self.session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
+        return np.concatenate([probs, score[:, None], inside[:, None]], axis=1)
 
     def preparing(self):
         """Context for the time a request spends decoding its input (lets the batcher wait for it)."""
         return self.batcher.preparing() if self.batcher is not None else nullcontext()
 
     async def predict(self, x: np.ndarray) -> np.ndarray:
+        """n x classes probabilities (what serving_default answers)."""
+        return (await self.predict_rows(x))[:, :len(self.classes)]
+
+    async def predict_with_ood(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(probabilities, ood_score, in_distribution as bool); the last two None without a gate."""
+        rows = await self.predict_rows(x)
+        c = len(self.classes)
+        if rows.shape[1] == c:
+            return rows, None, None
+        return rows[:, :c], rows[:, c], rows[:, c + 1] > 0.5
+
+    async def predict_rows(self, x: np.ndarray) -> np.ndarray:
         self.last_used = time.monotonic()
         if self.batcher is not None:
             try:

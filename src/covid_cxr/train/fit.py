@@ -166,18 +166,29 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str) -> dict:
-    """Test metrics, and the report folder that goes into the bundle (table, curves, history)."""
+             run: RunDir, title: str, trust=None, feats: dict | None = None) -> dict:
+    """Test metrics (temperature-scaled, as the bundle answers), and the report folder that goes
+    into the bundle (table, calibration, curves, history)."""
+    from covid_cxr.trust.report import add_trust_metrics
+
     y, probs = test_probabilities(model, prepared, cfg.size, inputs.features)
-    metrics = compute_metrics(y, probs, prepared.classes)
+    metrics = add_trust_metrics(y, probs, prepared.classes, trust, feats)
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
     write_report(metrics, run.report, title)
     return metrics
 
 
+def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig):
+    """Temperature and out-of-distribution gate from each split's pooled features (covid_cxr.trust)."""
+    from covid_cxr.trust.fit import fit_trust, split_features
+
+    feats = split_features(model, prepared, cfg.size, inputs.features)
+    return feats, fit_trust(model, feats)
+
+
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
-                   cached: bool, lr_suggestion: float | None) -> dict:
+                   cached: bool, lr_suggestion: float | None, trust=None) -> dict:
     """The metadata a bundle's writer completes (see covid_cxr.bundle.schema.BundleMetadata)."""
     spec = get_spec(cfg.arch)
     epochs = history.epochs
@@ -195,6 +206,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
                                  "best_val_acc": best.get("val_acc"), "lr_range_test_suggestion": lr_suggestion},
                      "timings_s": {}},
         "test_metrics": metrics,
+        "trust": trust.info if trust is not None else None,
     }
 
 
@@ -224,11 +236,16 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
-    metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split")
+    feats, trust = fit_trust_layer(model, inputs, prepared, cfg)
+    clock.lap("trust")
+    metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
+                       trust, feats)
     clock.lap("evaluate")
-    content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion)
+    content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
+                             trust)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
-    bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock)
+    bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,
+                          trust=trust)
     log_result(logger, metrics, bundle.path, len(history.epochs))
     return TrainResult(bundle.path, metrics, history.epochs, bundle.metadata.training.timings_s)

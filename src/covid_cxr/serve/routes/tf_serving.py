@@ -9,20 +9,25 @@ from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, g
 from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.protocol import (
     ERRORS,
+    OOD_SIGNATURE,
+    SIGNATURE,
     TFColumnarResponse,
     TFModelMetadataResponse,
     TFModelStatusResponse,
+    TFNamedColumnarResponse,
+    TFNamedPredictResponse,
     TFPredictRequest,
     TFPredictResponse,
     TFStatus,
     TFVersionStatus,
-    parse_predict,
+    parse_signed_predict,
     signature_def,
 )
 from covid_cxr.serve.repository import ModelNotFound, ModelRepository
 from covid_cxr.serve.settings import ServeSettings
 
 router = APIRouter(tags=["tf-serving"], responses=ERRORS)
+PREDICTIONS = TFPredictResponse | TFColumnarResponse | TFNamedPredictResponse | TFNamedColumnarResponse
 PREDICT_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": TFPredictRequest.model_json_schema()}}}}
 
@@ -59,7 +64,7 @@ async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFM
     extra = meta.model_dump(mode="json", include={"classes", "input", "architecture", "test_metrics"})
     return TFModelMetadataResponse(
         model_spec={"name": name, "signature_name": "", "version": str(model.version)},
-        metadata={"signature_def": signature_def(h, w, len(meta.classes)), **extra})
+        metadata={"signature_def": signature_def(h, w, len(meta.classes), with_ood=meta.has_ood), **extra})
 
 
 @router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse)
@@ -80,21 +85,36 @@ async def predict(request: Request, repo: ModelRepository, settings: ServeSettin
     h, w = model.input_hw
     body = await request.body()
     limits: DecodeLimits = get_limits(request)
+    signatures = (SIGNATURE, OOD_SIGNATURE) if model.bundle.has_ood else (SIGNATURE,)
     async with model.preparing():
-        x, columnar = await anyio.to_thread.run_sync(parse_predict, body, h, w, settings.max_instances, limits)
+        x, columnar, signature = await anyio.to_thread.run_sync(parse_signed_predict, body, h, w,
+                                                                settings.max_instances, signatures, limits)
+    if signature == OOD_SIGNATURE:
+        return await predict_with_ood(model, x, columnar)
     rows = (await model.predict(x)).tolist()
     return TFColumnarResponse(outputs=rows) if columnar else TFPredictResponse(predictions=rows)
 
 
-@router.post("/v1/models/{name}:predict", response_model=TFPredictResponse | TFColumnarResponse,
+async def predict_with_ood(model, x, columnar: bool):
+    """The with_ood signature: probabilities, ood_score and in_distribution, named as TF Serving
+    names several outputs (one object per instance in row format, one batch per name in columnar)."""
+    probs, score, inside = await model.predict_with_ood(x)
+    cols = {"probabilities": probs.tolist(), "ood_score": score.tolist(), "in_distribution": inside.tolist()}
+    if columnar:
+        return TFNamedColumnarResponse(outputs=cols)
+    return TFNamedPredictResponse(predictions=[dict(zip(cols, row)) for row in zip(*cols.values())])
+
+
+@router.post("/v1/models/{name}:predict", response_model=PREDICTIONS,
              openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
 async def tfs_predict(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo),
                       settings: ServeSettings = Depends(get_settings)):
-    """TF Serving predict on the newest version: `instances` -> `predictions`, `inputs` -> `outputs`."""
+    """TF Serving predict on the newest version: `instances` -> `predictions`, `inputs` -> `outputs`;
+    `"signature_name": "with_ood"` adds `ood_score` and `in_distribution` (see /metadata)."""
     return await predict(request, repo, settings, name, None)
 
 
-@router.post("/v1/models/{name}/versions/{version}:predict", response_model=TFPredictResponse | TFColumnarResponse,
+@router.post("/v1/models/{name}/versions/{version}:predict", response_model=PREDICTIONS,
              openapi_extra=PREDICT_DOC, dependencies=[Depends(require_api_key)])
 async def tfs_predict_version(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo),
                               settings: ServeSettings = Depends(get_settings)):

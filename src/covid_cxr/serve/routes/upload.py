@@ -17,6 +17,8 @@ from covid_cxr.serve.settings import ServeSettings
 
 log = logging.getLogger("covid_cxr.serve")
 router = APIRouter(tags=["upload"])
+OOD_WARNING = ("This image does not look like the chest X-rays the model was trained on (a photo, another body "
+               "part, a screenshot, noise?). The model cannot judge it: no diagnosis is given.")
 
 
 @router.get("/api/v1/models", response_model=ModelList)
@@ -64,10 +66,14 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     async with loaded.preparing():
         pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file",
                                                 get_limits(request))
-    probs = (await loaded.predict(pixels[None, :, :, None]))[0]
+    probs, score, inside = await loaded.predict_with_ood(pixels[None, :, :, None])
+    probs = probs[0]
     idx = int(np.argmax(probs))
     out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
                            model=loaded.name, version=loaded.version, latency_ms=0.0)
+    if inside is not None:
+        out.in_distribution, out.ood_score = bool(inside[0]), float(score[0])
+        out.warning = None if out.in_distribution else OOD_WARNING
     if gradcam:
         await add_gradcam(out, loaded, pixels, idx)
     out.latency_ms = round((time.perf_counter() - request.state.t0) * 1000.0, 3)

@@ -79,7 +79,11 @@
       setStatus("Error " + r.status + ": " + (body.error || r.statusText), true);
       return;
     }
-    $("label").textContent = body.label;
+    const outside = body.in_distribution === false;  // the model's out-of-distribution gate
+    $("label").textContent = outside ? "none: image outside what the model knows" : body.label;
+    $("ood-warning").hidden = !outside;
+    $("ood-warning").textContent = outside ? body.warning : "";
+    $("bars").hidden = outside;
     $("meta").textContent = `model ${body.model} v${body.version} · server ${body.latency_ms.toFixed(0)} ms · ` +
       `round trip ${(performance.now() - t0).toFixed(0)} ms`;
     showBars(body.probabilities, body.label);

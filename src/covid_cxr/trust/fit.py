@@ -1,0 +1,67 @@
+"""Fit the trust layer at training time, from the pooled features of each split: the cached ones
+when the backbone was frozen (no extra backbone pass), else computed with the trained model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from covid_cxr.trust.calibration import fit_temperature, nll
+from covid_cxr.trust.ood import OODStats, fit_ood, ood_summary
+
+
+@dataclass
+class Trust:
+    temperature: float
+    ood: OODStats | None
+    info: dict  # metadata.json's "trust" section
+
+
+def split_features(model, prepared, size: int, cached: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (pooled features N x F, labels N) as numpy."""
+    import torch
+
+    from covid_cxr.data.dataset import labels_of
+    from covid_cxr.train.features import extract
+
+    out = {}
+    for split in ("train", "val", "test"):
+        if cached is not None:
+            f, y = cached[split]
+            out[split] = (f.numpy(), y.numpy())
+            continue
+        items = [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[split]]
+        feats = extract(model, items, size, None, progress=False) if items else torch.zeros(0, model.num_features)
+        out[split] = (feats.numpy(), labels_of(prepared, split))
+    return out
+
+
+def head_logits(model, feats: np.ndarray) -> np.ndarray:
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return model.head(torch.from_numpy(np.asarray(feats, np.float32))).numpy()
+
+
+def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Trust:
+    """Temperature on the validation logits; Mahalanobis gate on train, threshold on val."""
+    val_f, val_y = feats["val"]
+    logits = head_logits(model, val_f)
+    t = fit_temperature(logits, val_y)
+    calibration = {"temperature": t, "fitted_on": "val split", "val_nll_before": nll(logits, val_y, 1.0),
+                   "val_nll_after": nll(logits, val_y, t)}
+    stats = None
+    info: dict = {"calibration": calibration}
+    if len(val_f) and len(feats["train"][0]) >= 2:
+        stats = fit_ood(feats["train"], val_f)
+        info["ood"] = ood_summary(stats, val_f, feats["test"][0], len(feats["train"][0]))
+    return Trust(t, stats, info)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): log p equals the logits up to a per-row constant."""
+    from covid_cxr.trust.calibration import softmax
+
+    return softmax(np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None)) / temperature)

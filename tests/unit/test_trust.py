@@ -1,0 +1,185 @@
+"""Trust on the tiny bundle: OOD outputs inside model.onnx agree with numpy, temperature lowers NLL,
+bootstrap intervals, the with_ood signature over TF Serving REST (serving_default unchanged),
+predict --json fields, bundles without the gate, and the audit catching a planted marker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from covid_cxr.bundle import load_bundle
+from covid_cxr.cli import app
+from covid_cxr.data.decode import load_batch
+from covid_cxr.serve.protocol import signature_def
+from covid_cxr.serve.settings import ServeSettings
+from covid_cxr.serve.testing import running_server
+from covid_cxr.trust.bootstrap import bootstrap_ci
+from covid_cxr.trust.calibration import ece, fit_temperature, nll, softmax
+from covid_cxr.trust.ood import OODStats
+
+runner = CliRunner()
+
+
+def _images(tiny_data, n=6):
+    paths = sorted(tiny_data.rglob("*.png"))[::6][:n]
+    return paths, load_batch(paths, 64, 64)
+
+
+def test_ood_outputs_in_onnx_match_numpy(tiny_models, tiny_data):
+    import torch
+
+    b = load_bundle(tiny_models / "tiny")
+    assert b.has_ood and [t.name for t in b.metadata.onnx.outputs] == ["probabilities", "ood_score", "in_distribution"]
+    _, real = _images(tiny_data)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([real, rng.random((2, 64, 64), np.float32), np.zeros((1, 64, 64), np.float32)])
+    probs, score, inside = b.predict_with_ood(x)
+    arrays = b.trust_arrays()
+    stats = OODStats(arrays["means"], arrays["chol"], float(arrays["threshold"][0]))
+    model = b.load_torch()
+    with torch.no_grad():
+        feats = model.features(torch.from_numpy(x)[:, None]).numpy()
+        logits = model.head(torch.from_numpy(feats)).numpy()
+    want = stats.score(feats)
+    np.testing.assert_allclose(score, want, rtol=1e-3)
+    assert (inside == (want <= stats.threshold)).all()
+    np.testing.assert_allclose(probs, softmax(logits / arrays["temperature"][0]), atol=1e-5)
+    assert b.metadata.trust.ood.threshold == pytest.approx(stats.threshold)
+    assert not inside[-3:].any(), "noise and a blank image must be out of distribution"
+
+
+def test_temperature_lowers_nll_of_an_overconfident_model():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 600)
+    noisy = np.where(rng.random(600) < 0.3, rng.integers(0, 3, 600), y)  # 30% of the answers wrong
+    logits = 12.0 * np.eye(3)[noisy] + rng.normal(0, 1, (600, 3))  # ...but always ~1.0 sure
+    t = fit_temperature(logits, y)
+    assert t > 2
+    assert nll(logits, y, t) < 0.5 * nll(logits, y, 1.0)
+    assert ece(y, softmax(logits / t)) < ece(y, softmax(logits))
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    pred = np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300))
+    a, b = bootstrap_ci(y, pred, 3, seed=5), bootstrap_ci(y, pred, 3, seed=5)
+    assert a == b and bootstrap_ci(y, pred, 3, seed=6) != a
+    acc = (pred == y).mean()
+    assert a["accuracy"][0] < acc < a["accuracy"][1] and a["accuracy"][1] - a["accuracy"][0] < 0.2
+    for c in range(3):
+        rec = (pred[y == c] == c).mean()
+        assert a["per_class"][c]["recall"][0] <= rec <= a["per_class"][c]["recall"][1]
+
+
+def test_metrics_carry_calibration_and_intervals(tiny_models):
+    m = load_bundle(tiny_models / "tiny").metadata.test_metrics.model_dump()
+    assert {"ece", "brier", "ci", "macro_f1", "temperature", "before_temperature", "ood_rate"} <= set(m)
+    assert len(m["reliability"]["bins"]) == 15
+    assert all(len(e["ci"]["f1"]) == 2 for e in m["per_class"].values())
+    md = (tiny_models / "tiny" / "1" / "report" / "metrics.md").read_text()
+    assert "ECE (15 bins)" in md and "reliability.png" in md
+
+
+def _strip_trust(bundle_dir):
+    """What a bundle written before trust/ looks like to the reader: no trust, one ONNX output."""
+    meta = json.loads((bundle_dir / "metadata.json").read_text())
+    meta.pop("trust")
+    meta["onnx"]["outputs"] = meta["onnx"]["outputs"][:1]
+    (bundle_dir / "metadata.json").write_text(json.dumps(meta))
+    (bundle_dir / "trust.safetensors").unlink()
+
+
+def test_predict_json_fields(tiny_models, tiny_data, bundle_copy):
+    paths, _ = _images(tiny_data, 2)
+    r = runner.invoke(app, ["predict", *map(str, paths), "--model", str(tiny_models / "tiny"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)["results"]
+    assert all(isinstance(x["in_distribution"], bool) and x["ood_score"] > 0 for x in res)
+    _strip_trust(bundle_copy)
+    r = runner.invoke(app, ["predict", str(paths[0]), "--model", str(bundle_copy), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)["results"][0]
+    assert res["in_distribution"] is None and res["ood_score"] is None and len(res["probabilities"]) == 3
+
+
+def test_with_ood_signature_over_tf_serving_rest(tiny_models, tiny_data, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny" / "1", models / "tiny" / "1")
+    shutil.copytree(tiny_models / "tiny" / "1", models / "old" / "1")
+    _strip_trust(models / "old" / "1")
+    _, x = _images(tiny_data, 2)
+    x = np.concatenate([x, np.random.default_rng(3).random((1, 64, 64), np.float32)])[..., None]
+    want_p, want_s, want_in = load_bundle(models / "tiny").predict_with_ood(x[..., 0])
+    with running_server(ServeSettings(models=models, rescan_seconds=60)) as url:
+        sigs = requests.get(f"{url}/v1/models/tiny/metadata", timeout=10).json()["metadata"]["signature_def"]
+        assert set(sigs["signature_def"]) == {"serving_default", "with_ood"}
+        assert sigs["signature_def"]["serving_default"] == signature_def(64, 64, 3)["signature_def"]["serving_default"]
+        assert set(sigs["signature_def"]["with_ood"]["outputs"]) == {"probabilities", "ood_score", "in_distribution"}
+        plain = requests.post(f"{url}/v1/models/tiny:predict", json={"instances": x.tolist()}, timeout=30).json()
+        assert set(plain) == {"predictions"}
+        np.testing.assert_allclose(plain["predictions"], want_p, atol=1e-5)
+        body = {"signature_name": "with_ood", "instances": x.tolist()}
+        rows = requests.post(f"{url}/v1/models/tiny:predict", json=body, timeout=30).json()["predictions"]
+        assert [set(r) for r in rows] == [{"probabilities", "ood_score", "in_distribution"}] * 3
+        np.testing.assert_allclose([r["probabilities"] for r in rows], want_p, atol=1e-5)
+        np.testing.assert_allclose([r["ood_score"] for r in rows], want_s, rtol=1e-4)
+        assert [r["in_distribution"] for r in rows] == want_in.tolist() and rows[-1]["in_distribution"] is False
+        col = requests.post(f"{url}/v1/models/tiny:predict", timeout=30,
+                            json={"signature_name": "with_ood", "inputs": x.tolist()}).json()["outputs"]
+        assert col["in_distribution"] == want_in.tolist()
+        # a bundle written before trust/: serving_default only, with_ood refused as TF Serving would
+        old = requests.get(f"{url}/v1/models/old/metadata", timeout=10).json()["metadata"]["signature_def"]
+        assert set(old["signature_def"]) == {"serving_default"}
+        r = requests.post(f"{url}/v1/models/old:predict", json=body, timeout=30)
+        assert r.status_code == 400 and "with_ood" in r.json()["error"]
+        noise = (np.random.default_rng(4).random((64, 64)) * 255).astype(np.uint8)
+        up = _upload(url, noise)
+        assert up["in_distribution"] is False and "no diagnosis" in up["warning"]
+
+
+def _upload(url, pixels):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return requests.post(f"{url}/api/v1/predict?model=tiny", files={"file": ("x.png", buf.getvalue(), "image/png")},
+                         timeout=30).json()
+
+
+def test_audit_flags_a_planted_marker(tiny_models, tiny_data, tmp_path):
+    from covid_cxr.trust.planted import plant
+
+    marked = plant(tiny_data, tmp_path / "marked")
+    results = {}
+    for name, data in (("clean", tiny_data), ("marked", marked)):
+        out = tmp_path / f"audit-{name}"
+        r = runner.invoke(app, ["audit", "--model", str(tiny_models / "tiny"), "--data", str(data), "--out", str(out),
+                                "--json", str(tmp_path / f"{name}.json"), "--per-class", "12", "--cam-per-class", "2"])
+        assert r.exit_code == 0, r.output
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert (out / "audit.md").is_file() and (out / "occlusion.png").is_file()
+        assert "fixed central region" in (out / "audit.md").read_text()
+    acq = {k: v["probes"]["acquisition"]["balanced_accuracy"] for k, v in results.items()}
+    key = "size, format, bit depth, borders, corners"
+    assert results["marked"]["shortcut_suspected"] and any("acquisition" in x for x in results["marked"]["reasons"])
+    assert not results["clean"]["probes"]["acquisition"]["suspect"]
+    assert acq["marked"][key] > acq["clean"][key] + 0.2
+
+
+def test_evaluate_json_has_calibration_intervals_and_ood_rate(tiny_models, tiny_data, tmp_path):
+    r = runner.invoke(app, ["evaluate", "--model", str(tiny_models / "tiny"), "--data", str(tiny_data),
+                            "--out", str(tmp_path / "rep"), "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"accuracy", "macro_f1", "ece", "brier", "ood_rate", "ci"} <= set(m)
+    assert m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
+    assert all(len(e["ci"]["recall"]) == 2 for e in m["per_class"].values())
+    assert (tmp_path / "rep" / "reliability.png").is_file() and "out of distribution" in r.output
