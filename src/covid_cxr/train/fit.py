@@ -20,7 +20,6 @@ from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
 from covid_cxr.errors import UserError
-from covid_cxr.evaluate.metrics import compute_metrics
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, create_model, get_spec
