@@ -31,7 +31,10 @@ def test_export_loads_as_triton_would(tiny_models, tiny_data, tmp_path):
     bundle = load_bundle(tiny_models / "tiny")
     assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 64
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 5000
-    (i,), (o,) = cfg.input, cfg.output
+    (i,) = cfg.input
+    outs = {o.name: o for o in cfg.output}  # probabilities, and the trust outputs (issue 8)
+    assert list(outs) == [t.name for t in bundle.metadata.onnx.outputs]
+    o = outs["probabilities"]
     assert (i.name, list(i.dims), mc.DataType.Name(i.data_type)) == ("image", [64, 64, 1], "TYPE_FP32")
     assert (o.name, list(o.dims), o.label_filename) == ("probabilities", [3], "labels.txt")
     assert (repo / "tiny" / "labels.txt").read_text().splitlines() == bundle.classes
