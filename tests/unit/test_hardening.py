@@ -113,7 +113,7 @@ def test_an_unexpected_error_is_json_500_and_keeps_the_connection(server, monkey
     def boom(*a, **k):
         raise RuntimeError("bug at /srv/secret/path.py")
 
-    monkeypatch.setattr(tf_serving, "parse_predict", boom)
+    monkeypatch.setattr(tf_serving, "parse_signed_predict", boom)
     conn = connection(server)
     conn.request("POST", "/v1/models/tiny:predict", body=json.dumps(TENSOR), headers=AUTH)
     r = conn.getresponse()
@@ -231,9 +231,10 @@ def test_unbatched_model_also_splits(tiny_models):
     sizes = []
 
     class Session:
-        def run(self, names, feeds):
-            sizes.append(len(feeds["image"]))
-            return [np.zeros((len(feeds["image"]), 3), np.float32)]
+        def run(self, names, feeds):  # probabilities, then the trust outputs when the bundle has them
+            n = len(feeds["image"])
+            sizes.append(n)
+            return [np.zeros((n, 3), np.float32)] + [np.zeros(n, np.float32) for _ in names[1:]]
 
     m = LoadedModel("tiny", 1, load_bundle(tiny_models / "tiny"), Session(), max_batch=4)
     out = asyncio.run(m.predict(np.zeros((9, 64, 64, 1), np.float32)))

@@ -55,7 +55,9 @@ def test_health_and_metadata(client, server):
     meta = client.get_model_metadata("tiny")
     assert meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 64, 64, 1]}]
-    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}
+    # the trust outputs (issue 8) appear from the bundle's metadata, with no change to this router
+    assert [o["name"] for o in meta["outputs"][1:]] == ["ood_score", "in_distribution"]
     assert client.get_model_metadata("tiny", "1")["name"] == "tiny"
     assert client.get_model_config("tiny")["input"][0]["dims"] == [64, 64, 1]
     with pytest.raises(InferenceServerException, match="not found"):
