@@ -16,11 +16,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from covid_cxr.data import decode
+from covid_cxr.lungs.config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
 from covid_cxr.train.config import TrainConfig
 
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "probabilities"
+ONNX_MASK = "mask"  # a segmentation bundle's output: N x H x W x 1 probability of the foreground (lung)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
 
 
@@ -127,11 +129,42 @@ class Training(_Strict):
     timings_s: dict[str, float] = Field(description="seconds per step; 'total' covers the whole run")
 
 
+class SegmentationHistory(_Strict):
+    epochs_run: int = Field(ge=0)
+    best_epoch: int = Field(ge=0)
+    best_val_dice: float | None = None
+
+
+class SanityLimits(_Strict):
+    """What a plausible mask looks like; a mask outside these is an out-of-distribution signal."""
+
+    min_area: float = MIN_AREA
+    max_area: float = MAX_AREA
+    min_blob_share: float = MIN_BLOB_SHARE
+    blobs: int = 2
+
+
+class Segmentation(_Strict):
+    """A segmentation bundle's training record and test figures (task == "segmentation")."""
+
+    config: LungConfig
+    threshold: float = Field(0.5, gt=0, lt=1, description="mask = probability >= threshold")
+    data: dict[str, Any] = Field(description="dataset, split counts per source, test ids")
+    history: SegmentationHistory
+    test_metrics: dict[str, Any] | None = Field(None, description="dice, iou, per_source, n (images' own size)")
+    sanity: SanityLimits = SanityLimits()
+    timings_s: dict[str, float] = {}
+
+
 class BundleMetadata(_Strict):
-    """`metadata.json` of MODELS/<name>/<version>/."""
+    """`metadata.json` of MODELS/<name>/<version>/.
+
+    task "classification" (the default, and every format-1 bundle): output `probabilities`
+    [-1, classes]. task "segmentation": output `mask` [-1, H, W, 1] (probability of `classes[1]`),
+    `segmentation` holds its training record; `training` and `test_metrics` stay empty."""
 
     format_version: Literal[2] = FORMAT_VERSION
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     name: str
     version: PositiveInt
     architecture: Architecture
@@ -140,6 +173,7 @@ class BundleMetadata(_Strict):
     training: Training | None = None
     test_metrics: Metrics | None = None
     onnx: OnnxInfo
+    segmentation: Segmentation | None = None
     software: dict[str, str] = {}
     created: datetime
 
@@ -151,19 +185,34 @@ class BundleMetadata(_Strict):
         if [t.shape for t in self.onnx.inputs[:1]] != [want_in]:
             raise ValueError(f"onnx.inputs[0].shape must be {want_in} (from 'input')")
         outs = {t.name: t.shape for t in self.onnx.outputs}
-        if outs.get(ONNX_OUTPUT) != [DYNAMIC, len(self.classes)]:
-            raise ValueError(f"onnx output {ONNX_OUTPUT!r} must have shape [{DYNAMIC}, {len(self.classes)}]")
+        name, want_out = self.output_name, self.output_shape
+        if outs.get(name) != want_out:
+            raise ValueError(f"onnx output {name!r} must have shape {want_out}")
+        if (self.task == "segmentation") != (self.segmentation is not None):
+            raise ValueError("'segmentation' is required for task segmentation and only there")
         return self
+
+    @property
+    def output_name(self) -> str:
+        return ONNX_MASK if self.task == "segmentation" else ONNX_OUTPUT
+
+    @property
+    def output_shape(self) -> list[int]:
+        if self.task == "segmentation":
+            return [DYNAMIC, self.input.height, self.input.width, 1]
+        return [DYNAMIC, len(self.classes)]
 
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.input.height, self.input.width
 
 
-def onnx_tensors(height: int, width: int, n_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The exported classifier's input and output tensors."""
-    return ([TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])],
-            [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])])
+def onnx_tensors(height: int, width: int, n_classes: int, task: str = "classification"
+                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The exported model's input and output tensors (a classifier's probabilities, or a mask)."""
+    out = (TensorSpec(name=ONNX_MASK, shape=[DYNAMIC, height, width, 1]) if task == "segmentation"
+           else TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes]))
+    return [TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])], [out]
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

@@ -11,37 +11,47 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
-from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_OUTPUT, BundleMetadata, OnnxInfo, onnx_tensors
+from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_MASK, ONNX_OUTPUT, BundleMetadata, OnnxInfo, onnx_tensors
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.utils import Stopwatch, atomic_write_text
 
 MAX_PARITY_DIFF = 1e-4
 
 
-def export_onnx(model, path: Path, height: int, width: int) -> int:
-    """Export N x H x W x 1 -> probabilities; returns the default-domain opset."""
+def exported(model, task: str):
+    """The module whose graph goes into model.onnx: the classifier wrapped to take N x H x W x 1 and
+    give probabilities, or a segmentation model (lungs.model.MaskModel) as it is (NHWC in, mask out)."""
+    if task == "segmentation":
+        return model.eval()
+    from covid_cxr.models import ProbabilityModel
+
+    return ProbabilityModel(model).eval()
+
+
+def export_onnx(model, path: Path, height: int, width: int, task: str = "classification") -> int:
+    """Export N x H x W x 1 -> probabilities (or mask); returns the default-domain opset."""
     import onnx
     import torch  # here, not at the top: the ONNX Runtime server must not pay ~600 MB for torch
 
-    from covid_cxr.models import ProbabilityModel
-
-    wrapper = ProbabilityModel(model).eval()
+    wrapper = exported(model, task)
+    output = ONNX_MASK if task == "segmentation" else ONNX_OUTPUT
     example = torch.rand(2, height, width, 1)
-    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=[output],
                       dynamic_shapes={"images_nhwc": {0: torch.export.Dim("batch", min=1, max=1024)}},
                       dynamo=True, external_data=False, verbose=False)
     opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
     return int(opsets.get("", opsets.get("ai.onnx", 0)))
 
 
-def onnx_parity(model, onnx_path: Path, images: np.ndarray) -> float:
+def onnx_parity(model, onnx_path: Path, images: np.ndarray, task: str = "classification") -> float:
     """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W)."""
     import torch
 
     x = images[..., None].astype(np.float32)
-    got = open_session(onnx_path).run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    output = ONNX_MASK if task == "segmentation" else ONNX_OUTPUT
+    got = open_session(onnx_path).run([output], {ONNX_INPUT: x})[0]
     with torch.no_grad():
-        want = torch.softmax(model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)), 1).numpy()
+        want = exported(model, task)(torch.from_numpy(x)).numpy()
     return float(np.abs(got - want).max())
 
 
@@ -60,9 +70,10 @@ def software_versions() -> dict[str, str]:
 def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Stopwatch | None) -> BundleMetadata:
     meta = {**content, "name": name, "version": version, "onnx": onnx, "software": software_versions(),
             "created": datetime.now(timezone.utc).replace(microsecond=0)}
-    if clock is not None and meta.get("training"):
+    record = "segmentation" if meta.get("task") == "segmentation" else "training"
+    if clock is not None and meta.get(record):
         clock.lap("bundle")
-        meta["training"] = {**meta["training"], "timings_s": clock.summary()}
+        meta[record] = {**meta[record], "timings_s": clock.summary()}
     return BundleMetadata.model_validate(meta)
 
 
@@ -82,11 +93,12 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "model.safetensors").chmod(0o644)
         h, w = content["input"]["height"], content["input"]["width"]
-        opset = export_onnx(model, staging / "model.onnx", h, w)
-        diff = onnx_parity(model, staging / "model.onnx", parity_images)
+        task = content.get("task", "classification")
+        opset = export_onnx(model, staging / "model.onnx", h, w, task)
+        diff = onnx_parity(model, staging / "model.onnx", parity_images, task)
         if not diff <= MAX_PARITY_DIFF:
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
-        ins, outs = onnx_tensors(h, w, len(content["classes"]))
+        ins, outs = onnx_tensors(h, w, len(content["classes"]), task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
                         parity_images=len(parity_images))
         if report_dir is not None and Path(report_dir).is_dir():

@@ -34,6 +34,7 @@ def serve(
     inference_workers: int = _opt("inference_workers"),
     ort_spinning: bool = _opt("ort_spinning", "--ort-spinning/--no-ort-spinning"),
     default_model: str = _opt("default_model"),
+    lungs: Path = typer.Option(None, "--lungs", help=F["lungs"].description, exists=True, file_okay=False),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="log every request"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
@@ -47,7 +48,7 @@ def serve(
     given = dict(models=models, host=host, port=port, api_key=api_key or None, max_body_bytes=int(max_body_mb * MB),
                  max_concurrency=max_concurrency, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                  max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
-                 ort_spinning=ort_spinning, default_model=default_model, intra_op_threads=intra_op_threads)
+                 ort_spinning=ort_spinning, default_model=default_model, lungs=lungs, intra_op_threads=intra_op_threads)
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:

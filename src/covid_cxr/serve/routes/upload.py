@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from covid_cxr.serve.deps import get_repo, get_settings, require_api_key
-from covid_cxr.serve.protocol import ERRORS, ModelList, ModelSummary, UploadPrediction, decode_image
+from covid_cxr.serve.protocol import ERRORS, LungFields, ModelList, ModelSummary, UploadPrediction, decode_image
 from covid_cxr.serve.repository import LoadedModel, ModelNotFound, ModelRepository
 from covid_cxr.serve.settings import ServeSettings
 
@@ -39,13 +39,27 @@ async def upload_model(repo: ModelRepository, settings: ServeSettings, name: str
     return await repo.get(name)
 
 
-async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> None:
+async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> np.ndarray | None:
+    """Adds the overlay; returns the raw map (None when Grad-CAM failed)."""
     try:
-        png = await anyio.to_thread.run_sync(loaded.gradcam_png, pixels, idx)
+        png, cam = await anyio.to_thread.run_sync(loaded.gradcam, pixels, idx)
         out.gradcam_png = base64.b64encode(png).decode("ascii")
+        return cam
     except Exception as exc:  # the prediction stands; say why the picture is missing
         log.warning("Grad-CAM failed for %s/%s: %s", loaded.name, loaded.version, exc)
         out.gradcam_error = f"Grad-CAM unavailable: {type(exc).__name__}: {exc}"
+        return None
+
+
+async def add_lungs(out: UploadPrediction, settings: ServeSettings, pixels: np.ndarray, cam: np.ndarray | None) -> None:
+    """The lung model's check (and where Grad-CAM looks) when the server was given one."""
+    from covid_cxr.lungs.segment import lung_report
+
+    try:
+        out.lungs = LungFields(**await anyio.to_thread.run_sync(lung_report, settings.lungs, pixels, cam))
+    except Exception as exc:  # the prediction stands
+        log.warning("lung fields failed: %s", exc)
+        out.lungs = LungFields(check_ok=False, area=0.0, error=f"lung fields unavailable: {type(exc).__name__}: {exc}")
 
 
 @router.post("/api/v1/predict", response_model=UploadPrediction, response_model_exclude_none=True,
@@ -65,7 +79,8 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     idx = int(np.argmax(probs))
     out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
                            model=loaded.name, version=loaded.version, latency_ms=0.0)
-    if gradcam:
-        await add_gradcam(out, loaded, pixels, idx)
+    cam = await add_gradcam(out, loaded, pixels, idx) if gradcam else None
+    if settings.lungs is not None:
+        await add_lungs(out, settings, pixels, cam)
     out.latency_ms = round((time.perf_counter() - request.state.t0) * 1000.0, 3)
     return out
