@@ -168,3 +168,27 @@ def test_lung_only_crops_keep_size_and_drop_outside():
     assert boxed.shape == img.shape and not np.allclose(boxed, img)
     masked = mask_outside(img, mask)
     assert masked[0, 0] == 0 and np.allclose(masked[mask], img[mask])
+
+
+def test_upload_api_adds_lung_fields_and_skips_the_lung_bundle(tiny_models, lung_models, lung_data, tmp_path):
+    """A lung bundle beside the classifier is not served as a model; with --lungs the upload API
+    reports the lung check and where Grad-CAM looks."""
+    import shutil
+
+    import requests
+
+    from covid_cxr.serve.settings import ServeSettings
+    from covid_cxr.serve.testing import running_server
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny", models / "tiny")
+    shutil.copytree(lung_models / "lungs", models / "lungs")
+    with running_server(ServeSettings(models=models, lungs=models / "lungs", rescan_seconds=0.2)) as url:
+        names = [m["name"] for m in requests.get(f"{url}/api/v1/models", timeout=10).json()["models"]]
+        assert names == ["tiny"]
+        png = (lung_data / "images" / "p02.png").read_bytes()
+        r = requests.post(f"{url}/api/v1/predict?gradcam=true", files={"file": ("p.png", png, "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        lungs = r.json()["lungs"]
+        assert set(lungs) >= {"check_ok", "area"} and "inside the lungs" in lungs["summary"]
+        assert 0 <= lungs["inside_share"] <= 1

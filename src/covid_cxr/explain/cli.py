@@ -86,7 +86,6 @@ def explain_command(
 ):
     """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
     from rich.console import Console
-    from rich.table import Table
 
     from covid_cxr.cliutil import err_console as err
     from covid_cxr.cliutil import fail, open_bundle
@@ -122,16 +121,23 @@ def explain_command(
     rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
     explainer.close()
 
-    t = Table(title=f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}")
-    t.add_column("image", overflow="fold")
-    for col in ("predicted (p)", "explained class", "probability") + (("where (lungs)",) if segmenter else ()):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    console.print(_table(f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}", rows,
+                         segmenter is not None))
     console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
     if not rows:
         raise typer.Exit(1)
+
+
+def _table(title: str, rows: list[tuple], lungs: bool):
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("image", overflow="fold")
+    for col in ("predicted (p)", "explained class", "probability") + (("where (lungs)",) if lungs else ()):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def _segmenter(lungs: Optional[Path]):
