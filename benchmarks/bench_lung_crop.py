@@ -64,10 +64,29 @@ def zone_montage(rows: list, classes: list[str], path: Path) -> list[dict]:
     return [{k: x[k] for k in ("path", "label", "pred", "summary")} for x in picks]
 
 
+def trained(a, cfg, prepared) -> tuple[Path, dict, dict]:
+    """Train the mode's model, or with --reuse take the newest bundle of that name if its config
+    matches (a run trained beforehand with `covid-cxr train ... --name lite0-<mode>`)."""
+    from covid_cxr.bundle import BundleError, load_bundle
+    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.train.fit import train
+
+    cfg = TrainConfig.model_validate({**cfg.model_dump(), "progress": False})
+    if a.reuse:
+        try:
+            b = load_bundle(a.models / cfg.name)
+            if b.metadata.training.config.run_id() == cfg.run_id():
+                t = b.metadata.training
+                return b.path, b.metadata.test_metrics.model_dump(), t.timings_s
+        except BundleError:
+            pass
+    r = train(a.data, a.models, cfg, prepared=prepared)
+    return r.bundle_path, r.metrics, r.timings
+
+
 def main() -> None:
     from covid_cxr.data import prepare
     from covid_cxr.train.config import STUDY_MAX_PER_CLASS, TrainConfig
-    from covid_cxr.train.fit import train
     from covid_cxr.utils import atomic_write_json
 
     ap = argparse.ArgumentParser()
@@ -77,20 +96,19 @@ def main() -> None:
     ap.add_argument("--modes", default="none,box,mask")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "lungs")
     ap.add_argument("--max-per-class", type=int, default=STUDY_MAX_PER_CLASS)
+    ap.add_argument("--reuse", action="store_true", help="take an existing bundle of the same config")
     a = ap.parse_args()
-    base = TrainConfig(max_per_class=a.max_per_class, progress=False, lr_find=False)
+    base = TrainConfig(max_per_class=a.max_per_class, progress=False)
     prepared = prepare(a.data, None, base.balance, base.max_per_class, base.seed, progress=False)
     results = {}
     for mode in a.modes.split(","):
         cfg = base.model_copy(update={"lung_crop": mode, "lungs": None if mode == "none" else str(a.lungs),
                                       "name": f"lite0-{mode}"})
-        r = train(a.data, a.models, TrainConfig.model_validate({**cfg.model_dump(), "progress": False}),
-                  prepared=prepared)
-        looks, rows = where_it_looks(r.bundle_path, prepared, mode, a.lungs)
-        m = r.metrics
+        path, m, timings = trained(a, cfg, prepared)
+        looks, rows = where_it_looks(path, prepared, mode, a.lungs)
         results[mode] = {"accuracy": round(m["accuracy"], 4), "accuracy_ci95": m["accuracy_ci95"], "n": m["n"],
                          "recall": {c: round(e["recall"], 3) for c, e in m["per_class"].items()},
-                         "train_s": round(r.timings["total"], 1), "gradcam": looks, "bundle": str(r.bundle_path)}
+                         "train_s": round(timings["total"], 1), "gradcam": looks, "bundle": str(path)}
         if mode == "none":
             results["zone_examples"] = zone_montage(rows, list(prepared.classes), a.out / "zones.png")
         print(mode, json.dumps(results[mode]), flush=True)

@@ -192,3 +192,16 @@ def test_upload_api_adds_lung_fields_and_skips_the_lung_bundle(tiny_models, lung
         lungs = r.json()["lungs"]
         assert set(lungs) >= {"check_ok", "area"} and "inside the lungs" in lungs["summary"]
         assert 0 <= lungs["inside_share"] <= 1
+
+
+def test_lung_crop_needs_a_lung_model_and_changes_the_run():
+    from pydantic import ValidationError
+
+    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.train.features import cache_key
+
+    with pytest.raises(ValidationError, match="--lung-crop needs --lungs"):
+        TrainConfig(lung_crop="box")
+    boxed = TrainConfig(lung_crop="box", lungs="MODELS/lungs")
+    assert boxed.run_id() != TrainConfig().run_id()
+    assert cache_key("a", "s", 64, 0.5, 0.2) != cache_key("a", "s", 64, 0.5, 0.2, "box", "MODELS/lungs")

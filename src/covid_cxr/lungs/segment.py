@@ -85,9 +85,11 @@ class LungSegmenter:
         """N x H x W float [0, 1] -> N x H x W lung probability at the images' own size."""
         return predict_probabilities(self._run, images, self.size)
 
-    def masks(self, images) -> np.ndarray:
-        """N x H x W float [0, 1] -> bool N x H x W lung masks (probability >= 0.5)."""
-        return self.probabilities(images) >= THRESHOLD
+    def masks(self, images, clean: bool = True) -> np.ndarray:
+        """N x H x W float [0, 1] -> bool N x H x W lung masks (probability >= 0.5); `clean` keeps
+        the two largest blobs (stray specks over the shoulder, bowel gas or a cable are no lung)."""
+        masks = self.probabilities(images) >= THRESHOLD
+        return np.stack([two_largest(m) for m in masks]) if clean else masks
 
 
 def lung_fields(images, model: str | Path | LungSegmenter) -> np.ndarray:
@@ -121,6 +123,11 @@ def blobs(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
         return labels, []
     sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
     return labels, [int(i) + 1 for i in np.argsort(-sizes)]
+
+
+def two_largest(mask: np.ndarray) -> np.ndarray:
+    labels, order = blobs(mask)
+    return np.isin(labels, order[:2]) if len(order) > 2 else mask
 
 
 def sanity_check(mask: np.ndarray) -> Sanity:

@@ -143,11 +143,11 @@ def torch_probabilities(model: MaskModel):
 def test_metrics(model: MaskModel, root: Path, test_ids: list[str], cfg: LungConfig) -> dict:
     """Dice/IoU on the test split at the images' own size (as `lungs evaluate` measures a bundle)."""
     from covid_cxr.lungs.evaluate import evaluate_pairs
-    from covid_cxr.lungs.segment import predict_probabilities
+    from covid_cxr.lungs.segment import THRESHOLD, predict_probabilities, two_largest
 
     native = load_pairs(root, None, only=set(test_ids))
     probs = predict_probabilities(torch_probabilities(model), native.images, cfg.image_size)
-    return evaluate_pairs(probs >= 0.5, native)
+    return evaluate_pairs(np.stack([two_largest(p >= THRESHOLD) for p in probs]), native)
 
 
 def describe_data(pairs: LungPairs, split: dict[str, list[int]], cfg: LungConfig) -> dict:
