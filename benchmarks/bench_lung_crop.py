@@ -59,7 +59,8 @@ def zone_montage(rows: list, classes: list[str], path: Path) -> list[dict]:
         right = [x for x in rows if x["label"] == c and x["pred"] == c] or [x for x in rows if x["label"] == c]
         picks.append(right[0])
     montage([overlay(x["px"], x["cam"]) for x in picks],
-            [f"{x['label']} (pred {x['pred']})\n{x['summary']}" for x in picks], path, cols=len(picks),
+            [f"{x['label']} (pred {x['pred']})\n" + x["summary"].replace("; ", "\n") for x in picks], path,
+            cols=len(picks),
             title="Grad-CAM by lung zone (patient's right = image left)")
     return [{k: x[k] for k in ("path", "label", "pred", "summary")} for x in picks]
 

@@ -75,7 +75,7 @@ def montage(tiles: list[np.ndarray], captions: list[str], path: Path, cols: int 
     from covid_cxr.utils import atomic_write_bytes
 
     rows = (len(tiles) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.2, 8 / cols) * cols, 2.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile, cap in zip(axes.flat, tiles, captions):
