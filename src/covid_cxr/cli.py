@@ -80,7 +80,8 @@ def _config(**kw) -> TrainConfig:
     except ValidationError as exc:
         e = exc.errors()[0]
         cause = e.get("ctx", {}).get("error")
-        fail(str(cause) if isinstance(cause, UserError) else f"--{'-'.join(map(str, e['loc']))}: {e['msg']}")
+        where = f"--{'-'.join(map(str, e['loc']))}: " if e["loc"] else ""
+        fail(str(cause) if isinstance(cause, UserError) else f"{where}{e['msg']}")
 
 
 @data_app.command("inspect")
@@ -153,6 +154,8 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
           patience: Annotated[int, _opt("patience")] = D.patience,
           finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
           classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
+          lung_crop: Annotated[str, _opt("lung_crop")] = D.lung_crop,
+          lungs: Annotated[Optional[str], _opt("lungs")] = D.lungs,
           resume: ResumeOpt = False, accelerator: AcceleratorOpt = D.accelerator, devices: DevicesOpt = D.devices,
           num_nodes: NodesOpt = D.num_nodes, strategy: StrategyOpt = D.strategy, logger: LoggerOpt = D.logger,
           tracking_uri: TrackingOpt = None):
@@ -165,7 +168,8 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
                   classes=classes, name=name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                  strategy=strategy, logger=logger, tracking_uri=tracking_uri)
+                  strategy=strategy, logger=logger, tracking_uri=tracking_uri,
+                  lung_crop=lung_crop, lungs=lungs)
     try:
         r = fit(data, out, cfg, resume=resume)
     except UserError as exc:
@@ -213,7 +217,7 @@ def _print_metrics(m: dict, title: str) -> None:
 
 
 @app.command()
-def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")], data: DataOpt,
+def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")], data: DataOpt,
              out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
              json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here.")] = None):
     """Evaluate a bundle on any labelled folder: per-class metrics, AUC, confusion matrix, curves."""
@@ -266,17 +270,21 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
 
 @app.command()
 def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM)")],
-            model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")],
-            json_out: Annotated[bool, typer.Option("--json")] = False):
+            model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
+            json_out: Annotated[bool, typer.Option("--json")] = False,
+            lungs: Annotated[Optional[Path], typer.Option("--lungs", help="Lung segmentation bundle: add its "
+                                                          "sanity check (a failed one: out of distribution?)")] = None):
     """Label and class probabilities per image (through the bundle's ONNX model)."""
     from covid_cxr.data.decode import DecodeError, load_for_model
 
     b = open_bundle(model)
+    seg = _lung_segmenter(lungs)
     h, w = b.input_hw
     results = []
     for p in images:
         try:
-            probs, score, inside = b.predict_with_ood(load_for_model(p, h, w)[None])
+            pixels = load_for_model(p, h, w)
+            probs, score, inside = b.predict_with_ood(pixels[None])
         except DecodeError as exc:
             results.append({"image": str(p), "error": str(exc)})
             continue
@@ -284,20 +292,25 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
                         "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
                         "in_distribution": None if inside is None else bool(inside[0]),
                         "ood_score": None if score is None else float(score[0])})
+        if seg is not None:
+            from covid_cxr.lungs.segment import sanity_check
+
+            results[-1]["lung_check"] = sanity_check(seg.masks(pixels[None])[0]).as_dict()
     if json_out:
         out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
     else:
         t = Table(title=f"{b.name} v{b.version}")
         t.add_column("image")
         t.add_column("label")
-        for c in b.classes:
+        for c in b.classes + (["lung check"] if seg else []):
             t.add_column(c)
         t.add_column("in distribution")
         for r in results:
             if "error" in r:
-                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1))
+                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1 + bool(seg)))
             else:
-                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes), _gate(r))
+                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes),
+                          *([_lung_text(r["lung_check"])] if seg else []), _gate(r))
         out_console.print(t)
     if any("error" in r for r in results):
         raise typer.Exit(1)
@@ -307,6 +320,23 @@ def _gate(r: dict) -> str:
     if r["in_distribution"] is None:
         return "– (no gate in this bundle)"
     return "yes" if r["in_distribution"] else "[red]NO: unlike the training X-rays; do not trust the label[/]"
+
+
+def _lung_segmenter(lungs: Optional[Path]):
+    if lungs is None:
+        return None
+    from covid_cxr.lungs.segment import LungSegmenter
+
+    try:
+        return LungSegmenter.from_bundle(lungs)
+    except UserError as exc:
+        fail(str(exc))
+
+
+def _lung_text(check: dict) -> str:
+    from rich.markup import escape
+
+    return "ok" if check["ok"] else "[yellow]failed: " + escape("; ".join(check["problems"])) + " (out of distribution?)[/]"
 
 
 @app.command()
@@ -364,12 +394,14 @@ def _register_plugins() -> None:
     from covid_cxr.bundle.cli import register as register_bundle
     from covid_cxr.explain.cli import register as register_explain
     from covid_cxr.export.cli import register as register_export
+    from covid_cxr.lungs.cli import register as register_lungs
     from covid_cxr.serve.cli import register as register_serve
     from covid_cxr.trust.cli import register as register_trust
 
     register_bundle(app)
     register_explain(app)
     register_export(app)
+    register_lungs(app)
     register_serve(app)
     register_trust(app)
 

@@ -20,7 +20,7 @@ def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest versi
 
     b = open_bundle(path)
     fmt = f"format {b.format_on_disk}" + (" (read as 2)" if b.format_on_disk == 1 else "")
-    Console().print(f"ok: {b.path} ({b.name} v{b.version}, {fmt}, "
+    Console().print(f"ok: {b.path} ({b.name} v{b.version}, {fmt}, {b.metadata.task}, "
                     f"{b.metadata.architecture.name}, input {b.input_hw[0]}x{b.input_hw[1]}, "
                     f"classes {', '.join(b.classes)})", soft_wrap=True)
 

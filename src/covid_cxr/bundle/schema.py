@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from covid_cxr.data import decode
+from covid_cxr.lungs.config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
 from covid_cxr.train.config import TrainConfig
 
 FORMAT_VERSION = 2
@@ -23,6 +24,7 @@ ONNX_INPUT = "image"
 ONNX_OUTPUT = "probabilities"
 OOD_OUTPUTS = ("ood_score", "in_distribution")  # present when the bundle has an out-of-distribution gate
 TRUST_FILE = "trust.safetensors"  # optional: temperature and OOD statistics as arrays (also inside model.onnx)
+ONNX_MASK = "mask"  # a segmentation bundle's output: N x H x W x 1 probability of the foreground (lung)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
 
 
@@ -151,13 +153,42 @@ class TrustInfo(_Strict):
 
     calibration: Calibration | None = None
     ood: OODGate | None = None
+class SegmentationHistory(_Strict):
+    epochs_run: int = Field(ge=0)
+    best_epoch: int = Field(ge=0)
+    best_val_dice: float | None = None
+
+
+class SanityLimits(_Strict):
+    """What a plausible mask looks like; a mask outside these is an out-of-distribution signal."""
+
+    min_area: float = MIN_AREA
+    max_area: float = MAX_AREA
+    min_blob_share: float = MIN_BLOB_SHARE
+    blobs: int = 2
+
+
+class Segmentation(_Strict):
+    """A segmentation bundle's training record and test figures (task == "segmentation")."""
+
+    config: LungConfig
+    threshold: float = Field(0.5, gt=0, lt=1, description="mask = probability >= threshold")
+    data: dict[str, Any] = Field(description="dataset, split counts per source, test ids")
+    history: SegmentationHistory
+    test_metrics: dict[str, Any] | None = Field(None, description="dice, iou, per_source, n (images' own size)")
+    sanity: SanityLimits = SanityLimits()
+    timings_s: dict[str, float] = {}
 
 
 class BundleMetadata(_Strict):
-    """`metadata.json` of MODELS/<name>/<version>/."""
+    """`metadata.json` of MODELS/<name>/<version>/.
+
+    task "classification" (the default, and every format-1 bundle): output `probabilities`
+    [-1, classes]. task "segmentation": output `mask` [-1, H, W, 1] (probability of `classes[1]`),
+    `segmentation` holds its training record; `training` and `test_metrics` stay empty."""
 
     format_version: Literal[2] = FORMAT_VERSION
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     name: str
     version: PositiveInt
     architecture: Architecture
@@ -167,6 +198,7 @@ class BundleMetadata(_Strict):
     test_metrics: Metrics | None = None
     onnx: OnnxInfo
     trust: TrustInfo | None = Field(None, description="absent in bundles written before covid-cxr had it")
+    segmentation: Segmentation | None = None
     software: dict[str, str] = {}
     created: datetime
 
@@ -178,8 +210,11 @@ class BundleMetadata(_Strict):
         if [t.shape for t in self.onnx.inputs[:1]] != [want_in]:
             raise ValueError(f"onnx.inputs[0].shape must be {want_in} (from 'input')")
         outs = {t.name: t.shape for t in self.onnx.outputs}
-        if outs.get(ONNX_OUTPUT) != [DYNAMIC, len(self.classes)]:
-            raise ValueError(f"onnx output {ONNX_OUTPUT!r} must have shape [{DYNAMIC}, {len(self.classes)}]")
+        name, want_out = self.output_name, self.output_shape
+        if outs.get(name) != want_out:
+            raise ValueError(f"onnx output {name!r} must have shape {want_out}")
+        if (self.task == "segmentation") != (self.segmentation is not None):
+            raise ValueError("'segmentation' is required for task segmentation and only there")
         if self.has_ood and any(outs.get(n) != [DYNAMIC] for n in OOD_OUTPUTS):
             raise ValueError(f"trust.ood is set: onnx outputs {list(OOD_OUTPUTS)} must have shape [{DYNAMIC}]")
         return self
@@ -189,14 +224,29 @@ class BundleMetadata(_Strict):
         return self.trust is not None and self.trust.ood is not None
 
     @property
+    def output_name(self) -> str:
+        return ONNX_MASK if self.task == "segmentation" else ONNX_OUTPUT
+
+    @property
+    def output_shape(self) -> list[int]:
+        if self.task == "segmentation":
+            return [DYNAMIC, self.input.height, self.input.width, 1]
+        return [DYNAMIC, len(self.classes)]
+
+    @property
     def input_hw(self) -> tuple[int, int]:
         return self.input.height, self.input.width
 
 
-def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The exported classifier's input and output tensors (with the OOD gate's when `ood`)."""
-    outs = [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])]
-    outs += [TensorSpec(name=n, shape=[DYNAMIC]) for n in OOD_OUTPUTS] if ood else []
+def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False, task: str = "classification"
+                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The exported model's input and output tensors: a classifier's probabilities (with the OOD
+    gate's outputs when `ood`), or a segmentation model's mask."""
+    if task == "segmentation":
+        outs = [TensorSpec(name=ONNX_MASK, shape=[DYNAMIC, height, width, 1])]
+    else:
+        outs = [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])]
+        outs += [TensorSpec(name=n, shape=[DYNAMIC]) for n in OOD_OUTPUTS] if ood else []
     return [TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])], outs
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
 from covid_cxr.bundle.schema import (
     ONNX_INPUT,
+    ONNX_MASK,
     ONNX_OUTPUT,
     OOD_OUTPUTS,
     TRUST_FILE,
@@ -26,11 +27,14 @@ from covid_cxr.utils import Stopwatch, atomic_write_text
 MAX_PARITY_DIFF = 1e-4
 
 
-def exported_module(model, trust=None):
+def exported_module(model, trust=None, task: str = "classification"):
     """What model.onnx computes: the study's probabilities, or (with a `covid_cxr.trust.fit.Trust`)
-    temperature-scaled probabilities plus the out-of-distribution score and verdict."""
+    temperature-scaled probabilities plus the out-of-distribution score and verdict; a segmentation
+    model (lungs.model.MaskModel) as it is (NHWC in, mask out)."""
     from covid_cxr.models import ProbabilityModel
 
+    if task == "segmentation":
+        return model.eval()
     if trust is None:
         return ProbabilityModel(model).eval()
     from covid_cxr.trust.ood import trusted_module
@@ -38,14 +42,17 @@ def exported_module(model, trust=None):
     return trusted_module(model, trust.temperature, trust.ood)
 
 
-def export_onnx(model, path: Path, height: int, width: int, trust=None) -> int:
-    """Export N x H x W x 1 -> probabilities [, ood_score, in_distribution]; returns the default-domain opset."""
+def export_onnx(model, path: Path, height: int, width: int, trust=None, task: str = "classification") -> int:
+    """Export N x H x W x 1 -> probabilities [, ood_score, in_distribution] (or a mask); returns the
+    default-domain opset."""
     import onnx
     import torch  # here, not at the top: the ONNX Runtime server must not pay ~600 MB for torch
 
-    wrapper = exported_module(model, trust)
+    wrapper = exported_module(model, trust, task)
     example = torch.rand(2, height, width, 1)
     names = [ONNX_OUTPUT, *(OOD_OUTPUTS if trust is not None and trust.ood is not None else ())]
+    if task == "segmentation":
+        names = [ONNX_MASK]
     torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=names,
                       dynamic_shapes={"images_nhwc": {0: torch.export.Dim("batch", min=1, max=1024)}},
                       dynamo=True, external_data=False, verbose=False)
@@ -53,7 +60,7 @@ def export_onnx(model, path: Path, height: int, width: int, trust=None) -> int:
     return int(opsets.get("", opsets.get("ai.onnx", 0)))
 
 
-def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None) -> float:
+def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None, task: str = "classification") -> float:
     """Largest absolute probability difference, PyTorch vs ONNX Runtime, on `images` (N x H x W);
     with an OOD gate, its score must also agree (relative 1e-3)."""
     import torch
@@ -62,7 +69,7 @@ def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None) -> float
     session = open_session(onnx_path)
     got = session.run(None, {ONNX_INPUT: x})
     with torch.no_grad():
-        want = exported_module(model.eval(), trust)(torch.from_numpy(x))
+        want = exported_module(model.eval(), trust, task)(torch.from_numpy(x))
     want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
     if len(want) > 1:
         score_diff = np.abs(got[1] - want[1]).max() / max(1.0, float(np.abs(want[1]).max()))
@@ -99,9 +106,10 @@ def software_versions() -> dict[str, str]:
 def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Stopwatch | None) -> BundleMetadata:
     meta = {**content, "name": name, "version": version, "onnx": onnx, "software": software_versions(),
             "created": datetime.now(timezone.utc).replace(microsecond=0)}
-    if clock is not None and meta.get("training"):
+    record = "segmentation" if meta.get("task") == "segmentation" else "training"
+    if clock is not None and meta.get(record):
         clock.lap("bundle")
-        meta["training"] = {**meta["training"], "timings_s": clock.summary()}
+        meta[record] = {**meta[record], "timings_s": clock.summary()}
     return BundleMetadata.model_validate(meta)
 
 
@@ -122,13 +130,15 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "model.safetensors").chmod(0o644)
         h, w = content["input"]["height"], content["input"]["width"]
-        opset = export_onnx(model, staging / "model.onnx", h, w, trust)
-        diff = onnx_parity(model, staging / "model.onnx", parity_images, trust)
+        task = content.get("task", "classification")
+        opset = export_onnx(model, staging / "model.onnx", h, w, trust, task)
+        diff = onnx_parity(model, staging / "model.onnx", parity_images, trust, task)
         if not diff <= MAX_PARITY_DIFF:
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
         if trust is not None:
             save_trust(trust, staging / TRUST_FILE)
-        ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")))
+        ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")),
+                                 task=task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
                         parity_images=len(parity_images))
         if report_dir is not None and Path(report_dir).is_dir():

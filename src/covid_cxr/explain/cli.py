@@ -81,10 +81,11 @@ def explain_command(
                                                   "(default: each image's predicted class).")] = None,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Map opacity over the X-ray.")] = 0.4,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    lungs: Annotated[Optional[Path], typer.Option("--lungs", help="Lung segmentation bundle (MODELS/lungs): "
+                                                  "report the map's share inside the lungs and its strongest zone.")] = None,
 ):
     """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
     from rich.console import Console
-    from rich.table import Table
 
     from covid_cxr.cliutil import err_console as err
     from covid_cxr.cliutil import fail, open_bundle
@@ -114,25 +115,53 @@ def explain_command(
 
     try:
         explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
-    except UserError as exc:  # weights that do not fit the metadata
+        segmenter = _segmenter(lungs)
+    except UserError as exc:  # weights that do not fit the metadata, or not a lung model
         fail(str(exc))
-    rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress)
+    rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
     explainer.close()
 
-    t = Table(title=f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}")
-    t.add_column("image", overflow="fold")
-    for col in ("predicted (p)", "explained class", "probability"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    console.print(_table(f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}", rows,
+                         segmenter is not None))
     console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
     if not rows:
         raise typer.Exit(1)
 
 
+def _table(title: str, rows: list[tuple], lungs: bool):
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("image", overflow="fold")
+    for col in ("predicted (p)", "explained class", "probability") + (("where (lungs)",) if lungs else ()):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _segmenter(lungs: Optional[Path]):
+    if lungs is None:
+        return None
+    from covid_cxr.lungs.segment import LungSegmenter
+
+    return LungSegmenter.from_bundle(lungs)
+
+
+def where_in_lungs(segmenter, pixels, cam) -> tuple[str, dict]:
+    """'72 % inside the lungs; strongest: left lower zone' (+ the mask's sanity warning), and the
+    figures as a dict for <stem>_lungs.json."""
+    from covid_cxr.lungs.segment import sanity_check
+    from covid_cxr.lungs.zones import cam_zones
+
+    mask = segmenter.masks(pixels[None])[0]
+    z, s = cam_zones(cam, mask), sanity_check(mask)
+    text = z.summary + ("" if s.ok else f" (lung check failed: {'; '.join(s.problems)}: out of distribution?)")
+    return text, {**z.as_dict(), "lung_check": s.as_dict()}
+
+
 def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[int], method: str, alpha: float,
-                   out: Path, progress: bool) -> tuple[list[tuple], list[tuple[Path, str]]]:
+                   out: Path, progress: bool, segmenter=None) -> tuple[list[tuple], list[tuple[Path, str]]]:
     """Explain each file, writing <stem>_cam.npy/.png atomically; unreadable files are skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -140,6 +169,8 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
     from covid_cxr.data.decode import DecodeError, load_for_model
     from covid_cxr.explain.gradcam import overlay, png_bytes
     from covid_cxr.utils import atomic_write_bytes
+
+    import json
 
     classes, (h, w) = bundle.classes, bundle.input_hw
     rows, skipped, used = [], [], set()
@@ -162,6 +193,10 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
             pred = e.predicted_index
             rows.append((str(f), f"{classes[pred]} ({e.probabilities[pred]:.3f})", classes[e.class_index],
                          f"{e.probabilities[e.class_index]:.3f}"))
+            if segmenter is not None:
+                text, info = where_in_lungs(segmenter, pixels, e.cam)
+                atomic_write_bytes(out / f"{stem}_lungs.json", (json.dumps(info, indent=2) + "\n").encode())
+                rows[-1] += (text,)
     return rows, skipped
 
 

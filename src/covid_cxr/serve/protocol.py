@@ -86,6 +86,19 @@ class TFModelMetadataResponse(BaseModel):
     metadata: dict[str, Any]
 
 
+class LungFields(BaseModel):
+    """The lung segmentation's view of the upload: its sanity check (a failed one is an
+    out-of-distribution signal) and, with Grad-CAM, where the map looks."""
+
+    check_ok: bool = Field(description="two lung fields side by side, plausible area")
+    problems: list[str] = Field([], description="why the check failed: the image may be unlike the training films")
+    area: float = Field(description="lung area / image area")
+    inside_share: float | None = Field(None, description="share of the Grad-CAM map's mass inside the lungs")
+    strongest_zone: str | None = Field(None, description="patient's right/left x upper/middle/lower")
+    summary: str | None = Field(None, description="e.g. '72 % inside the lungs; strongest: left lower zone'")
+    error: str | None = Field(None, description="why no lung fields came back")
+
+
 class UploadPrediction(BaseModel):
     label: str
     in_distribution: bool | None = Field(None, description="false: the image is unlike the training X-rays "
@@ -99,6 +112,7 @@ class UploadPrediction(BaseModel):
     latency_ms: float = Field(description="server time from request arrival to this answer")
     gradcam_png: str | None = Field(None, description="base64 PNG: Grad-CAM of the label over the image")
     gradcam_error: str | None = Field(None, description="why no overlay came back, when one was asked for")
+    lungs: LungFields | None = Field(None, description="lung fields (when the server has a lung model)")
 
 
 class ModelSummary(BaseModel):

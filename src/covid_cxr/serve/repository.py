@@ -61,6 +61,17 @@ class ModelNotFound(LookupError):
     """No such model, or no such version of it: 404."""
 
 
+
+def _segmentation(version_dir: Path) -> bool:
+    """A segmentation bundle (the lung model), which the prediction APIs do not serve: it has no
+    class probabilities. `serve --lungs` uses it beside the classifiers instead."""
+    import json
+
+    try:
+        return json.loads((version_dir / "metadata.json").read_text(encoding="utf-8")).get("task") == "segmentation"
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: let loading report it
+
 class ModelUnavailable(RuntimeError):
     """The model exists but no version of it could be loaded: 503."""
 
@@ -127,10 +138,14 @@ class LoadedModel:
 
     def gradcam_png(self, pixels: np.ndarray, class_index: int) -> bytes:
         """Grad-CAM overlay PNG (blocking; torch model loaded lazily and cached by covid_cxr.explain)."""
+        return self.gradcam(pixels, class_index)[0]
+
+    def gradcam(self, pixels: np.ndarray, class_index: int) -> tuple[bytes, np.ndarray]:
+        """(overlay PNG, raw map H x W in [0, 1]) at the model's input size (blocking)."""
         from covid_cxr.explain.gradcam import overlay_for_bundle
 
-        png, _ = overlay_for_bundle(self.bundle, pixels, class_index=class_index)
-        return png
+        png, explanation = overlay_for_bundle(self.bundle, pixels, class_index=class_index)
+        return png, explanation.cam
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -185,7 +200,7 @@ class ModelRepository:
             except OSError as exc:  # this model only: the others are still served
                 self._report(p.name, f"ignoring model folder {p}: {exc}")
                 vs = self._disk.get(p.name, [])
-            if vs:
+            if vs and not _segmentation(p / str(vs[-1])):  # a lung model helps; it is not served
                 found[p.name] = vs
         return found
 

@@ -44,6 +44,8 @@ class ServeSettings(BaseModel):
                                   description="ONNX Runtime threads per call")
     inference_workers: int = Field(1, ge=1, description="batches run at the same time (one per worker)")
     ort_spinning: bool = Field(False, description="let ONNX Runtime's idle threads spin (busy-wait)")
+    lungs: Path | None = Field(None, description="lung segmentation bundle (MODELS/lungs): the upload API adds "
+                               "the lung check and where Grad-CAM looks by lung zone")
     default_model: str | None = Field(None, description="upload API's model when none is named "
                                       "(default: the only one, or the first by name)")
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BALANCE_CHOICES = ("undersample", "weights", "none")
 STUDY_MAX_PER_CLASS = 219  # the study: 219 images per class after undersampling
@@ -39,6 +39,10 @@ class TrainConfig(BaseModel):
     cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
     lr_find: bool = Field(True, description="run the LR range test first (plot and suggestion in the report)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="feature extraction: fp32 | bf16")
+    lung_crop: Literal["none", "box", "mask"] = Field(
+        "none", description="lung-only input: none | box (crop to the lungs' box + margin) | mask (black "
+        "outside the lungs); needs --lungs and the frozen backbone's feature cache")
+    lungs: str | None = Field(None, description="lung segmentation bundle for --lung-crop (MODELS/lungs)")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
@@ -73,6 +77,13 @@ class TrainConfig(BaseModel):
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes
+
+    @model_validator(mode="after")
+    def _lungs_for_crop(self) -> TrainConfig:
+        if self.lung_crop != "none" and (not self.lungs or self.finetune or not self.cache_features):
+            raise ValueError("--lung-crop needs --lungs MODELS/lungs and the frozen backbone's feature cache "
+                             "(not --finetune)")
+        return self
 
     @property
     def size(self) -> int:

@@ -24,8 +24,10 @@ log = logging.getLogger("covid_cxr.train")
 SPOT_CHECK = 2  # cached rows recomputed per run to prove the cache still matches its images
 
 
-def cache_key(arch: str, weight_source: str, size: int, mean: float, std: float) -> str:
-    blob = json.dumps([arch, weight_source, size, round(mean, 6), round(std, 6)])
+def cache_key(arch: str, weight_source: str, size: int, mean: float, std: float, lung_crop: str = "none",
+              lungs: str | None = None) -> str:
+    extra = [] if lung_crop == "none" else [lung_crop, str(Path(lungs).resolve())]  # old keys unchanged
+    blob = json.dumps([arch, weight_source, size, round(mean, 6), round(std, 6), *extra])
     return f"{arch}-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -92,11 +94,12 @@ def _valid_keys(keys, n_rows: int) -> bool:
 @torch.inference_mode()
 def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache | None = None,
             batch_size: int = 32, progress: bool = True, save_every: int = 20,
-            precision: str = "fp32", device: torch.device | str = "cpu") -> torch.Tensor:
+            precision: str = "fp32", device: torch.device | str = "cpu", transform=None) -> torch.Tensor:
     """Features (N x F) for `items` = [(path, sha256)], computing only what the cache lacks.
 
     Runs channels-last (about 2x faster on this CPU, same numbers); ``precision="bf16"`` adds
-    autocast (faster again on AVX-512/AMX, features differ by bf16 rounding).
+    autocast (faster again on AVX-512/AMX, features differ by bf16 rounding). `transform` maps each
+    loaded N x H x W batch first (lung-only input).
     """
     device = torch.device(device)
     model.eval()
@@ -105,7 +108,7 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
     store = cache.rows if cache is not None else {}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for n, batch in enumerate(progress_iter(batches, "extracting features", enabled=progress and bool(batches)), 1):
-        feats = _features(model, [p for p, _ in batch], size, precision, device)
+        feats = _features(model, [p for p, _ in batch], size, precision, device, transform)
         for (_, sha), f in zip(batch, feats):
             store[sha] = f.clone()
         if cache is not None and n % save_every == 0:
@@ -116,7 +119,7 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
     return torch.stack([store[s] for _, s in items]) if items else torch.empty(0)
 
 
-def extract_sharded(model, items: list[tuple[Path, str]], cfg, cache: FeatureCache, dist) -> None:
+def extract_sharded(model, items: list[tuple[Path, str]], cfg, cache: FeatureCache, dist, transform=None) -> None:
     """Several processes: each extracts every world-th missing image, all gather the vectors, the
     main process saves the cache. Afterwards every process holds the same cache."""
     fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
@@ -126,7 +129,7 @@ def extract_sharded(model, items: list[tuple[Path, str]], cfg, cache: FeatureCac
     todo = list(dict.fromkeys((p, s) for p, s in items if s not in cache.rows))
     shard = todo[dist.rank::dist.world]
     feats = extract(model, shard, cfg.size, None, progress=cfg.progress and dist.is_main,
-                    precision=cfg.precision, device=dist.device)
+                    precision=cfg.precision, device=dist.device, transform=transform)
     mine = {s: f.numpy() for (_, s), f in zip(shard, feats)}
     for part in dist.gather(mine):
         cache.rows.update({s: torch.from_numpy(f) for s, f in part.items()})
@@ -135,17 +138,21 @@ def extract_sharded(model, items: list[tuple[Path, str]], cfg, cache: FeatureCac
     dist.barrier()
 
 
-def _features(model, paths: list[Path], size: int, precision: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One batch of images -> backbone features on the CPU (model already eval, channels-last, on `device`)."""
+def _features(model, paths: list[Path], size: int, precision: str, device: torch.device | str = "cpu",
+              transform=None) -> torch.Tensor:
+    """One batch of images -> backbone features on the CPU (model already eval, channels-last, on
+    `device`); `transform` (e.g. the lung crop) maps the decoded N x H x W pixels first."""
     device = torch.device(device)
-    x = torch.from_numpy(load_batch(paths, size, size))[:, None]
+    pixels = load_batch(paths, size, size)
+    x = torch.from_numpy(transform(pixels) if transform else pixels)[:, None]
     x = x.to(device).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return model.features(x).float().cpu()
 
 
 @torch.inference_mode()
-def spot_check(model, cache: FeatureCache, items: list[tuple[Path, str]], size: int, precision: str) -> bool:
+def spot_check(model, cache: FeatureCache, items: list[tuple[Path, str]], size: int, precision: str,
+               transform=None) -> bool:
     """Recompute a few rows read from disk: a cache whose rows do not belong to their keys (however
     that came about) is caught here instead of training silently on the wrong features."""
     sample = [(p, s) for p, s in items if s in cache.loaded][:SPOT_CHECK]
@@ -153,7 +160,7 @@ def spot_check(model, cache: FeatureCache, items: list[tuple[Path, str]], size: 
         return True
     model.eval()
     model.to(memory_format=torch.channels_last)
-    fresh = _features(model, [p for p, _ in sample], size, precision)
+    fresh = _features(model, [p for p, _ in sample], size, precision, transform=transform)
     model.to(memory_format=torch.contiguous_format)
     cached = torch.stack([cache.rows[s] for _, s in sample])
     tol = 5e-2 if precision == "bf16" else 1e-3
@@ -166,17 +173,20 @@ def cached_features(model, prepared, cfg, source: str, cache_dir: Path,
     (sharded across processes when `dist` has several)."""
     from covid_cxr.data.dataset import labels_of
 
-    key = cache_key(cfg.arch, source, cfg.size, prepared.mean, prepared.std)
+    from covid_cxr.lungs.crop import batch_transform
+
+    key = cache_key(cfg.arch, source, cfg.size, prepared.mean, prepared.std, cfg.lung_crop, cfg.lungs)
     cache = FeatureCache(cache_dir / f"{key}.safetensors")
     items = {s: [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[s]] for s in prepared.splits}
     everything = [it for s in ("train", "val", "test") for it in items[s]]
-    if not spot_check(model, cache, everything, cfg.size, cfg.precision):
+    transform = batch_transform(cfg.lung_crop, cfg.lungs)
+    if not spot_check(model, cache, everything, cfg.size, cfg.precision, transform):
         log.warning("feature cache %s does not match its images; rebuilding it", cache.path)
         cache.discard(list(cache.rows))
     if dist is not None and dist.world > 1:
-        extract_sharded(model, everything, cfg, cache, dist)
+        extract_sharded(model, everything, cfg, cache, dist, transform)
     else:
         extract(model, everything, cfg.size, cache, progress=cfg.progress, precision=cfg.precision,
-                device=dist.device if dist is not None else "cpu")
+                device=dist.device if dist is not None else "cpu", transform=transform)
     return {s: (torch.stack([cache.rows[sha] for _, sha in items[s]]), torch.from_numpy(labels_of(prepared, s)))
             for s in ("train", "val", "test")}

@@ -68,15 +68,16 @@ class ClassifierModule(L.LightningModule):
 class History(Callback):
     """Per-epoch train/val loss and accuracy, kept in checkpoints so a resumed run has full curves."""
 
-    def __init__(self):
+    def __init__(self, keys: tuple[str, ...] = ("val_loss", "val_acc")):
         self.epochs: list[dict[str, float]] = []
+        self.keys = keys  # validation metrics recorded per epoch (the lung model's: val_loss, val_dice)
 
     def on_train_epoch_end(self, trainer, pl_module):
         # Lightning runs checkpoint callbacks last, so the end-of-epoch checkpoint holds this row.
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         row.update(pl_module.epoch_train_stats())
-        row.update({k: float(m[k]) for k in ("val_loss", "val_acc") if k in m})
+        row.update({k: float(m[k]) for k in self.keys if k in m})
         self.epochs.append(row)
 
     def state_dict(self):

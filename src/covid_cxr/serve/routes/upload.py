@@ -11,7 +11,15 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key
-from covid_cxr.serve.protocol import ERRORS, BadRequest, ModelList, ModelSummary, UploadPrediction, decode_image
+from covid_cxr.serve.protocol import (
+    ERRORS,
+    BadRequest,
+    LungFields,
+    ModelList,
+    ModelSummary,
+    UploadPrediction,
+    decode_image,
+)
 from covid_cxr.serve.repository import LoadedModel, ModelNotFound, ModelRepository, strip_paths
 from covid_cxr.serve.settings import ServeSettings
 
@@ -41,13 +49,27 @@ async def upload_model(repo: ModelRepository, settings: ServeSettings, name: str
     return await repo.get(name)
 
 
-async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> None:
+async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> np.ndarray | None:
+    """Adds the overlay; returns the raw map (None when Grad-CAM failed)."""
     try:
-        png = await anyio.to_thread.run_sync(loaded.gradcam_png, pixels, idx)
+        png, cam = await anyio.to_thread.run_sync(loaded.gradcam, pixels, idx)
         out.gradcam_png = base64.b64encode(png).decode("ascii")
+        return cam
     except Exception as exc:  # the prediction stands; say why the picture is missing
         log.warning("Grad-CAM failed for %s/%s: %s", loaded.name, loaded.version, exc)
         out.gradcam_error = f"Grad-CAM unavailable: {type(exc).__name__}: {strip_paths(str(exc))}"
+        return None
+
+
+async def add_lungs(out: UploadPrediction, settings: ServeSettings, pixels: np.ndarray, cam: np.ndarray | None) -> None:
+    """The lung model's check (and where Grad-CAM looks) when the server was given one."""
+    from covid_cxr.lungs.segment import lung_report
+
+    try:
+        out.lungs = LungFields(**await anyio.to_thread.run_sync(lung_report, settings.lungs, pixels, cam))
+    except Exception as exc:  # the prediction stands
+        log.warning("lung fields failed: %s", exc)
+        out.lungs = LungFields(check_ok=False, area=0.0, error=f"lung fields unavailable: {type(exc).__name__}: {strip_paths(str(exc))}")
 
 
 @router.post("/api/v1/predict", response_model=UploadPrediction, response_model_exclude_none=True,
@@ -74,7 +96,8 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     if inside is not None:
         out.in_distribution, out.ood_score = bool(inside[0]), float(score[0])
         out.warning = None if out.in_distribution else OOD_WARNING
-    if gradcam:
-        await add_gradcam(out, loaded, pixels, idx)
+    cam = await add_gradcam(out, loaded, pixels, idx) if gradcam else None
+    if settings.lungs is not None:
+        await add_lungs(out, settings, pixels, cam)
     out.latency_ms = round((time.perf_counter() - request.state.t0) * 1000.0, 3)
     return out

@@ -21,6 +21,20 @@
     } catch (e) { /* the page still works with the server's default model */ }
   }
 
+  // Lung fields (server started with --lungs): where Grad-CAM looks, and the mask's sanity check.
+  function showLungs(lungs) {
+    const note = $("lungs-note");
+    note.hidden = !lungs;
+    if (!lungs) return;
+    const parts = [];
+    if (lungs.summary) parts.push("Grad-CAM: " + lungs.summary + ".");
+    if (lungs.error) parts.push(lungs.error);
+    else if (!lungs.check_ok) parts.push("Lung check failed (" + lungs.problems.join("; ") +
+      "): this image may be unlike the films the model learnt from.");
+    note.textContent = parts.join(" ");
+    note.classList.toggle("warn", !lungs.check_ok);
+  }
+
   function showBars(probabilities, label) {
     const bars = $("bars");
     bars.replaceChildren();
@@ -96,6 +110,7 @@
     if (body.gradcam_png) $("overlay").src = "data:image/png;base64," + body.gradcam_png;
     $("overlay-note").hidden = !body.gradcam_error;
     $("overlay-note").textContent = body.gradcam_error || "";
+    showLungs(body.lungs);
     $("result").hidden = false;
     setStatus("Done.");
   }

@@ -1,0 +1,179 @@
+"""Lung masks from a segmentation bundle with numpy + ONNX Runtime only (no torch), and the
+sanity check that turns an implausible mask into an out-of-distribution signal.
+
+    seg = LungSegmenter.from_bundle("MODELS/lungs")
+    masks = seg.masks(images)            # images: N x H x W float [0, 1] (any H, W) -> bool N x H x W
+    probs = seg.probabilities(images)    # float N x H x W
+    sanity_check(masks[0]).ok            # two lung blobs side by side, plausible area
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.lungs.config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE
+
+ONNX_MASK = "mask"
+THRESHOLD = 0.5
+BATCH = 32
+
+
+def _as_batch(images) -> np.ndarray:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim != 3:
+        raise ValueError(f"expected N x H x W (or H x W) grayscale images, got shape {np.shape(images)}")
+    return np.clip(np.nan_to_num(x), 0.0, 1.0)
+
+
+def predict_probabilities(prob_fn: Callable[[np.ndarray], np.ndarray], images, size: int) -> np.ndarray:
+    """Resize each image to the network's size, run `prob_fn` (N x S x S -> N x S x S) in batches,
+    and resize the probabilities back to each image's own size (bilinear, so the outline stays
+    sub-pixel accurate). Training's test metrics and the ONNX reader both go through here."""
+    from covid_cxr.data.decode import resize
+
+    x = _as_batch(images)
+    small = np.stack([resize(im, size, size) for im in x]).astype(np.float32)
+    probs = np.concatenate([prob_fn(small[i:i + BATCH]) for i in range(0, len(small), BATCH)])
+    h, w = x.shape[1:]
+    return np.stack([np.clip(resize(p, h, w), 0.0, 1.0) for p in probs]).astype(np.float32)
+
+
+@dataclass
+class LungSegmenter:
+    """A segmentation bundle opened for inference (ONNX Runtime, CPU)."""
+
+    bundle: object
+    threads: int = 0
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, threads: int = 0) -> LungSegmenter:
+        """MODELS/<name>[/<version>]; BundleError unless it is a segmentation bundle."""
+        from covid_cxr.bundle import BundleError, check_bundle
+
+        bundle = check_bundle(path)
+        if bundle.metadata.task != "segmentation":
+            raise BundleError(f"{bundle.path}: a {bundle.metadata.task} model, not a lung segmentation model")
+        return cls(bundle, threads)
+
+    @property
+    def size(self) -> int:
+        return self.bundle.input_hw[0]
+
+    def _session(self):
+        if self.threads:
+            from covid_cxr.bundle import open_checked_session
+
+            if getattr(self, "_own", None) is None:
+                self._own = open_checked_session(self.bundle, self.threads)
+            return self._own
+        return self.bundle.session()
+
+    def _run(self, small: np.ndarray) -> np.ndarray:
+        from covid_cxr.bundle.schema import ONNX_INPUT
+
+        return self._session().run([ONNX_MASK], {ONNX_INPUT: small[..., None]})[0][..., 0]
+
+    def probabilities(self, images) -> np.ndarray:
+        """N x H x W float [0, 1] -> N x H x W lung probability at the images' own size."""
+        return predict_probabilities(self._run, images, self.size)
+
+    def masks(self, images, clean: bool = True) -> np.ndarray:
+        """N x H x W float [0, 1] -> bool N x H x W lung masks (probability >= 0.5); `clean` keeps
+        the two largest blobs (stray specks over the shoulder, bowel gas or a cable are no lung)."""
+        masks = self.probabilities(images) >= THRESHOLD
+        return np.stack([two_largest(m) for m in masks]) if clean else masks
+
+
+def lung_fields(images, model: str | Path | LungSegmenter) -> np.ndarray:
+    """The trust audit's entry point: bool lung masks for N x H x W float [0, 1] images."""
+    seg = model if isinstance(model, LungSegmenter) else LungSegmenter.from_bundle(model)
+    return seg.masks(images)
+
+
+@dataclass
+class Sanity:
+    """Whether a mask looks like a pair of lungs; `problems` says why not (empty when ok)."""
+
+    area: float
+    blobs: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "area": round(self.area, 4), "blobs": self.blobs, "problems": self.problems}
+
+
+def blobs(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Connected components (8-connected) and their labels, largest first."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return labels, []
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    return labels, [int(i) + 1 for i in np.argsort(-sizes)]
+
+
+def two_largest(mask: np.ndarray) -> np.ndarray:
+    labels, order = blobs(mask)
+    return np.isin(labels, order[:2]) if len(order) > 2 else mask
+
+
+def sanity_check(mask: np.ndarray) -> Sanity:
+    """Two lung blobs side by side, each a real share of the lung area, and a plausible total area
+    (MIN_AREA..MAX_AREA of the image). A mask failing this means the model met something unlike
+    the chest films it learnt from: one more out-of-distribution signal."""
+    mask = np.asarray(mask, dtype=bool)
+    area = float(mask.mean())
+    labels, order = blobs(mask)
+    problems = []
+    if not MIN_AREA <= area <= MAX_AREA:
+        problems.append(f"lung area {area:.0%} of the image is outside {MIN_AREA:.0%}-{MAX_AREA:.0%}")
+    big = [(labels == k) for k in order[:2]]
+    sizes = [int(b.sum()) for b in big]
+    if len(big) < 2 or sizes[1] < MIN_BLOB_SHARE * max(1, mask.sum()):
+        problems.append("not two lung fields (one blob, or the second is tiny)")
+    else:
+        cols = sorted(np.nonzero(b)[1].mean() for b in big)
+        rows_a, rows_b = (np.nonzero(b)[0] for b in big)
+        if not (rows_a.min() < rows_b.max() and rows_b.min() < rows_a.max()) or cols[1] - cols[0] < 0.1 * mask.shape[1]:
+            problems.append("the two largest blobs are not side by side")
+    return Sanity(area, len(order), problems)
+
+
+_cache: dict[str, LungSegmenter] = {}
+
+
+def segmenter_for(path: str | Path) -> LungSegmenter:
+    """One LungSegmenter per bundle folder (the newest version when given MODELS/<name>), kept."""
+    from covid_cxr.bundle.reader import resolve
+
+    key = str(resolve(path).resolve())
+    if key not in _cache:
+        _cache[key] = LungSegmenter.from_bundle(key)
+    return _cache[key]
+
+
+def lung_report(path: str | Path, pixels: np.ndarray, cam: np.ndarray | None = None) -> dict:
+    """What the upload API adds: the mask's sanity check and, given a Grad-CAM map, where it looks
+    (fields of serve.protocol.LungFields)."""
+    from covid_cxr.lungs.zones import cam_zones
+
+    mask = segmenter_for(path).masks(np.asarray(pixels)[None])[0]
+    s = sanity_check(mask)
+    out = {"check_ok": s.ok, "problems": s.problems, "area": round(s.area, 4)}
+    if cam is not None:
+        z = cam_zones(cam, mask)
+        out.update(inside_share=round(z.inside, 4), strongest_zone=z.strongest, summary=z.summary)
+    return out

@@ -1,0 +1,207 @@
+"""Lung segmentation: the group split, a real tiny bundle (64 px, 1 epoch, random weights) through
+train -> bundle check -> evaluate -> segment, the sanity check, the zone naming and lung-only crops.
+Images are drawn: two dark 'lungs' (ellipses) in a brighter chest on a black background."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from covid_cxr.cli import app
+
+S = 64
+
+
+def _ellipse(h, w, cy, cx, ry, rx):
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def draw_pair(rng, size=S):
+    """A chest-like picture and its two-lung mask, jittered."""
+    cy, dx = size * (0.5 + rng.uniform(-0.05, 0.05)), size * (0.2 + rng.uniform(-0.02, 0.02))
+    ry, rx = size * rng.uniform(0.25, 0.3), size * rng.uniform(0.1, 0.13)
+    mask = _ellipse(size, size, cy, size / 2 - dx, ry, rx) | _ellipse(size, size, cy, size / 2 + dx, ry, rx)
+    body = _ellipse(size, size, size / 2, size / 2, size * 0.45, size * 0.42)
+    img = np.where(body, 0.75, 0.02) - 0.45 * mask + rng.normal(0, 0.04, (size, size))
+    return np.clip(img, 0, 1), mask
+
+
+@pytest.fixture(scope="module")
+def lung_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lung-data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(14):
+        img, mask = draw_pair(rng)
+        pid = f"p{i:02d}"
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / "images" / f"{pid}.png")
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(root / "masks" / f"{pid}.png")
+        dup = "p01" if i == 0 else ("p00" if i == 1 else "")
+        rows.append({"id": pid, "source": "a" if i % 2 else "b", "near_dup_ids": dup})
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["id", "source", "near_dup_ids"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lung_models(tmp_path_factory, lung_data):
+    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.lungs.train import train_lungs
+
+    out = tmp_path_factory.mktemp("lung-models")
+    cfg = LungConfig(weights="none", image_size=S, epochs=1, batch_size=4, progress=False, frozen_stages=0,
+                     split_fractions=[0.6, 0.2, 0.2])
+    train_lungs(lung_data, out, cfg, workdir=tmp_path_factory.mktemp("lung-work"))
+    return out
+
+
+def test_group_split_keeps_duplicates_together_and_every_source_everywhere(lung_data):
+    from covid_cxr.lungs.data import group_split, load_pairs
+
+    pairs = load_pairs(lung_data, 32)
+    split = group_split(pairs, (0.6, 0.2, 0.2), seed=1)
+    where = {pairs.ids[i]: s for s, idx in split.items() for i in idx}
+    assert where["p00"] == where["p01"]
+    assert sorted(where) == sorted(pairs.ids)
+    for s in ("train", "test"):
+        assert {pairs.sources[i] for i in split[s]} == {"a", "b"}
+
+
+def test_lung_bundle_is_a_checked_segmentation_bundle(lung_models):
+    from covid_cxr.bundle import check_bundle
+    from covid_cxr.lungs.segment import LungSegmenter
+
+    b = check_bundle(lung_models / "lungs")
+    assert b.metadata.task == "segmentation" and b.metadata.onnx.outputs[0].name == "mask"
+    assert b.metadata.segmentation.test_metrics["n"] >= 2
+    res = CliRunner().invoke(app, ["bundle", "check", str(lung_models / "lungs")])
+    assert res.exit_code == 0 and "segmentation" in res.output
+    masks = LungSegmenter.from_bundle(lung_models / "lungs").masks(np.random.rand(3, 80, 70).astype(np.float32))
+    assert masks.shape == (3, 80, 70) and masks.dtype == bool
+
+
+def test_classifier_bundle_is_refused_as_lung_model(tiny_models):
+    from covid_cxr.bundle import BundleError
+    from covid_cxr.lungs.segment import LungSegmenter
+
+    with pytest.raises(BundleError, match="not a lung segmentation model"):
+        LungSegmenter.from_bundle(tiny_models / "tiny")
+
+
+def test_segmentation_metadata_needs_its_record(lung_models):
+    from pydantic import ValidationError
+
+    from covid_cxr.bundle import BundleMetadata
+
+    raw = json.loads(next((lung_models / "lungs").glob("*/metadata.json")).read_text())
+    raw.pop("segmentation")
+    with pytest.raises(ValidationError, match="segmentation"):
+        BundleMetadata.model_validate(raw)
+    raw["task"] = "classification"  # a mask output is not a classifier's probabilities
+    with pytest.raises(ValidationError, match="probabilities"):
+        BundleMetadata.model_validate(raw)
+
+
+def test_evaluate_writes_dice_per_source_and_segment_skips_bad_files(lung_models, lung_data, tmp_path):
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(app, ["lungs", "evaluate", "--model", str(lung_models / "lungs"), "--data",
+                                   str(lung_data), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert set(m) >= {"dice", "iou", "per_source", "n"} and m["n"] == 14 and set(m["per_source"]) == {"a", "b"}
+    assert 0 <= m["iou"] <= m["dice"] <= 1
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    res = CliRunner().invoke(app, ["lungs", "segment", str(lung_data / "images" / "p03.png"), str(bad),
+                                   "--model", str(lung_models / "lungs"), "--out", str(tmp_path / "seg")])
+    assert res.exit_code == 0, res.output
+    assert "bad.png" in res.output and "skipped" in res.output
+    mask = np.asarray(Image.open(tmp_path / "seg" / "p03_mask.png"))
+    assert mask.shape == (S, S) and set(np.unique(mask)) <= {0, 255}
+    assert (tmp_path / "seg" / "p03_overlay.png").is_file()
+
+
+def test_sanity_check_flags_one_blob_and_implausible_area():
+    from covid_cxr.lungs.segment import sanity_check
+
+    _, good = draw_pair(np.random.default_rng(3))
+    assert sanity_check(good).ok
+    one = good.copy()
+    one[:, S // 2:] = False
+    assert not sanity_check(one).ok
+    assert any("area" in p for p in sanity_check(np.ones((S, S), bool)).problems)
+
+
+def test_zones_name_the_patients_side():
+    """The image's right half is the patient's left lung; the bottom third is the lower zone."""
+    from covid_cxr.lungs.zones import cam_zones
+
+    _, mask = draw_pair(np.random.default_rng(4))
+    rows = np.nonzero(mask.any(1))[0]
+    cam = np.zeros((S, S), np.float32)
+    cam[rows.max() - 4:rows.max() - 1, S - 20:S - 8] = 1.0  # image right, bottom of the lung
+    z = cam_zones(cam, mask)
+    assert z.strongest == "left lower"
+    assert z.summary.endswith("strongest: left lower zone")
+    cam2 = np.zeros((S, S), np.float32)
+    cam2[rows.min() + 1:rows.min() + 4, 8:20] = 1.0
+    cam2[0:3, 0:3] = 1.0  # some mass outside
+    z2 = cam_zones(cam2, mask)
+    assert z2.strongest == "right upper" and 0 < z2.inside < 1
+
+
+def test_lung_only_crops_keep_size_and_drop_outside():
+    from covid_cxr.lungs.crop import crop_box, mask_outside
+
+    img, mask = draw_pair(np.random.default_rng(5))
+    boxed = crop_box(img, mask)
+    assert boxed.shape == img.shape and not np.allclose(boxed, img)
+    masked = mask_outside(img, mask)
+    assert masked[0, 0] == 0 and np.allclose(masked[mask], img[mask])
+
+
+def test_upload_api_adds_lung_fields_and_skips_the_lung_bundle(tiny_models, lung_models, lung_data, tmp_path):
+    """A lung bundle beside the classifier is not served as a model; with --lungs the upload API
+    reports the lung check and where Grad-CAM looks."""
+    import shutil
+
+    import requests
+
+    from covid_cxr.serve.settings import ServeSettings
+    from covid_cxr.serve.testing import running_server
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny", models / "tiny")
+    shutil.copytree(lung_models / "lungs", models / "lungs")
+    with running_server(ServeSettings(models=models, lungs=models / "lungs", rescan_seconds=0.2)) as url:
+        names = [m["name"] for m in requests.get(f"{url}/api/v1/models", timeout=10).json()["models"]]
+        assert names == ["tiny"]
+        png = (lung_data / "images" / "p02.png").read_bytes()
+        r = requests.post(f"{url}/api/v1/predict?gradcam=true", files={"file": ("p.png", png, "image/png")}, timeout=120)
+        assert r.status_code == 200, r.text
+        lungs = r.json()["lungs"]
+        assert set(lungs) >= {"check_ok", "area"} and "inside the lungs" in lungs["summary"]
+        assert 0 <= lungs["inside_share"] <= 1
+
+
+def test_lung_crop_needs_a_lung_model_and_changes_the_run():
+    from pydantic import ValidationError
+
+    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.train.features import cache_key
+
+    with pytest.raises(ValidationError, match="--lung-crop needs --lungs"):
+        TrainConfig(lung_crop="box")
+    boxed = TrainConfig(lung_crop="box", lungs="MODELS/lungs")
+    assert boxed.run_id() != TrainConfig().run_id()
+    assert cache_key("a", "s", 64, 0.5, 0.2) != cache_key("a", "s", 64, 0.5, 0.2, "box", "MODELS/lungs")
