@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from covid_cxr.lungs.config import LungConfig
 from covid_cxr.lungs.data import LungPairs, group_split, load_pairs
 from covid_cxr.lungs.model import MaskModel, build_unet, frozen_modules
+from covid_cxr.train.distributed import Dist
 from covid_cxr.train.fit import RunDir, start_run
 from covid_cxr.train.module import History
 from covid_cxr.utils import Stopwatch, atomic_write_json
@@ -193,7 +194,7 @@ def train_lungs(data_dir: str | Path, models_out: str | Path, cfg: LungConfig, w
 
     clock = Stopwatch()
     models_out = Path(models_out)
-    run = start_run(cfg, Path(workdir) if workdir else models_out / ".work", resume)
+    run = start_run(cfg, Path(workdir) if workdir else models_out / ".work", resume, Dist())  # one process
     pairs = load_pairs(data_dir, cfg.image_size, cfg.max_images, cfg.seed)
     split = group_split(pairs, cfg.split_fractions, cfg.seed)
     train_px = pairs.images[split["train"]]
