@@ -203,7 +203,8 @@ def test_upload_png_jpeg_dicom(server, xrays, expected, bundle_dir):
     r = requests.post(f"{server}/api/v1/predict", files={"file": (png.name, png.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"label", "probabilities", "model", "version", "latency_ms"}
+    # in_distribution/ood_score: the out-of-distribution gate (issue 8); a real X-ray passes it
+    assert set(body) == {"label", "probabilities", "model", "version", "latency_ms", "in_distribution", "ood_score"}
     assert list(body["probabilities"]) == CLASSES
     np.testing.assert_allclose(list(body["probabilities"].values()), expected[2], atol=1e-5)
     assert body["label"] == CLASSES[int(np.argmax(expected[2]))]
