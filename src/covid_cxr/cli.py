@@ -49,6 +49,8 @@ def _opt(field: str, *names: str, **kw):
 
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
+DatasOpt = Annotated[list[Path], typer.Option("--data", help="Dataset folder (any supported layout); repeat to "
+                                              "train on several (splits stratified by class and source).")]
 ArchOpt = Annotated[str, _opt("arch")]
 WeightsOpt = Annotated[str, _opt("weights")]
 BalanceOpt = Annotated[str, _opt("balance")]
@@ -58,6 +60,7 @@ SizeOpt = Annotated[Optional[int], _opt("image_size")]
 HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")]
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
 PrecisionOpt = Annotated[str, _opt("precision")]
+TargetRecallOpt = Annotated[Optional[str], _opt("target_recall")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
 HIDDEN_DEFAULT = ",".join(map(str, D.hidden))
 
@@ -126,7 +129,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
 
 
 @app.command()
-def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
+def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
           arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
           batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
           seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
@@ -134,7 +137,7 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
           patience: Annotated[int, _opt("patience")] = D.patience,
           finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
           classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
-          resume: ResumeOpt = False):
+          target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False):
     """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>."""
     from covid_cxr.train.fit import train as fit
 
@@ -142,9 +145,9 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
     cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
-                  classes=classes, name=name)
+                  classes=classes, name=name, target_recall=target_recall)
     try:
-        r = fit(data, out, cfg, resume=resume)
+        r = fit(data if len(data) > 1 else data[0], out, cfg, resume=resume)
     except UserError as exc:
         fail(str(exc))
     _print_metrics(r.metrics, f"{cfg.bundle_name}: test split")
@@ -185,6 +188,9 @@ def _print_metrics(m: dict, title: str) -> None:
     out_console.print(t)
     lo, hi = m["accuracy_ci95"]
     out_console.print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m['n']})")
+    op = m.get("operating_point")
+    if op:  # the table the bundle decides by, beside the argmax one above
+        _print_metrics(op["metrics"], f"{title}, operating point: {op['class_name']} when p >= {op['threshold']:.4f}")
 
 
 @app.command()
@@ -246,7 +252,7 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
         except DecodeError as exc:
             results.append({"image": str(p), "error": str(exc)})
             continue
-        results.append({"image": str(p), "label": b.classes[int(probs.argmax())],
+        results.append({"image": str(p), "label": b.classes[int(b.decide(probs[None])[0])],
                         "probabilities": {c: float(v) for c, v in zip(b.classes, probs)}})
     if json_out:
         out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
@@ -274,11 +280,11 @@ def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/
         seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
         image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
         patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
-        classes: ClassesOpt = None, resume: ResumeOpt = False):
+        classes: ClassesOpt = None, target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
     _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
          seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
-         dropout=dropout, patience=patience, precision=precision, classes=classes)
+         dropout=dropout, patience=patience, precision=precision, classes=classes, target_recall=target_recall)
 
 
 def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
@@ -317,10 +323,12 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 
 def _register_plugins() -> None:
     from covid_cxr.bundle.cli import register as register_bundle
+    from covid_cxr.bundle.cli import register_ensemble
     from covid_cxr.explain.cli import register as register_explain
     from covid_cxr.serve.cli import register as register_serve
 
     register_bundle(app)
+    register_ensemble(app)
     register_explain(app)
     register_serve(app)
 

@@ -64,6 +64,15 @@ class Bundle:
         x = np.asarray(images, dtype=np.float32)[..., None]
         return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class indices for N x classes probabilities: the operating point if set, else the argmax."""
+        from covid_cxr.bundle.schema import decide
+
+        op = self.metadata.operating_point
+        if op is None:
+            return decide(probs, None, None)
+        return decide(probs, self.classes.index(op.class_name), op.threshold)
+
     def load_torch(self):
         """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
         from covid_cxr.bundle.writer import load_torch

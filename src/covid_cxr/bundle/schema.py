@@ -28,6 +28,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Member(_Strict):
+    """One model of an ensemble: where it came from, and what rebuilds it (weights are in the
+    ensemble's model.safetensors under `members.<i>.`)."""
+
+    name: str
+    version: PositiveInt
+    architecture: "Architecture"
+    normalisation: "Normalisation"
+    test_accuracy: float | None = None
+
+
 class Architecture(_Strict):
     name: str = Field(description="covid-cxr architecture name (registry key)")
     timm_name: str = Field(description="timm model the backbone is built from")
@@ -36,6 +47,7 @@ class Architecture(_Strict):
     dropout: float = Field(ge=0, lt=1)
     cam_layer: str = Field(description="backbone module whose activations Grad-CAM uses")
     frozen_backbone: bool = True
+    members: list[Member] | None = Field(None, description="an ensemble's models (their probabilities are averaged)")
 
 
 class Normalisation(_Strict):
@@ -127,6 +139,32 @@ class Training(_Strict):
     timings_s: dict[str, float] = Field(description="seconds per step; 'total' covers the whole run")
 
 
+def decide(probs, index: int | None, threshold: float | None):
+    """Predicted class indices: `index` where its probability >= threshold, else the argmax.
+    (numpy; here so the ONNX-only server applies a bundle's operating point without more imports)"""
+    import numpy as np
+
+    probs = np.asarray(probs)
+    pred = probs.argmax(1)
+    if index is None or threshold is None:
+        return pred
+    return np.where(probs[:, index] >= threshold, index, pred)
+
+
+class OperatingPoint(_Strict):
+    """Decision rule: `class_name` when its probability >= threshold, otherwise the argmax."""
+
+    class_name: str
+    threshold: float = Field(ge=0, le=1)
+    target_recall: float = Field(gt=0, le=1)
+    val_recall: float = Field(ge=0, le=1, description="that class's recall on the validation split at the threshold")
+    val_images: int = Field(ge=0)
+    fitted_on: str = "validation split"
+
+
+Member.model_rebuild()
+
+
 class BundleMetadata(_Strict):
     """`metadata.json` of MODELS/<name>/<version>/."""
 
@@ -139,6 +177,7 @@ class BundleMetadata(_Strict):
     input: InputSpec
     training: Training | None = None
     test_metrics: Metrics | None = None
+    operating_point: OperatingPoint | None = Field(None, description="decision threshold (--target-recall)")
     onnx: OnnxInfo
     software: dict[str, str] = {}
     created: datetime
@@ -151,6 +190,8 @@ class BundleMetadata(_Strict):
         if [t.shape for t in self.onnx.inputs[:1]] != [want_in]:
             raise ValueError(f"onnx.inputs[0].shape must be {want_in} (from 'input')")
         outs = {t.name: t.shape for t in self.onnx.outputs}
+        if self.operating_point is not None and self.operating_point.class_name not in self.classes:
+            raise ValueError(f"operating_point.class_name {self.operating_point.class_name!r} is not a class")
         if outs.get(ONNX_OUTPUT) != [DYNAMIC, len(self.classes)]:
             raise ValueError(f"onnx output {ONNX_OUTPUT!r} must have shape [{DYNAMIC}, {len(self.classes)}]")
         return self

@@ -12,7 +12,7 @@ import numpy as np
 from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
-from covid_cxr.evaluate.metrics import compute_metrics
+from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.utils import progress_iter
 
@@ -28,7 +28,8 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
         x = load_batch([man.root / r.path for r in recs[i:i + 32]], h, w)
         probs.append(bundle.predict(x))
     y = np.array([bundle.classes.index(r.label) for r in recs])
-    m = compute_metrics(y, np.concatenate(probs), bundle.classes)
+    probs = np.concatenate(probs)
+    m = with_operating_point(compute_metrics(y, probs, bundle.classes), y, probs, bundle.metadata.operating_point)
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
     m["model"] = {"name": bundle.name, "version": bundle.version}
     m["data"] = str(man.root)

@@ -39,8 +39,11 @@ class TrainConfig(BaseModel):
     cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
     lr_find: bool = Field(True, description="run the LR range test first (plot and suggestion in the report)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="feature extraction: fp32 | bf16")
-    extractor: Literal["onnxruntime", "torch"] = Field(
-        "onnxruntime", description="frozen-feature engine: onnxruntime (fp32, ~3-6x faster) | torch")
+    extractor: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="frozen-feature engine: onnxruntime (fp32, ~3-6x faster) | torch | auto "
+                            "(onnxruntime from 200 images to extract: its one-off export costs ~10 s)")
+    target_recall: str | None = Field(
+        None, description="operating point CLASS=RECALL (e.g. COVID-19=0.97), threshold fitted on the validation split")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
@@ -51,6 +54,15 @@ class TrainConfig(BaseModel):
         from covid_cxr.models.registry import get_spec
 
         get_spec(v)  # ConfigError naming the choices
+        return v
+
+    @field_validator("target_recall")
+    @classmethod
+    def _target_form(cls, v: str | None) -> str | None:
+        if v is not None:
+            from covid_cxr.evaluate.operating_point import parse_target
+
+            parse_target(v)  # ConfigError naming the expected form
         return v
 
     @property

@@ -18,6 +18,9 @@ from covid_cxr.data.decode import load_batch
 from covid_cxr.utils import progress_iter
 
 
+ORT_FROM_IMAGES = 200  # extractor "auto": below this, the backbone's one-off ONNX export costs more than it saves
+
+
 def cache_key(arch: str, weight_source: str, size: int, mean: float, std: float) -> str:
     blob = json.dumps([arch, weight_source, size, round(mean, 6), round(std, 6)])
     return f"{arch}-{size}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -58,6 +61,8 @@ def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache
     """
     model.eval()
     todo = [(p, s) for p, s in items if cache is None or s not in cache.rows]
+    if engine == "auto":
+        engine = "onnxruntime" if len(todo) >= ORT_FROM_IMAGES else "torch"
     featurize = _featurizer(model, size, engine if todo else "torch", precision,
                             cache.path.parent if cache is not None else None)
     model.to(memory_format=torch.channels_last)

@@ -19,11 +19,11 @@ import torch
 from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
-from covid_cxr.evaluate.metrics import compute_metrics
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, create_model, get_spec
 from covid_cxr.train.config import TrainConfig
+from covid_cxr.train.decisions import decision_metrics, operating_point_of
 from covid_cxr.train.features import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.utils import Stopwatch, atomic_write_json
@@ -122,15 +122,16 @@ def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, r
     return history
 
 
-def test_probabilities(model: Classifier, prepared: PreparedData, size: int, feats=None) -> tuple[np.ndarray, np.ndarray]:
-    """Test-split labels and probabilities (from cached features when the backbone was frozen)."""
+def test_probabilities(model: Classifier, prepared: PreparedData, size: int, feats=None,
+                      split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """A split's labels and probabilities (from cached features when the backbone was frozen)."""
     model.eval()
-    y = labels_of(prepared, "test")
+    y = labels_of(prepared, split)
     with torch.inference_mode():
         if feats is not None:
-            logits = model.head(feats["test"][0])
+            logits = model.head(feats[split][0])
         else:
-            paths = [prepared.manifest.root / r.path for r in prepared.splits["test"]]
+            paths = [prepared.manifest.root / r.path for r in prepared.splits[split]]
             x = torch.from_numpy(load_batch(paths, size, size))[:, None]
             logits = torch.cat([model(b) for b in x.split(32)])
     return y, torch.softmax(logits, 1).numpy()
@@ -139,8 +140,7 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
              run: RunDir, title: str) -> dict:
     """Test metrics, and the report folder that goes into the bundle (table, curves, history)."""
-    y, probs = test_probabilities(model, prepared, cfg.size, inputs.features)
-    metrics = compute_metrics(y, probs, prepared.classes)
+    metrics = decision_metrics(model, inputs, prepared, cfg)
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
     write_report(metrics, run.report, title)
@@ -194,6 +194,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split")
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion)
+    content["operating_point"] = operating_point_of(metrics)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock)

@@ -62,7 +62,7 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     async with loaded.preparing():
         pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file")
     probs = (await loaded.predict(pixels[None, :, :, None]))[0]
-    idx = int(np.argmax(probs))
+    idx = int(loaded.bundle.decide(probs[None])[0])  # the bundle's operating point, else the argmax
     out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
                            model=loaded.name, version=loaded.version, latency_ms=0.0)
     if gradcam:
