@@ -137,21 +137,34 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
           patience: Annotated[int, _opt("patience")] = D.patience,
           finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
           classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
-          target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False):
-    """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>."""
+          target_recall: TargetRecallOpt = D.target_recall,
+          finetune_epochs: Annotated[int, _opt("finetune_epochs")] = D.finetune_epochs,
+          finetune_views: Annotated[int, _opt("finetune_views")] = D.finetune_views,
+          init_from: Annotated[Optional[str], _opt("init_from")] = D.init_from,
+          recipe: Annotated[Optional[str], typer.Option(help="A named recipe (train/recipes.py): study | "
+                                                        "accurate; options you set win over it.")] = None,
+          resume: ResumeOpt = False):
+    """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>."""
     from covid_cxr.train.fit import train as fit
+    from covid_cxr.train.recipes import train_recipe
 
     _quiet()
     cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
-                  classes=classes, name=name, target_recall=target_recall)
+                  classes=classes, name=name, target_recall=target_recall, finetune_epochs=finetune_epochs,
+                  finetune_views=finetune_views, init_from=init_from)
+    source = data if len(data) > 1 else data[0]
     try:
-        r = fit(data if len(data) > 1 else data[0], out, cfg, resume=resume)
+        if recipe:
+            path, metrics = train_recipe(recipe, source, out, cfg, resume)
+        else:
+            r = fit(source, out, cfg, resume=resume)
+            path, metrics = r.bundle_path, r.metrics
     except UserError as exc:
         fail(str(exc))
-    _print_metrics(r.metrics, f"{cfg.bundle_name}: test split")
-    out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
+    _print_metrics(metrics, f"{path.parent.name}: test split")
+    out_console.print(f"bundle: {path}\nreport: {path / 'report' / 'metrics.md'}")
 
 
 @app.command("lr-find")

@@ -144,3 +144,41 @@ def test_an_ensemble_refuses_members_with_other_inputs(tiny_models, tmp_path):
     (other / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="input"):
         build_ensemble([tiny_models / "tiny", other], tmp_path / "out", "ens")
+
+
+# ----------------------------------------------------------------------------- fine-tuning, site adaptation
+
+def test_staged_finetune_from_a_bundle_changes_only_the_last_stages(tiny_models, tiny_data, tmp_path):
+    """--init-from a bundle + staged --finetune: the bundle's architecture and normalisation are
+    kept, blocks.6 and the head move, the stem does not, and the report says before vs after."""
+    from safetensors.torch import load_file
+
+    from covid_cxr.train.fit import TrainConfig, train
+
+    base = load_bundle(tiny_models / "tiny")
+    cfg = TrainConfig(init_from=str(tiny_models / "tiny"), finetune=True, finetune_views=2, finetune_epochs=2,
+                      epochs=1, lr=0.01, lr_find=False, progress=False, name="site")
+    r = train(tiny_data, tmp_path / "models", cfg, workdir=tmp_path / "work")
+    b = load_bundle(r.bundle_path)
+    assert b.input_hw == base.input_hw and b.metadata.input.normalisation == base.metadata.input.normalisation
+    assert not b.metadata.architecture.frozen_backbone and "bundle tiny v1" in b.metadata.architecture.weights
+    old, new = load_file(str(base.path / "model.safetensors")), load_file(str(b.path / "model.safetensors"))
+    assert (old["backbone.conv_stem.weight"] == new["backbone.conv_stem.weight"]).all()
+    changed = [k for k in old if k.startswith("backbone.blocks.6.") and not (old[k] == new[k]).all()]
+    assert changed and any(k.startswith("backbone.conv_head") and not (old[k] == new[k]).all() for k in old)
+    assert [h.get("stage") for h in r.history] == [None, 2, 2]
+    assert r.metrics["before_adaptation"]["n"] == r.metrics["n"]
+    assert "Site adaptation: before" in (b.report_dir / "metrics.md").read_text()
+    assert list((tmp_path / "work" / "feature-cache" / "backbones").glob("*-trunk6.onnx"))
+
+
+def test_recipes_apply_their_settings_and_explicit_options_win():
+    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.train.recipes import recipe_configs
+
+    [study] = recipe_configs("study", TrainConfig())
+    assert study.balance == "undersample" and study.max_per_class == 219 and study.name == "study"
+    [acc] = recipe_configs("accurate", TrainConfig(seed=3, name="mine"))
+    assert acc.finetune and acc.seed == 3 and acc.name == "mine"
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        recipe_configs("fastest", TrainConfig())

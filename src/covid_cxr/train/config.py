@@ -35,7 +35,13 @@ class TrainConfig(BaseModel):
     hidden: list[int] = Field([256], description="head hidden sizes")
     dropout: float | None = Field(None, ge=0, lt=1, description="head dropout (default: the study's)")
     patience: int = Field(8, ge=1, description="early stopping patience on val accuracy")
-    finetune: bool = Field(False, description="unfreeze the backbone's last stages, train on augmented images")
+    finetune: bool = Field(False, description="unfreeze the backbone's last stages, train on augmented images "
+                                              "(EfficientNet-Lite: staged, on cached trunk activations)")
+    finetune_epochs: int = Field(12, ge=1, description="staged fine-tuning: epochs of stage 2 (cosine schedule)")
+    finetune_views: int = Field(4, ge=1, description="staged fine-tuning: cached views per training image "
+                                                    "(1 plain + augmented copies)")
+    finetune_lr_factor: float = Field(0.1, gt=0, le=1, description="staged fine-tuning: the unfrozen stages' "
+                                                                   "learning rate as a fraction of --lr")
     cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
     lr_find: bool = Field(True, description="run the LR range test first (plot and suggestion in the report)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="feature extraction: fp32 | bf16")
@@ -44,6 +50,8 @@ class TrainConfig(BaseModel):
                             "(onnxruntime from 200 images to extract: its one-off export costs ~10 s)")
     target_recall: str | None = Field(
         None, description="operating point CLASS=RECALL (e.g. COVID-19=0.97), threshold fitted on the validation split")
+    init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
+                                                     "architecture, input size, normalisation and weights")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")

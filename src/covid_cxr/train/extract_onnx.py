@@ -47,7 +47,12 @@ def backbone_path(cache_dir: Path, arch: str, size: int, digest: str) -> Path:
 
 
 def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
-    """Export N x 1 x size x size -> N x F to `path` (atomically: a temp file renamed into place)."""
+    """Export the pooled backbone, N x 1 x size x size -> N x F, to `path`."""
+    return export_graph(PooledBackbone(backbone), path, size)
+
+
+def export_graph(net: nn.Module, path: Path, size: int) -> Path:
+    """Export `net` (N x 1 x size x size -> one tensor) to `path`, atomically (temp file renamed)."""
     import logging
     import warnings
 
@@ -55,7 +60,7 @@ def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
         logging.getLogger(name).setLevel(logging.ERROR)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")
-    net = PooledBackbone(backbone).eval()
+    net = net.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

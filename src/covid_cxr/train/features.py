@@ -101,7 +101,11 @@ def cached_features(model, prepared, cfg, source: str, cache_dir: Path) -> dict[
     """split -> (features N x F, labels N) for every split, extracting only what the cache lacks."""
     from covid_cxr.data.dataset import labels_of
 
-    key = cache_key(cfg.arch, source, cfg.size, prepared.mean, prepared.std)
+    from covid_cxr.train.extract_onnx import weights_digest
+
+    # keyed by the backbone's tensors, not the source's name: random initialisations differ per seed,
+    # and a bundle continued with --init-from shares the features of the backbone it kept frozen
+    key = cache_key(cfg.arch, weights_digest(model.backbone), cfg.size, prepared.mean, prepared.std)
     cache = FeatureCache(cache_dir / f"{key}.safetensors")
     items = {s: [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[s]] for s in prepared.splits}
     everything = [it for s in ("train", "val", "test") for it in items[s]]

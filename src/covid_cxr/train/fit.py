@@ -21,7 +21,7 @@ from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
-from covid_cxr.models import Classifier, create_model, get_spec
+from covid_cxr.models import Classifier, get_spec
 from covid_cxr.train.config import TrainConfig
 from covid_cxr.train.decisions import decision_metrics, operating_point_of
 from covid_cxr.train.features import cached_features
@@ -76,7 +76,9 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool) -> RunDir:
 
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
                     source: str) -> Inputs:
-    if cfg.cache_features and not cfg.finetune:
+    from covid_cxr.train.finetune import staged_supported
+
+    if cfg.cache_features and (not cfg.finetune or staged_supported(cfg.arch)):  # staged: head first
         feats = cached_features(model, prepared, cfg, source, cache_dir)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
     if cfg.finetune:
@@ -109,9 +111,10 @@ def _trainer(cfg: TrainConfig, run: RunDir, history: History) -> L.Trainer:
                      default_root_dir=str(run.root))
 
 
-def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool) -> History:
+def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool,
+        module: L.LightningModule | None = None) -> History:
     """Lightning fit with the study's callbacks; the best epoch's weights are put back afterwards."""
-    module = ClassifierModule(inputs.net, cfg.lr, prepared.class_weights)
+    module = module or ClassifierModule(inputs.net, cfg.lr, prepared.class_weights)
     history = History()
     trainer = _trainer(cfg, run, history)
     last = run.checkpoints / "last.ckpt"
@@ -138,12 +141,17 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str) -> dict:
-    """Test metrics, and the report folder that goes into the bundle (table, curves, history)."""
+             run: RunDir, title: str, before: dict | None = None) -> dict:
+    """Test metrics, and the report folder that goes into the bundle (table, curves, history).
+    `before`: the --init-from bundle's metrics on the same split (site adaptation)."""
+    from covid_cxr.train.adapt import before_after_md
+
     metrics = decision_metrics(model, inputs, prepared, cfg)
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
-    write_report(metrics, run.report, title)
+    if before is not None:
+        metrics["before_adaptation"] = before
+    write_report(metrics, run.report, title, before_after_md(before, metrics) if before else "")
     return metrics
 
 
@@ -174,24 +182,32 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
     from covid_cxr.bundle import write_bundle
 
+    from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
+
     clock = Stopwatch()
+    cfg = adapted_config(cfg)  # --init-from: architecture, size and head from the bundle
     models_out = Path(models_out)
     workdir = Path(workdir) if workdir else models_out / ".work"
     run = start_run(cfg, workdir, resume)
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
                                    progress=cfg.progress)
     clock.lap("data")
-    model, source = create_model(cfg.arch, cfg.weights, len(prepared.classes), cfg.hidden, cfg.dropout,
-                                 prepared.mean, prepared.std)
+    model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source)
     clock.lap("features")
+    before = before_metrics(model, inputs, prepared, cfg) if cfg.init_from else None
     lr_suggestion = None
     if cfg.lr_find and inputs.features is not None:
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run)
         clock.lap("lr_find")
     history = fit(inputs, prepared, cfg, run, resume)
+    if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
+        from covid_cxr.train.finetune import finetune_stage
+
+        feats, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
+        inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
-    metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split")
+    metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split", before)
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion)
     content["operating_point"] = operating_point_of(metrics)
