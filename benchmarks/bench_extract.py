@@ -12,6 +12,7 @@ Usage: python benchmarks/bench_extract.py [--data DIR] [--n 512] [--archs effici
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid19-radiography"
 
 
-def rate(paths: list[Path], size: int, featurize, batch: int = 32) -> tuple[float, torch.Tensor]:
-    featurize(torch.from_numpy(load_batch(paths[:4], size, size))[:, None])  # warm-up
-    t = time.perf_counter()
-    out = [featurize(torch.from_numpy(load_batch(paths[i:i + batch], size, size))[:, None])
-           for i in range(0, len(paths), batch)]
-    return len(paths) / (time.perf_counter() - t), torch.cat(out)
+def rates(paths: list[Path], size: int, engines: dict, batch: int = 32) -> dict:
+    """images/s and features per engine. Engines take turns batch by batch (decode+resize timed
+    with each), so a shared machine's changing load falls on all of them alike."""
+    spent = {k: 0.0 for k in engines}
+    feats: dict[str, list] = {k: [] for k in engines}
+    for fn in engines.values():
+        fn(torch.from_numpy(load_batch(paths[:4], size, size))[:, None])  # warm-up
+    for i in range(0, len(paths), batch):
+        for name, fn in engines.items():
+            t = time.perf_counter()
+            feats[name].append(fn(torch.from_numpy(load_batch(paths[i:i + batch], size, size))[:, None]))
+            spent[name] += time.perf_counter() - t
+    return {k: (len(paths) / spent[k], torch.cat(feats[k])) for k in engines}
 
 
 def engines(model, size: int, cache: Path) -> dict:
@@ -40,9 +48,11 @@ def engines(model, size: int, cache: Path) -> dict:
         with torch.inference_mode():
             return model.features(x)
 
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
     def channels_last(x):
         with torch.inference_mode():
-            return model.features(x.contiguous(memory_format=torch.channels_last))
+            return cl_model.features(x.contiguous(memory_format=torch.channels_last))
 
     t = time.perf_counter()
     ort = OnnxFeatureExtractor(model, size, cache)
@@ -59,12 +69,7 @@ def bench(data: Path, archs: list[str], n: int) -> None:
         model, _ = create_model(arch, "imagenet" if arch.startswith("efficientnet") else "none")
         model.eval()
         with tempfile.TemporaryDirectory() as tmp:
-            res = {}
-            for name, fn in engines(model, size, Path(tmp)).items():
-                if "CL" in name:
-                    model.to(memory_format=torch.channels_last)
-                res[name] = rate(paths, size, fn)
-                model.to(memory_format=torch.contiguous_format)
+            res = rates(paths, size, engines(model, size, Path(tmp)))
         base_rate, base = res["torch fp32 eager"]
         print(f"  {arch} ({size} px)")
         for name, (r, f) in res.items():
@@ -87,7 +92,8 @@ def changed_predictions(model_dir: Path) -> None:
     paths = [prepared.manifest.root / r.path for r in prepared.splits["test"]]
     with tempfile.TemporaryDirectory() as tmp:
         fns = engines(model, size, Path(tmp))
-        (rt, ft), (ro, fo) = rate(paths, size, fns["torch fp32 eager"]), rate(paths, size, fns["ORT fp32"])
+        res = rates(paths, size, {k: fns[k] for k in ("torch fp32 eager", "ORT fp32")})
+    (rt, ft), (ro, fo) = res["torch fp32 eager"], res["ORT fp32"]
     with torch.inference_mode():
         pt, po = torch.softmax(model.head(ft), 1), torch.softmax(model.head(fo), 1)
     changed = int((pt.argmax(1) != po.argmax(1)).sum())

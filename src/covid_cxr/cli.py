@@ -141,6 +141,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
           finetune_epochs: Annotated[int, _opt("finetune_epochs")] = D.finetune_epochs,
           finetune_views: Annotated[int, _opt("finetune_views")] = D.finetune_views,
           init_from: Annotated[Optional[str], _opt("init_from")] = D.init_from,
+          extractor: Annotated[str, _opt("extractor")] = D.extractor,
           recipe: Annotated[Optional[str], typer.Option(help="A named recipe (train/recipes.py): study | "
                                                         "accurate; options you set win over it.")] = None,
           resume: ResumeOpt = False):
@@ -153,7 +154,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
                   classes=classes, name=name, target_recall=target_recall, finetune_epochs=finetune_epochs,
-                  finetune_views=finetune_views, init_from=init_from)
+                  finetune_views=finetune_views, init_from=init_from, extractor=extractor)
     source = data if len(data) > 1 else data[0]
     try:
         if recipe:

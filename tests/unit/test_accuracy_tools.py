@@ -182,3 +182,19 @@ def test_recipes_apply_their_settings_and_explicit_options_win():
     assert acc.finetune and acc.seed == 3 and acc.name == "mine"
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe_configs("fastest", TrainConfig())
+
+
+def test_site_adaptation_never_tests_on_images_the_bundle_trained_on(tiny_models, tiny_data):
+    """Another seed re-splits the same images: test images the bundle trained on move to train."""
+    from covid_cxr.data import prepare
+    from covid_cxr.train.adapt import exclude_seen, trained_on
+    from covid_cxr.train.config import TrainConfig
+
+    cfg = TrainConfig(init_from=str(tiny_models / "tiny"), seed=7)
+    seen = trained_on(load_bundle(tiny_models / "tiny"))
+    p = prepare(tiny_data, seed=7, progress=False)
+    assert any(r.sha256 in seen for r in p.splits["test"])  # the leak this guards against
+    n = sum(len(v) for v in p.splits.values())
+    moved = exclude_seen(p, cfg)
+    assert moved > 0 and not any(r.sha256 in seen for r in p.splits["test"])
+    assert sum(len(v) for v in p.splits.values()) == n

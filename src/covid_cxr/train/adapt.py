@@ -70,3 +70,39 @@ def before_after_md(before: dict, after: dict) -> str:
     for s in after.get("by_source") or {}:
         rows += [line(f"before, {s}", before["by_source"][s]), line(f"after, {s}", after["by_source"][s])]
     return "\n".join(rows) + "\n"
+
+
+def trained_on(bundle) -> set[str]:
+    """sha256 of the images the bundle trained and validated on (its split, prepared again from its
+    own dataset folder and settings); empty when that folder is not at hand."""
+    from pathlib import Path
+
+    from covid_cxr.data import prepare
+
+    t = bundle.metadata.training
+    if t is None or not Path(t.data.dataset_root).is_dir():
+        return set()
+    c = t.config
+    p = prepare(t.data.dataset_root, c.classes, c.balance, c.max_per_class, c.seed, progress=False)
+    if p.manifest.digest() != t.data.manifest_sha256:
+        raise ConfigError(f"--init-from {bundle.path}: {t.data.dataset_root} no longer holds the images it was "
+                          "trained on; its test split cannot be told apart")
+    return {r.sha256 for s in ("train", "val") for r in p.splits[s]}
+
+
+def exclude_seen(prepared, cfg) -> int:
+    """Move test images the --init-from bundle trained or validated on into train, so 'before' and
+    'after' are both measured on images the bundle never saw (--data ORIGINAL re-splits the original
+    data together with the site's images; without this, the test split would hold the bundle's
+    training images and flatter it). Returns how many moved."""
+    from covid_cxr.bundle import load_bundle
+    from covid_cxr.errors import DataError
+
+    seen = trained_on(load_bundle(cfg.init_from))
+    moved = [r for r in prepared.splits["test"] if r.sha256 in seen]
+    if moved:
+        prepared.splits["test"] = [r for r in prepared.splits["test"] if r.sha256 not in seen]
+        prepared.splits["train"] = sorted(prepared.splits["train"] + moved, key=lambda r: r.path)
+    if not prepared.splits["test"]:
+        raise DataError(f"--init-from {cfg.init_from}: every test image was seen by the bundle in training")
+    return len(moved)

@@ -191,6 +191,10 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     run = start_run(cfg, workdir, resume)
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
                                    progress=cfg.progress)
+    if cfg.init_from:
+        from covid_cxr.train.adapt import exclude_seen
+
+        exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
     clock.lap("data")
     model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source)
