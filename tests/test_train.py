@@ -163,7 +163,8 @@ def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
     r = train(data, tmp_path / "m", cfg, workdir=tmp_path / "w")
     b = load_bundle(r.bundle_path)
     assert b.metadata.architecture.frozen_backbone is False
-    assert b.metadata.training.feature_cache is False
+    assert b.metadata.training.feature_cache is True  # staged: head on cached features, then the last stages
+    assert [h.get("stage") for h in r.history][-1] == 2
     before, _ = create_model("efficientnet_lite0", weights="imagenet")
     after = b.load_torch()
     changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731

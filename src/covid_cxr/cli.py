@@ -49,6 +49,8 @@ def _opt(field: str, *names: str, **kw):
 
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
+DatasOpt = Annotated[list[Path], typer.Option("--data", help="Dataset folder (any supported layout); repeat to "
+                                              "train on several (splits stratified by class and source).")]
 ArchOpt = Annotated[str, _opt("arch")]
 WeightsOpt = Annotated[str, _opt("weights")]
 BalanceOpt = Annotated[str, _opt("balance")]
@@ -58,6 +60,7 @@ SizeOpt = Annotated[Optional[int], _opt("image_size")]
 HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")]
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
 PrecisionOpt = Annotated[str, _opt("precision")]
+TargetRecallOpt = Annotated[Optional[str], _opt("target_recall")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
 AcceleratorOpt = Annotated[str, _opt("accelerator")]
 DevicesOpt = Annotated[int, _opt("devices")]
@@ -146,7 +149,7 @@ def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the d
 
 
 @app.command()
-def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
+def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
           arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
           batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
           seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
@@ -156,28 +159,42 @@ def train(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Model 
           classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
           lung_crop: Annotated[str, _opt("lung_crop")] = D.lung_crop,
           lungs: Annotated[Optional[str], _opt("lungs")] = D.lungs,
+          target_recall: TargetRecallOpt = D.target_recall,
+          finetune_epochs: Annotated[int, _opt("finetune_epochs")] = D.finetune_epochs,
+          finetune_views: Annotated[int, _opt("finetune_views")] = D.finetune_views,
+          init_from: Annotated[Optional[str], _opt("init_from")] = D.init_from,
+          extractor: Annotated[str, _opt("extractor")] = D.extractor,
+          recipe: Annotated[Optional[str], typer.Option(help="A named recipe (train/recipes.py): study | "
+                                                        "accurate; options you set win over it.")] = None,
           resume: ResumeOpt = False, accelerator: AcceleratorOpt = D.accelerator, devices: DevicesOpt = D.devices,
           num_nodes: NodesOpt = D.num_nodes, strategy: StrategyOpt = D.strategy, logger: LoggerOpt = D.logger,
           tracking_uri: TrackingOpt = None):
-    """Train one architecture (frozen backbone + head) and write its bundle MODELS/<name>/<version>.
+    """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>.
     --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
     from covid_cxr.train.fit import train as fit
+    from covid_cxr.train.recipes import train_recipe
 
     _quiet()
     cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
                   classes=classes, name=name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                  strategy=strategy, logger=logger, tracking_uri=tracking_uri,
-                  lung_crop=lung_crop, lungs=lungs)
+                  strategy=strategy, logger=logger, tracking_uri=tracking_uri, lung_crop=lung_crop, lungs=lungs,
+                  target_recall=target_recall, finetune_epochs=finetune_epochs, finetune_views=finetune_views,
+                  init_from=init_from, extractor=extractor)
+    source = data if len(data) > 1 else data[0]
     try:
-        r = fit(data, out, cfg, resume=resume)
+        if recipe:
+            path, metrics = train_recipe(recipe, source, out, cfg, resume)
+        else:
+            r = fit(source, out, cfg, resume=resume)
+            path, metrics = r.bundle_path, r.metrics
     except UserError as exc:
         fail(str(exc))
-    if r.bundle_path is None:  # another process of a multi-process run: the main one reports
+    if path is None:  # another process of a multi-process run: the main one reports
         return
-    _print_metrics(r.metrics, f"{cfg.bundle_name}: test split")
-    out_console.print(f"bundle: {r.bundle_path}\nreport: {r.bundle_path / 'report' / 'metrics.md'}")
+    _print_metrics(metrics, f"{path.parent.name}: test split")
+    out_console.print(f"bundle: {path}\nreport: {path / 'report' / 'metrics.md'}")
 
 
 @app.command("lr-find")
@@ -214,6 +231,9 @@ def _print_metrics(m: dict, title: str) -> None:
     out_console.print(t)
     lo, hi = m["accuracy_ci95"]
     out_console.print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m['n']})")
+    op = m.get("operating_point")
+    if op:  # the table the bundle decides by, beside the argmax one above
+        _print_metrics(op["metrics"], f"{title}, operating point: {op['class_name']} when p >= {op['threshold']:.4f}")
 
 
 @app.command()
@@ -288,7 +308,7 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
         except DecodeError as exc:
             results.append({"image": str(p), "error": str(exc)})
             continue
-        results.append({"image": str(p), "label": b.classes[int(probs[0].argmax())],
+        results.append({"image": str(p), "label": b.classes[int(b.decide(probs)[0])],
                         "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
                         "in_distribution": None if inside is None else bool(inside[0]),
                         "ood_score": None if score is None else float(score[0])})
@@ -347,13 +367,13 @@ def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/
         seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
         image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
         patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
-        classes: ClassesOpt = None, resume: ResumeOpt = False, logger: LoggerOpt = D.logger,
-        tracking_uri: TrackingOpt = None):
+        classes: ClassesOpt = None, target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False,
+        logger: LoggerOpt = D.logger, tracking_uri: TrackingOpt = None):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
     _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
          seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
-         dropout=dropout, patience=patience, precision=precision, classes=classes, logger=logger,
-         tracking_uri=tracking_uri)
+         dropout=dropout, patience=patience, precision=precision, classes=classes, target_recall=target_recall,
+         logger=logger, tracking_uri=tracking_uri)
 
 
 def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
@@ -392,6 +412,7 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 
 def _register_plugins() -> None:
     from covid_cxr.bundle.cli import register as register_bundle
+    from covid_cxr.bundle.cli import register_ensemble
     from covid_cxr.explain.cli import register as register_explain
     from covid_cxr.export.cli import register as register_export
     from covid_cxr.lungs.cli import register as register_lungs
@@ -399,6 +420,7 @@ def _register_plugins() -> None:
     from covid_cxr.trust.cli import register as register_trust
 
     register_bundle(app)
+    register_ensemble(app)
     register_explain(app)
     register_export(app)
     register_lungs(app)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -35,3 +35,30 @@ def schema():
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bundle_app, name="bundle")
+
+
+def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles MODELS/<name>[/<version>]")],
+             out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
+             name: Annotated[str, typer.Option("--name", help="The ensemble's bundle name.")] = "ensemble",
+             evaluate: Annotated[bool, typer.Option(help="Test metrics on the members' common test split.")] = True,
+             target_recall: Annotated[Optional[str], typer.Option(help="Operating point CLASS=RECALL, fitted "
+                                                                   "on the validation split.")] = None):
+    """One bundle whose ONNX model averages its members' probabilities (served, evaluated, explained
+    like any bundle)."""
+    from rich.console import Console
+
+    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.cliutil import fail
+    from covid_cxr.errors import UserError
+
+    try:
+        b = build_ensemble(members, out, name, evaluate, target_recall)
+    except UserError as exc:
+        fail(str(exc))
+    m = b.metadata.test_metrics
+    extra = f"; test accuracy {m.accuracy:.3f}, n={m.n}" if m else ""
+    Console().print(f"bundle: {b.path} ({len(members)} members{extra})", soft_wrap=True)
+
+
+def register_ensemble(app: typer.Typer) -> None:
+    app.command("ensemble")(ensemble)

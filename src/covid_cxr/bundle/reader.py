@@ -93,6 +93,15 @@ class Bundle:
         path = self.path / TRUST_FILE
         return load_file(str(path)) if path.is_file() else None
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class indices for N x classes probabilities: the operating point if set, else the argmax."""
+        from covid_cxr.bundle.schema import decide
+
+        op = self.metadata.operating_point
+        if op is None:
+            return decide(probs, None, None)
+        return decide(probs, self.classes.index(op.class_name), op.threshold)
+
     def load_torch(self):
         """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
         from covid_cxr.bundle.writer import load_torch

@@ -32,6 +32,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Member(_Strict):
+    """One model of an ensemble: where it came from, and what rebuilds it (weights are in the
+    ensemble's model.safetensors under `members.<i>.`)."""
+
+    name: str
+    version: PositiveInt
+    architecture: "Architecture"
+    normalisation: "Normalisation"
+    test_accuracy: float | None = None
+
+
 class Architecture(_Strict):
     name: str = Field(description="covid-cxr architecture name (registry key)")
     timm_name: str = Field(description="timm model the backbone is built from")
@@ -40,6 +51,7 @@ class Architecture(_Strict):
     dropout: float = Field(ge=0, lt=1)
     cam_layer: str = Field(description="backbone module whose activations Grad-CAM uses")
     frozen_backbone: bool = True
+    members: list[Member] | None = Field(None, description="an ensemble's models (their probabilities are averaged)")
 
 
 class Normalisation(_Strict):
@@ -180,6 +192,32 @@ class Segmentation(_Strict):
     timings_s: dict[str, float] = {}
 
 
+def decide(probs, index: int | None, threshold: float | None):
+    """Predicted class indices: `index` where its probability >= threshold, else the argmax.
+    (numpy; here so the ONNX-only server applies a bundle's operating point without more imports)"""
+    import numpy as np
+
+    probs = np.asarray(probs)
+    pred = probs.argmax(1)
+    if index is None or threshold is None:
+        return pred
+    return np.where(probs[:, index] >= threshold, index, pred)
+
+
+class OperatingPoint(_Strict):
+    """Decision rule: `class_name` when its probability >= threshold, otherwise the argmax."""
+
+    class_name: str
+    threshold: float = Field(ge=0, le=1)
+    target_recall: float = Field(gt=0, le=1)
+    val_recall: float = Field(ge=0, le=1, description="that class's recall on the validation split at the threshold")
+    val_images: int = Field(ge=0)
+    fitted_on: str = "validation split"
+
+
+Member.model_rebuild()
+
+
 class BundleMetadata(_Strict):
     """`metadata.json` of MODELS/<name>/<version>/.
 
@@ -196,6 +234,7 @@ class BundleMetadata(_Strict):
     input: InputSpec
     training: Training | None = None
     test_metrics: Metrics | None = None
+    operating_point: OperatingPoint | None = Field(None, description="decision threshold (--target-recall)")
     onnx: OnnxInfo
     trust: TrustInfo | None = Field(None, description="absent in bundles written before covid-cxr had it")
     segmentation: Segmentation | None = None
@@ -217,6 +256,8 @@ class BundleMetadata(_Strict):
             raise ValueError("'segmentation' is required for task segmentation and only there")
         if self.has_ood and any(outs.get(n) != [DYNAMIC] for n in OOD_OUTPUTS):
             raise ValueError(f"trust.ood is set: onnx outputs {list(OOD_OUTPUTS)} must have shape [{DYNAMIC}]")
+        if self.operating_point is not None and self.operating_point.class_name not in self.classes:
+            raise ValueError(f"operating_point.class_name {self.operating_point.class_name!r} is not a class")
         return self
 
     @property

@@ -34,6 +34,7 @@ class Record:
     group: int = -1  # duplicate group id (exact or near); -1 until dedupe runs
     pixel_mean: float = 0.0  # mean of the [0, 1] grayscale pixels
     pixel_sq_mean: float = 0.0  # mean of their squares
+    source: str = ""  # which --data folder it came from (several datasets); "" for one
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covid_cxr.data.manifest import Manifest, Record, build_manifest
+from covid_cxr.data.manifest import Manifest, Record
 from covid_cxr.data.split import SPLITS, select, stratified_group_split
 from covid_cxr.data.stats import mean_std
 from covid_cxr.errors import DataError
@@ -34,6 +34,14 @@ class PreparedData:
     def counts(self) -> dict[str, dict[str, int]]:
         return {s: {c: sum(r.label == c for r in rs) for c in self.classes} for s, rs in self.splits.items()}
 
+    def source_counts(self) -> dict[str, dict[str, dict[str, int]]] | None:
+        """source -> split -> class -> images, when the data came from several folders."""
+        names = sorted({r.source for rs in self.splits.values() for r in rs})
+        if len(names) < 2:
+            return None
+        return {n: {s: {c: sum(r.label == c and r.source == n for r in rs) for c in self.classes}
+                    for s, rs in self.splits.items()} for n in names}
+
     def label_index(self, rec: Record) -> int:
         return self.classes.index(rec.label)
 
@@ -52,18 +60,21 @@ class PreparedData:
             "seed": self.seed,
             "split_fractions": list(self.fractions),
             "counts": self.counts(),
+            "sources": self.source_counts(),
             "class_weights": self.class_weights,
             "normalisation": {"mean": self.mean, "std": self.std, "computed_on": "train split"},
         }
 
 
-def prepare(data_dir: str | Path, classes=None, balance: str = "undersample",
+def prepare(data_dir: str | Path | list, classes=None, balance: str = "undersample",
             max_per_class: int | None = None, seed: int = 0,
             fractions=(0.70, 0.15, 0.15), near_threshold: int = 4,
             progress: bool = True, manifest: Manifest | None = None) -> PreparedData:
     if balance not in BALANCE_CHOICES:
         raise DataError(f"--balance must be one of {BALANCE_CHOICES}, got {balance!r}")
-    man = manifest or build_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress)
+    from covid_cxr.data.sources import build_sources_manifest
+
+    man = manifest or build_sources_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress)
     ok = man.ok
     missing = [c for c in man.classes if not any(r.label == c for r in ok)]
     if missing:

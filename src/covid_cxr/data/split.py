@@ -21,16 +21,21 @@ class SplitResult:
     counts: dict[str, dict[str, int]]  # split -> class -> n
 
 
-def _groups_by_class(records) -> dict[str, dict[int, list]]:
-    """class -> group id -> records. A group spanning classes goes to its majority class's pool."""
+def _groups_by_class(records, key=lambda r: r.label) -> dict:
+    """key (class) -> group id -> records. A group spanning keys goes to its majority key's pool."""
     members: dict[int, list] = defaultdict(list)
     for r in records:
         members[r.group].append(r)
-    out: dict[str, dict[int, list]] = defaultdict(dict)
+    out: dict = defaultdict(dict)
     for g, rs in members.items():
-        label = Counter(r.label for r in rs).most_common(1)[0][0]
+        label = Counter(key(r) for r in rs).most_common(1)[0][0]
         out[label][g] = rs
     return out
+
+
+def _stratum(r) -> tuple[str, str]:
+    """Splits are stratified by class and data source (one source: by class alone, as before)."""
+    return (r.label, getattr(r, "source", ""))
 
 
 def select(records, balance: str = "none", max_per_class: int | None = None, seed: int = 0):
@@ -58,13 +63,14 @@ def select(records, balance: str = "none", max_per_class: int | None = None, see
 
 
 def stratified_group_split(records, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> SplitResult:
-    """Per class, shuffle the groups and fill test, then val, to their share; the rest is train."""
+    """Per class and source, shuffle the groups and fill test, then val, to their share; the rest
+    is train."""
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(f"split fractions must sum to 1, got {fractions}")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {s: Counter() for s in SPLITS}
-    for c, pool in sorted(_groups_by_class(records).items()):
+    for c, pool in sorted(_groups_by_class(records, _stratum).items()):
         groups = list(pool.values())
         total = sum(len(g) for g in groups)
         want = {"test": round(total * fractions[2]), "val": round(total * fractions[1])}

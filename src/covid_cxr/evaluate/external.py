@@ -12,7 +12,7 @@ import numpy as np
 from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
-from covid_cxr.evaluate.metrics import compute_metrics
+from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.utils import progress_iter
 
@@ -30,7 +30,8 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
         probs.append(p)
         inside.append(ok if ok is not None else np.ones(len(p), bool))
     y = np.array([bundle.classes.index(r.label) for r in recs])
-    m = compute_metrics(y, np.concatenate(probs), bundle.classes)
+    probs = np.concatenate(probs)
+    m = with_operating_point(compute_metrics(y, probs, bundle.classes), y, probs, bundle.metadata.operating_point)
     if bundle.has_ood:  # the share of the folder the model's gate calls unlike its training images
         m["ood_rate"] = float(1 - np.concatenate(inside).mean())
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]

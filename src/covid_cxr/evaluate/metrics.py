@@ -20,11 +20,13 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict:
-    """Everything the report, the bundle's metadata and `evaluate --json` need, JSON-ready."""
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | tuple[str, ...],
+                    y_pred: np.ndarray | None = None) -> dict:
+    """Everything the report, the bundle's metadata and `evaluate --json` need, JSON-ready.
+    `y_pred` defaults to the argmax (an operating point passes its own decisions)."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred)
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -45,10 +47,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | 
         "confusion_matrix": cm.tolist(),
         "classes": list(classes),
     }
-    return with_uncertainty(out, y_true, probs)
+    return with_uncertainty(out, y_true, probs, y_pred)
 
 
-def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray) -> dict:
+def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> dict:
     """Add bootstrap intervals ("ci" beside each figure) and calibration (ece, brier, reliability)."""
     from covid_cxr.trust.bootstrap import bootstrap_ci
     from covid_cxr.trust.calibration import calibration_summary
@@ -56,8 +58,30 @@ def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray) -> dict:
     classes = m["classes"]
     if len(y_true):
         m.update(calibration_summary(y_true, probs))
-        ci = bootstrap_ci(y_true, probs.argmax(1), len(classes))
+        ci = bootstrap_ci(y_true, y_pred, len(classes))
         m["ci"] = {"accuracy": ci["accuracy"], "macro_f1": ci["macro_f1"], "method": ci["method"]}
         for c, e in zip(classes, ci["per_class"]):
             m["per_class"][c]["ci"] = e
     return m
+
+
+def with_operating_point(m: dict, y_true: np.ndarray, probs: np.ndarray, op) -> dict:
+    """Add `m["operating_point"]`: the same metrics with the decision threshold applied."""
+    from covid_cxr.evaluate.operating_point import decide, op_index
+
+    i, t = op_index(op, m["classes"])
+    if i is None:
+        return m
+    at = compute_metrics(y_true, probs, m["classes"], decide(probs, i, t))
+    info = op if isinstance(op, dict) else op.model_dump()
+    return {**m, "operating_point": {**info, "metrics": at}}
+
+
+def by_source(y_true: np.ndarray, probs: np.ndarray, classes, sources: list[str], op=None) -> dict:
+    """Metrics per data source (several --data folders), for the report; {} for one source."""
+    names = sorted(set(sources))
+    if len(names) < 2:
+        return {}
+    src = np.asarray(sources)
+    return {s: with_operating_point(compute_metrics(y_true[src == s], probs[src == s], classes),
+                                    y_true[src == s], probs[src == s], op) for s in names}

@@ -26,11 +26,29 @@ def metrics_table_md(m: dict) -> str:
     return "\n".join(rows + [summary]) + "\n"
 
 
+def operating_point_md(m: dict) -> str:
+    """The operating-point table beside the argmax one (empty when none is set)."""
+    op = m.get("operating_point")
+    if not op:
+        return ""
+    return (f"\n## At the operating point: {op['class_name']} when p >= {op['threshold']:.4f}\n\n"
+            f"Fitted on the {op['fitted_on']} for recall >= {op['target_recall']} (there: {op['val_recall']:.3f}, "
+            f"{op['val_images']} images); otherwise the argmax.\n\n" + metrics_table_md(op["metrics"]))
+
+
+def sources_md(m: dict) -> str:
+    """Per-source tables when the training data came from several folders."""
+    parts = [f"\n## Source: {s}\n\n" + metrics_table_md(sm) + operating_point_md(sm).replace("## ", "### ")
+             for s, sm in (m.get("by_source") or {}).items()]
+    return "".join(parts)
+
+
 def write_report(m: dict, out: Path, title: str, extra_md: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", m)
     confusion_matrix_png(m["confusion_matrix"], m["classes"], out / "confusion_matrix.png", title)
-    md = [f"# {title}\n", metrics_table_md(m), trust_md(m, out, title), "\n![confusion matrix](confusion_matrix.png)\n"]
+    md = [f"# {title}\n", "\n## Argmax\n\n" if m.get("operating_point") else "", metrics_table_md(m),
+          operating_point_md(m), sources_md(m), trust_md(m, out, title), "\n![confusion matrix](confusion_matrix.png)\n"]
     if (out / "curves.png").is_file():
         md.append("\n![training curves](curves.png)\n")
     if (out / "lr_find.png").is_file():

@@ -159,18 +159,21 @@ class Explainer:
         self.layer_name = layer or target_layer_name(model)
         self.model = cam_copy(model)
         backbone = getattr(self.model, "backbone", self.model)
+        # Several comma-separated layers (an ensemble: one per member): grad-cam averages their maps.
         try:
-            self.layer = backbone.get_submodule(self.layer_name)
+            self.layers = [backbone.get_submodule(n.strip()) for n in self.layer_name.split(",")]
         except AttributeError as exc:
             raise ValueError(f"Grad-CAM layer {self.layer_name!r} not found in the backbone: {exc}") from exc
-        self._hook = self.layer.register_forward_hook(_gradient_entry)  # before grad-cam's own hooks
+        self.layer = self.layers[0]
+        self._hooks = [m.register_forward_hook(_gradient_entry) for m in self.layers]  # before grad-cam's
         self._lock = threading.Lock()
         head = getattr(self.model, "head", None)
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
         self.num_classes: int | None = linears[-1].out_features if linears else None
 
     def close(self) -> None:
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
 
     def explain(self, pixels: np.ndarray, class_index: int | Sequence[int] | None = None,
                 method: str = DEFAULT_METHOD) -> list[Explanation]:
@@ -202,7 +205,7 @@ class Explainer:
                 wanted = [p if t is None else t for t, p in zip(wanted, predicted)]
             # all None: grad-cam picks each image's predicted class from the same forward pass
             targets = None if wanted[0] is None else [ClassifierOutputTarget(t) for t in wanted]
-            cam = cls(model=self.model, target_layers=[self.layer])
+            cam = cls(model=self.model, target_layers=self.layers)
             cam.batch_size = SCORECAM_BATCH  # ScoreCAM: masked copies per forward pass (its default: 16)
             try:
                 maps = cam(input_tensor=x, targets=targets)

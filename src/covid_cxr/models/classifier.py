@@ -78,6 +78,25 @@ class Classifier(nn.Module):
         return torch.softmax(self(x), dim=1)
 
 
+class EnsembleClassifier(nn.Module):
+    """Several classifiers on the same input; returns log of their mean probability, so softmax of
+    its output (what ProbabilityModel and the ONNX graph apply) is exactly the averaged probability.
+    Each member keeps its own normalisation inside it."""
+
+    def __init__(self, members: Sequence[nn.Module], cam_layer: str = ""):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.spec = ArchSpec("ensemble", "ensemble", 0, cam_layer, "bundle", ())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self(x), dim=1)
+
+
 class ProbabilityModel(nn.Module):
     """What a bundle exports: N x H x W x 1 float [0, 1] (TF Serving's NHWC) -> class probabilities."""
 
@@ -107,7 +126,13 @@ def classifier_from_metadata(meta) -> Classifier:
     """A bundle's classifier, shaped by its metadata alone (timm name, head, Grad-CAM layer), so an
     edit to the registry never breaks an old bundle. Weights are loaded by the caller."""
     arch = meta.architecture
+    if arch.members:
+        return EnsembleClassifier([_member_classifier(m.architecture, m.normalisation, meta)
+                                   for m in arch.members], arch.cam_layer)
+    return _member_classifier(arch, meta.input.normalisation, meta)
+
+
+def _member_classifier(arch, norm, meta) -> Classifier:
     spec = ArchSpec(arch.name, arch.timm_name, meta.input.height, arch.cam_layer, imagenet_source="bundle",
                     finetune_modules=())
-    norm = meta.input.normalisation
     return Classifier(spec, len(meta.classes), arch.hidden, arch.dropout, norm.mean, norm.std)

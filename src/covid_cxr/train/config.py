@@ -35,7 +35,13 @@ class TrainConfig(BaseModel):
     hidden: list[int] = Field([256], description="head hidden sizes")
     dropout: float | None = Field(None, ge=0, lt=1, description="head dropout (default: the study's)")
     patience: int = Field(8, ge=1, description="early stopping patience on val accuracy")
-    finetune: bool = Field(False, description="unfreeze the backbone's last stages, train on augmented images")
+    finetune: bool = Field(False, description="unfreeze the backbone's last stages, train on augmented images "
+                                              "(EfficientNet-Lite: staged, on cached trunk activations)")
+    finetune_epochs: int = Field(12, ge=1, description="staged fine-tuning: epochs of stage 2 (cosine schedule)")
+    finetune_views: int = Field(4, ge=1, description="staged fine-tuning: cached views per training image "
+                                                    "(1 plain + augmented copies)")
+    finetune_lr_factor: float = Field(0.1, gt=0, le=1, description="staged fine-tuning: the unfrozen stages' "
+                                                                   "learning rate as a fraction of --lr")
     cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
     lr_find: bool = Field(True, description="run the LR range test first (plot and suggestion in the report)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="feature extraction: fp32 | bf16")
@@ -43,6 +49,13 @@ class TrainConfig(BaseModel):
         "none", description="lung-only input: none | box (crop to the lungs' box + margin) | mask (black "
         "outside the lungs); needs --lungs and the frozen backbone's feature cache")
     lungs: str | None = Field(None, description="lung segmentation bundle for --lung-crop (MODELS/lungs)")
+    extractor: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="frozen-feature engine: onnxruntime (fp32, ~3-6x faster) | torch | auto "
+                            "(onnxruntime from 200 images to extract: its one-off export costs ~10 s)")
+    target_recall: str | None = Field(
+        None, description="operating point CLASS=RECALL (e.g. COVID-19=0.97), threshold fitted on the validation split")
+    init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
+                                                     "architecture, input size, normalisation and weights")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
@@ -84,6 +97,15 @@ class TrainConfig(BaseModel):
             raise ValueError("--lung-crop needs --lungs MODELS/lungs and the frozen backbone's feature cache "
                              "(not --finetune)")
         return self
+
+    @field_validator("target_recall")
+    @classmethod
+    def _target_form(cls, v: str | None) -> str | None:
+        if v is not None:
+            from covid_cxr.evaluate.operating_point import parse_target
+
+            parse_target(v)  # ConfigError naming the expected form
+        return v
 
     @property
     def size(self) -> int:

@@ -22,9 +22,10 @@ from covid_cxr.data.decode import load_batch
 from covid_cxr.errors import UserError
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
-from covid_cxr.models import Classifier, create_model, get_spec
+from covid_cxr.models import Classifier, get_spec
 from covid_cxr.train.config import TrainConfig
 from covid_cxr.train.distributed import Dist, launch, strategy
+from covid_cxr.train.decisions import decision_metrics, operating_point_of
 from covid_cxr.train.features import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
@@ -82,7 +83,9 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunD
 
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
                     source: str, dist: Dist | None = None) -> Inputs:
-    if cfg.cache_features and not cfg.finetune:
+    from covid_cxr.train.finetune import staged_supported
+
+    if cfg.cache_features and (not cfg.finetune or staged_supported(cfg.arch)):  # staged: head first
         feats = cached_features(model, prepared, cfg, source, cache_dir, dist)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
     if cfg.finetune:
@@ -137,9 +140,9 @@ def check_checkpoint(path: Path) -> None:
 
 
 def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, resume: bool,
-        logger=False) -> History:
+        logger=False, module: L.LightningModule | None = None) -> History:
     """Lightning fit with the study's callbacks; the best epoch's weights are put back afterwards."""
-    module = ClassifierModule(inputs.net, cfg.lr, prepared.class_weights)
+    module = module or ClassifierModule(inputs.net, cfg.lr, prepared.class_weights)
     history = History()
     trainer = _trainer(cfg, run, history, logger)
     last = run.checkpoints / "last.ckpt"
@@ -150,31 +153,34 @@ def fit(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run: RunDir, r
     return history
 
 
-def test_probabilities(model: Classifier, prepared: PreparedData, size: int, feats=None) -> tuple[np.ndarray, np.ndarray]:
-    """Test-split labels and probabilities (from cached features when the backbone was frozen)."""
+def test_probabilities(model: Classifier, prepared: PreparedData, size: int, feats=None,
+                      split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """A split's labels and probabilities (from cached features when the backbone was frozen)."""
     model.eval()
-    y = labels_of(prepared, "test")
+    y = labels_of(prepared, split)
     with torch.inference_mode():
         if feats is not None:
-            logits = model.head(feats["test"][0])
+            logits = model.head(feats[split][0])
         else:
-            paths = [prepared.manifest.root / r.path for r in prepared.splits["test"]]
+            paths = [prepared.manifest.root / r.path for r in prepared.splits[split]]
             x = torch.from_numpy(load_batch(paths, size, size))[:, None]
             logits = torch.cat([model(b) for b in x.split(32)])
     return y, torch.softmax(logits, 1).numpy()
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str, trust=None, feats: dict | None = None) -> dict:
-    """Test metrics (temperature-scaled, as the bundle answers), and the report folder that goes
-    into the bundle (table, calibration, curves, history)."""
-    from covid_cxr.trust.report import add_trust_metrics
+             run: RunDir, title: str, trust=None, feats: dict | None = None, before: dict | None = None) -> dict:
+    """Test metrics (temperature-scaled, as the bundle answers; the operating point beside the argmax),
+    and the report folder that goes into the bundle (table, calibration, curves, history).
+    `before`: the --init-from bundle's metrics on the same split (site adaptation)."""
+    from covid_cxr.train.adapt import before_after_md
 
-    y, probs = test_probabilities(model, prepared, cfg.size, inputs.features)
-    metrics = add_trust_metrics(y, probs, prepared.classes, trust, feats)
+    metrics = decision_metrics(model, inputs, prepared, cfg, trust, feats)
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
-    write_report(metrics, run.report, title)
+    if before is not None:
+        metrics["before_adaptation"] = before
+    write_report(metrics, run.report, title, before_after_md(before, metrics) if before else "")
     return metrics
 
 
@@ -213,35 +219,47 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
     from covid_cxr.bundle import write_bundle
+    from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
 
     dist = launch(cfg)  # several processes: from here on, this runs in each
     clock = Stopwatch()
+    cfg = adapted_config(cfg)  # --init-from: architecture, size and head from the bundle
     models_out = Path(models_out)
     workdir = Path(workdir) if workdir else models_out / ".work"
     run = start_run(cfg, workdir, resume, dist)
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
                                    progress=cfg.progress)
+    if cfg.init_from:
+        from covid_cxr.train.adapt import exclude_seen
+
+        exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
     clock.lap("data")
-    model, source = create_model(cfg.arch, cfg.weights, len(prepared.classes), cfg.hidden, cfg.dropout,
-                                 prepared.mean, prepared.std)
+    model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
     clock.lap("features")
+    before = before_metrics(model, inputs, prepared, cfg) if cfg.init_from else None
     lr_suggestion = None
     if cfg.lr_find and inputs.features is not None:
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
     history = fit(inputs, prepared, cfg, run, resume, logger)
+    if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
+        from covid_cxr.train.finetune import finetune_stage
+
+        feats, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
+        inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
     feats, trust = fit_trust_layer(model, inputs, prepared, cfg)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
-                       trust, feats)
+                       trust, feats, before)
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)
+    content["operating_point"] = operating_point_of(metrics)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

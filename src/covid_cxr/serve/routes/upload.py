@@ -90,7 +90,7 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
                                                 get_limits(request))
     probs, score, inside = await loaded.predict_with_ood(pixels[None, :, :, None])
     probs = probs[0]
-    idx = int(np.argmax(probs))
+    idx = int(loaded.bundle.decide(probs[None])[0])  # the bundle's operating point, else the argmax
     out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
                            model=loaded.name, version=loaded.version, latency_ms=0.0)
     if inside is not None:

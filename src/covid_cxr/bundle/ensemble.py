@@ -1,0 +1,131 @@
+"""`covid-cxr ensemble MODELS/a MODELS/b ... --out MODELS --name NAME`: one bundle whose ONNX model
+averages its members' probabilities. It is a bundle like any other (evaluate, serve, check,
+explain): the graph takes the same N x H x W x 1 input, and model.safetensors holds every member's
+weights under `members.<i>.`. Grad-CAM on it averages the members' maps, each taken for the
+ensemble's own score (explain/gradcam.py, one target layer per member).
+
+Test metrics need the members' common test split: they must have been trained on the same data,
+seed, balancing and fractions (the same split), else some member would have trained on images the
+ensemble is scored on; `--data` recomputes that split and it is checked against the members'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle
+from covid_cxr.data.decode import load_batch
+
+SPLIT_KEYS = ("manifest_sha256", "seed", "balance", "max_per_class", "split_fractions")
+
+
+def open_members(paths: list[Path]) -> list[Bundle]:
+    bundles = [load_bundle(p) for p in paths]
+    if len(bundles) < 2:
+        raise BundleError("an ensemble needs at least two member bundles")
+    first = bundles[0]
+    for b in bundles[1:]:
+        if b.classes != first.classes:
+            raise BundleError(f"{b.path}: classes {b.classes} differ from {first.path}'s {first.classes}")
+        if b.input_hw != first.input_hw:
+            raise BundleError(f"{b.path}: input {b.input_hw} differs from {first.path}'s {first.input_hw}; "
+                              "train the members at one --image-size")
+    for b in bundles:
+        if b.metadata.architecture.members:
+            raise BundleError(f"{b.path}: is itself an ensemble; list its members instead")
+    return bundles
+
+
+def member_entry(b: Bundle) -> dict:
+    m = b.metadata
+    acc = m.test_metrics.accuracy if m.test_metrics else None
+    return {"name": m.name, "version": m.version, "architecture": m.architecture.model_dump(),
+            "normalisation": m.input.normalisation.model_dump(), "test_accuracy": acc}
+
+
+def shared_split(bundles: list[Bundle]):
+    """The members' common split (prepared again from their data), or BundleError if they differ."""
+    from covid_cxr.data import prepare
+
+    descs = [b.metadata.training for b in bundles]
+    if any(d is None for d in descs):
+        raise BundleError("a member has no training description: its test split is unknown")
+    key = [tuple(str(getattr(d.data, k)) for k in SPLIT_KEYS) for d in descs]
+    if len(set(key)) > 1:
+        raise BundleError("members were trained on different splits (data, seed, balance or fractions "
+                          "differ): an ensemble's test metrics would count images some member trained on")
+    cfg, data = descs[0].config, descs[0].data
+    prepared = prepare(data.dataset_root, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
+    if prepared.manifest.digest() != data.manifest_sha256:
+        raise BundleError(f"{data.dataset_root}: its images are not those the members were trained on")
+    return prepared
+
+
+def split_probabilities(bundles: list[Bundle], prepared, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and the members' averaged probabilities (ONNX Runtime: what the ensemble graph computes)."""
+    h, w = bundles[0].input_hw
+    paths = [prepared.manifest.root / r.path for r in prepared.splits[split]]
+    probs = np.zeros((len(paths), len(bundles[0].classes)))
+    for i in range(0, len(paths), 32):
+        x = load_batch(paths[i:i + 32], h, w)
+        probs[i:i + 32] = np.mean([b.predict(x) for b in bundles], axis=0)
+    y = np.array([prepared.classes.index(r.label) for r in prepared.splits[split]])
+    return y, probs
+
+
+def ensemble_metrics(bundles: list[Bundle], target_recall: str | None) -> tuple[dict, dict | None, np.ndarray]:
+    """Test metrics (argmax and operating point), the fitted operating point, parity images."""
+    from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
+    from covid_cxr.evaluate.operating_point import choose
+
+    prepared = shared_split(bundles)
+    classes = bundles[0].classes
+    y, p = split_probabilities(bundles, prepared, "test")
+    op = None
+    if target_recall:
+        op = choose(*split_probabilities(bundles, prepared, "val"), classes, target_recall)
+    m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
+    h, w = bundles[0].input_hw
+    parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:8]], h, w)
+    return m, op, parity
+
+
+def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None) -> dict:
+    first = bundles[0].metadata
+    cam = ",".join(f"members.{i}.backbone.{b.metadata.architecture.cam_layer}" for i, b in enumerate(bundles))
+    arch = {"name": "ensemble", "timm_name": "+".join(b.metadata.architecture.timm_name for b in bundles),
+            "weights": "the members' (architecture.members)", "hidden": first.architecture.hidden,
+            "dropout": 0.0, "cam_layer": cam,
+            "frozen_backbone": all(b.metadata.architecture.frozen_backbone for b in bundles),
+            "members": [member_entry(b) for b in bundles]}
+    h, w = first.input_hw
+    return {"architecture": arch, "classes": list(first.classes),
+            "input": {"height": h, "width": w, "normalisation": first.input.normalisation.model_dump()},
+            "test_metrics": metrics, "operating_point": op}
+
+
+def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evaluate: bool = True,
+                   target_recall: str | None = None, report_dir: Path | None = None) -> Bundle:
+    """Write MODELS/<name>/<next version>: the members' averaged probabilities, with test metrics
+    on their common test split when `evaluate`."""
+    import tempfile
+
+    from covid_cxr.bundle.writer import write_bundle
+    from covid_cxr.evaluate.report import write_report
+    from covid_cxr.models.classifier import EnsembleClassifier
+
+    bundles = open_members(member_paths)
+    metrics, op, parity = ensemble_metrics(bundles, target_recall) if evaluate else (None, None, None)
+    if parity is None:
+        h, w = bundles[0].input_hw
+        parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
+    content = content_for(bundles, metrics, op)
+    model = EnsembleClassifier([b.load_torch() for b in bundles], content["architecture"]["cam_layer"])
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(report_dir or tmp)
+        if metrics is not None:
+            names = " + ".join(f"{b.name} v{b.version}" for b in bundles)
+            write_report(metrics, report, f"{name}: ensemble of {names} — test split")
+        return write_bundle(models_out, name, model, content, parity, report_dir=report)

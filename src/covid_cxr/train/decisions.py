@@ -1,0 +1,37 @@
+"""Test metrics as the bundle will decide: the argmax table, and beside it the operating point's
+(`--target-recall`, threshold fitted on the validation split, never on test), and per-source
+tables when the data came from several folders."""
+
+from __future__ import annotations
+
+from covid_cxr.evaluate.metrics import by_source, with_operating_point
+from covid_cxr.evaluate.operating_point import choose
+
+
+def decision_metrics(model, inputs, prepared, cfg, trust=None, feats: dict | None = None) -> dict:
+    """The test split's metrics as the bundle answers: temperature-scaled probabilities (with ECE,
+    Brier and the OOD rate when `trust` is given), and the operating point fitted on the validation
+    split's scaled probabilities."""
+    from covid_cxr.train.fit import test_probabilities
+    from covid_cxr.trust.fit import apply_temperature
+    from covid_cxr.trust.report import add_trust_metrics
+
+    classes = prepared.classes
+    scale = (lambda p: apply_temperature(p, trust.temperature)) if trust is not None else (lambda p: p)
+    y, raw = test_probabilities(model, prepared, cfg.size, inputs.features)
+    probs = scale(raw)
+    op = None
+    if cfg.target_recall:
+        yv, pv = test_probabilities(model, prepared, cfg.size, inputs.features, split="val")
+        op = choose(yv, scale(pv), classes, cfg.target_recall)
+    m = with_operating_point(add_trust_metrics(y, raw, classes, trust, feats), y, probs, op)
+    per_source = by_source(y, probs, classes, [r.source for r in prepared.splits["test"]], op)
+    if per_source:
+        m["by_source"] = per_source
+    return m
+
+
+def operating_point_of(metrics: dict) -> dict | None:
+    """The bundle's `operating_point` entry (the fitted rule, without its test metrics)."""
+    op = metrics.get("operating_point")
+    return {k: v for k, v in op.items() if k != "metrics"} if op else None
