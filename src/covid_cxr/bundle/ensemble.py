@@ -42,7 +42,8 @@ def member_entry(b: Bundle) -> dict:
     m = b.metadata
     acc = m.test_metrics.accuracy if m.test_metrics else None
     return {"name": m.name, "version": m.version, "architecture": m.architecture.model_dump(),
-            "normalisation": m.input.normalisation.model_dump(), "test_accuracy": acc}
+            "normalisation": m.input.normalisation.model_dump(), "temperature": b.temperature,
+            "test_accuracy": acc}
 
 
 def shared_split(bundles: list[Bundle]):
@@ -122,7 +123,8 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
     content = content_for(bundles, metrics, op)
-    model = EnsembleClassifier([b.load_torch() for b in bundles], content["architecture"]["cam_layer"])
+    model = EnsembleClassifier([b.load_torch() for b in bundles], content["architecture"]["cam_layer"],
+                               [b.temperature for b in bundles])
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(report_dir or tmp)
         if metrics is not None:

@@ -40,6 +40,7 @@ class Member(_Strict):
     version: PositiveInt
     architecture: "Architecture"
     normalisation: "Normalisation"
+    temperature: float = Field(1.0, gt=0, description="the member's calibration: its logits are divided by it")
     test_accuracy: float | None = None
 
 

@@ -81,15 +81,17 @@ class Classifier(nn.Module):
 class EnsembleClassifier(nn.Module):
     """Several classifiers on the same input; returns log of their mean probability, so softmax of
     its output (what ProbabilityModel and the ONNX graph apply) is exactly the averaged probability.
-    Each member keeps its own normalisation inside it."""
+    Each member keeps its own normalisation inside it, and its calibration (temperature), so the
+    ensemble averages the probabilities its members' bundles answer."""
 
-    def __init__(self, members: Sequence[nn.Module], cam_layer: str = ""):
+    def __init__(self, members: Sequence[nn.Module], cam_layer: str = "", temperatures: Sequence[float] | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.temperatures = [float(t) for t in (temperatures or [1.0] * len(members))]
         self.spec = ArchSpec("ensemble", "ensemble", 0, cam_layer, "bundle", ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        probs = torch.stack([torch.softmax(m(x) / t, dim=1) for m, t in zip(self.members, self.temperatures)]).mean(0)
         return torch.log(probs.clamp_min(1e-12))
 
     @torch.no_grad()
@@ -128,7 +130,7 @@ def classifier_from_metadata(meta) -> Classifier:
     arch = meta.architecture
     if arch.members:
         return EnsembleClassifier([_member_classifier(m.architecture, m.normalisation, meta)
-                                   for m in arch.members], arch.cam_layer)
+                                   for m in arch.members], arch.cam_layer, [m.temperature for m in arch.members])
     return _member_classifier(arch, meta.input.normalisation, meta)
 
 
