@@ -103,7 +103,8 @@ def test_cli_run_evaluate_compare_predict_end_to_end(data_dir, tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m["per_class"]) == {"COVID-19", "Normal", "Viral Pneumonia"}
     assert sum(e["support"] for e in m["per_class"].values()) == 45
-    assert 0 <= m["accuracy"] <= 1 and set(m["per_class"]["COVID-19"]) == {"precision", "recall", "f1", "support"}
+    assert 0 <= m["accuracy"] <= 1 and set(m["per_class"]["COVID-19"]) == {"precision", "recall", "f1", "support", "ci"}
+    assert m["per_class"]["COVID-19"]["ci"]["recall"][0] <= m["per_class"]["COVID-19"]["recall"]
     assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
 
     res = _invoke("compare", out / "models", "--out", tmp_path / "cmp")
