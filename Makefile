@@ -29,9 +29,10 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px).
+# The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px);
+# its few slower tests (marked slow: fuzzing, audit, fine-tuning) run in `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py

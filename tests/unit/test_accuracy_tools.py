@@ -116,6 +116,7 @@ def test_several_folders_make_one_manifest_split_by_class_and_source(tmp_path):
 
 # ----------------------------------------------------------------------------- ensembles
 
+@pytest.mark.slow  # in `make test`, not in `make test-fast`
 def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, op_models, tmp_path):
     from covid_cxr.bundle.ensemble import build_ensemble
     from covid_cxr.explain.gradcam import explainer_for_bundle
@@ -148,6 +149,7 @@ def test_an_ensemble_refuses_members_with_other_inputs(tiny_models, tmp_path):
 
 # ----------------------------------------------------------------------------- fine-tuning, site adaptation
 
+@pytest.mark.slow  # in `make test`, not in `make test-fast`
 def test_staged_finetune_from_a_bundle_changes_only_the_last_stages(tiny_models, tiny_data, tmp_path):
     """--init-from a bundle + staged --finetune: the bundle's architecture and normalisation are
     kept, blocks.6 and the head move, the stem does not, and the report says before vs after."""

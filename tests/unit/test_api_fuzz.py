@@ -52,6 +52,7 @@ def fuzz_operation(operation, mode: GenerationMode) -> int:
     return sent[0]
 
 
+@pytest.mark.slow  # in `make test`, not in `make test-fast`
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
 def test_api_conforms_to_its_openapi_document(api_schema, mode):
     operations = [result.ok() for result in api_schema.get_all_operations()]

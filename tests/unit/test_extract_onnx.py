@@ -31,6 +31,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
+@pytest.mark.slow  # in `make test`, not in `make test-fast`
 def test_onnx_features_agree_with_torch_and_the_backbone_is_cached(tiny_data, model, cache_dir):
     tmp_path = cache_dir
     paths = _images(tiny_data)

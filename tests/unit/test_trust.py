@@ -154,6 +154,7 @@ def _upload(url, pixels):
                          timeout=30).json()
 
 
+@pytest.mark.slow  # in `make test`, not in `make test-fast`
 def test_audit_flags_a_planted_marker(tiny_models, tiny_data, tmp_path):
     from covid_cxr.trust.planted import plant
 

@@ -4,6 +4,7 @@ assembled in a hidden folder and renamed into place so a crash never leaves half
 from __future__ import annotations
 
 import platform
+import warnings
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,7 @@ from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.utils import Stopwatch, atomic_write_text
 
 MAX_PARITY_DIFF = 1e-4
+OPSET = 18
 
 
 def exported_module(model, trust=None, task: str = "classification"):
@@ -53,10 +55,20 @@ def export_onnx(model, path: Path, height: int, width: int, trust=None, task: st
     names = [ONNX_OUTPUT, *(OOD_OUTPUTS if trust is not None and trust.ood is not None else ())]
     if task == "segmentation":
         names = [ONNX_MASK]
-    torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=names,
-                      dynamic_shapes={"images_nhwc": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                      dynamo=True, external_data=False, verbose=False)
-    opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    # The TorchScript exporter: ~10x faster than dynamo=True here (1 s vs 10-35 s a bundle) with the
+    # same graph semantics; write_bundle's parity check guards the result either way.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (example,), str(path), input_names=[ONNX_INPUT], output_names=names,
+                          dynamic_axes={ONNX_INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                          opset_version=OPSET, dynamo=False, verbose=False)
+    graph = onnx.load(str(path), load_external_data=False)
+    if task == "segmentation":  # the exporter leaves the upsampled mask's H and W unknown: state them
+        dims = graph.graph.output[0].type.tensor_type.shape.dim
+        for d, size in zip(dims[1:], (height, width, 1)):
+            d.dim_value = size
+        onnx.save(graph, str(path))
+    opsets = {o.domain: o.version for o in graph.opset_import}
     return int(opsets.get("", opsets.get("ai.onnx", 0)))
 
 
