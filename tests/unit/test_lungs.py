@@ -205,3 +205,17 @@ def test_lung_crop_needs_a_lung_model_and_changes_the_run():
     boxed = TrainConfig(lung_crop="box", lungs="MODELS/lungs")
     assert boxed.run_id() != TrainConfig().run_id()
     assert cache_key("a", "s", 64, 0.5, 0.2) != cache_key("a", "s", 64, 0.5, 0.2, "box", "MODELS/lungs")
+
+
+def test_the_audit_takes_its_lung_fields_from_the_lung_model(lung_models, tiny_data):
+    """Issue 11 item 5: `audit --lungs` masks come from the segmentation bundle, not the fixed region."""
+    from covid_cxr.data.decode import load_batch
+    from covid_cxr.lungs.segment import LungSegmenter
+    from covid_cxr.trust.audit import ellipse_mask, lung_fields, lung_method
+
+    images = load_batch(sorted(tiny_data.rglob("*.png"))[:3], 64, 64)
+    bundle = next(p for p in lung_models.iterdir() if p.is_dir() and not p.name.startswith("."))
+    got = lung_fields(images, bundle)
+    np.testing.assert_array_equal(got, LungSegmenter.from_bundle(bundle).masks(images))
+    assert not np.array_equal(got, np.broadcast_to(ellipse_mask(64, 64), got.shape))
+    assert lung_method(bundle)["method"] == "segmentation"

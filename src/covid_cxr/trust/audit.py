@@ -29,7 +29,7 @@ from covid_cxr.errors import UserError
 # Lung fields as two fixed ellipses (fractions of height/width): centre row, centre columns, radii.
 ELLIPSE_ROW, ELLIPSE_COLS, ELLIPSE_RY, ELLIPSE_RX = 0.48, (0.30, 0.70), 0.30, 0.16
 LUNG_NOTE = ("fixed central region (two ellipses covering where the lungs usually lie), not a "
-             "segmentation: the project's lung segmentation is not wired into the audit yet")
+             "segmentation: give --lungs MODELS/lungs for each image's own lung fields")
 RETAINED_SUSPECT = 0.5  # lungs hidden keep >= half the above-chance accuracy: reads something else
 ACQUISITION_SUSPECT = 0.5  # acquisition-only balanced accuracy covers >= half the way from chance to 1
 BORDER = 0.08  # border strips: this fraction of each side
@@ -57,16 +57,20 @@ class Sample:
 # ------------------------------------------------------------------------------------ lung fields
 
 def lung_fields(images: np.ndarray, lungs: Path | None = None) -> np.ndarray:
-    """N x H x W bool masks of the lung fields: the single place the audit gets them from.
-    `lungs` (a lung segmentation bundle) is reserved; today the fixed two-ellipse region."""
+    """N x H x W bool masks of the lung fields: the single place the audit gets them from. With
+    `lungs` (a lung segmentation bundle, covid_cxr.lungs) each image's own lungs; without, the
+    fixed two-ellipse region."""
     if lungs is not None:
-        raise AuditError(f"--lungs {lungs}: lung segmentation is not wired into the audit yet; "
-                         "leave it out to use the fixed central region")
+        from covid_cxr.lungs.segment import lung_fields as segmented
+
+        return segmented(images, lungs)  # BundleError (one line) if it is not a segmentation bundle
     n, h, w = images.shape
     return np.broadcast_to(ellipse_mask(h, w), (n, h, w))
 
 
 def lung_method(lungs: Path | None = None) -> dict:
+    if lungs is not None:
+        return {"method": "segmentation", "note": f"each image's lung fields from the lung model {lungs}"}
     return {"method": "fixed-ellipses", "note": LUNG_NOTE}
 
 

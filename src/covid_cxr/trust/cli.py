@@ -13,7 +13,7 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<v
           data: Annotated[Path, typer.Option("--data", help="Labelled dataset folder (any supported layout).")],
           out: Annotated[Optional[Path], typer.Option(help="Report folder (audit.md, audit.json, plots).")] = None,
           json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the audit JSON here.")] = None,
-          lungs: Annotated[Optional[Path], typer.Option(help="Lung segmentation bundle (reserved; not wired yet).")] = None,
+          lungs: Annotated[Optional[Path], typer.Option(help="Lung segmentation bundle (covid-cxr lungs train); default: a fixed central region.")] = None,
           per_class: Annotated[int, typer.Option(help="Images per class in the sample.", min=2)] = 150,
           cam_per_class: Annotated[int, typer.Option(help="Images per class for Grad-CAM (0: skip).", min=0)] = 12,
           seed: int = 0):
