@@ -80,12 +80,14 @@ def test_two_processes_extract_the_features_of_one(small_data, tmp_path):
 def test_finetuning_under_ddp_writes_a_bundle(small_data, tmp_path):
     out = tmp_path / "models"
     r = _run(["-m", "covid_cxr", "train", "--data", str(small_data), "--out", str(out), "--weights", "none",
-              "--image-size", "64", "--epochs", "1", "--finetune", "--devices", "2", "--strategy", "ddp",
+              "--image-size", "64", "--epochs", "1", "--finetune", "--finetune-epochs", "1", "--devices", "2",
+              "--strategy", "ddp",
               "--batch-size", "4", "--name", "ddp"], tmp_path)
     assert r.stdout.count("bundle: ") == 1  # the main process reports; the other one is silent
     b = load_bundle(out / "ddp")
     cfg = b.metadata.training.config
-    assert (cfg.devices, cfg.strategy, cfg.finetune, b.metadata.training.history.epochs_run) == (2, "ddp", True, 1)
+    # staged fine-tuning (issue 9): one epoch of the head on cached features, then one of the last stages
+    assert (cfg.devices, cfg.strategy, cfg.finetune, b.metadata.training.history.epochs_run) == (2, "ddp", True, 2)
     (metrics_csv,) = (out / ".work" / "logs" / "ddp").rglob("metrics.csv")
     assert "val_acc" in metrics_csv.read_text().splitlines()[0]
     assert json.loads((b.path / "metadata.json").read_text())["version"] == 1
