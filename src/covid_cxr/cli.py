@@ -13,10 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from covid_cxr.cliutil import config_option, fail, open_bundle
 from covid_cxr.cliutil import err_console as console
-from covid_cxr.cliutil import fail, open_bundle
 from covid_cxr.errors import UserError
-from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig, describe
+from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
@@ -45,7 +45,7 @@ D = DEFAULTS
 
 
 def _opt(field: str, *names: str, **kw):
-    return typer.Option(*(names or (f"--{field.replace('_', '-')}",)), help=describe(field), **kw)
+    return config_option(TrainConfig, field, *names, **kw)
 
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]

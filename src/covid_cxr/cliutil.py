@@ -19,6 +19,16 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def config_option(config: type, field: str, *names: str, with_default: bool = False, **kw):
+    """A typer option whose help (and, `with_default`, default) is the config field's, so a default
+    or its description is typed once, in the config class (TrainConfig, ServeSettings, LungConfig)."""
+    info = config.model_fields[field]
+    decls = names or (f"--{field.replace('_', '-')}",)
+    if with_default:
+        return typer.Option(info.get_default(call_default_factory=False), *decls, help=info.description, **kw)
+    return typer.Option(*decls, help=info.description or "", **kw)
+
+
 def open_bundle(model: Path, check: bool = True):
     """MODELS/<name>[/<version>] -> Bundle, or one line naming the broken file and exit 2.
 

@@ -7,14 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from covid_cxr.cliutil import config_option
 from covid_cxr.lungs.config import DEFAULTS as D
-from covid_cxr.lungs.config import describe
 
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
 
 
 def _opt(field: str):
-    return typer.Option(f"--{field.replace('_', '-')}", help=describe(field))
+    from covid_cxr.lungs.config import LungConfig
+
+    return config_option(LungConfig, field)
 
 
 @lungs_app.command("train")

@@ -49,7 +49,3 @@ class LungConfig(BaseModel):
 
 
 DEFAULTS = LungConfig()
-
-
-def describe(field: str) -> str:
-    return LungConfig.model_fields[field].description or ""

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import typer
 
+from covid_cxr.cliutil import config_option
 from covid_cxr.serve.settings import MB, ServeSettings
 
 F = ServeSettings.model_fields
 
 
 def _opt(field: str, *names: str, **kw):
-    return typer.Option(F[field].get_default(call_default_factory=False), *names, help=F[field].description, **kw)
+    return config_option(ServeSettings, field, *names, with_default=True, **kw)
 
 
 def serve(

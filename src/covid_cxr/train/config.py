@@ -130,8 +130,3 @@ class TrainConfig(BaseModel):
 DEFAULTS = TrainConfig()
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
 DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
-
-
-def describe(field: str) -> str:
-    """The help text of a TrainConfig field (CLI options show it)."""
-    return TrainConfig.model_fields[field].description or ""
