@@ -15,6 +15,7 @@ clients name files relative to the repository, never by their absolute path.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -60,17 +61,6 @@ class InvalidModelName(ValueError):
 class ModelNotFound(LookupError):
     """No such model, or no such version of it: 404."""
 
-
-
-def _segmentation(version_dir: Path) -> bool:
-    """A segmentation bundle (the lung model), which the prediction APIs do not serve: it has no
-    class probabilities. `serve --lungs` uses it beside the classifiers instead."""
-    import json
-
-    try:
-        return json.loads((version_dir / "metadata.json").read_text(encoding="utf-8")).get("task") == "segmentation"
-    except (OSError, ValueError, AttributeError):
-        return False  # unreadable: let loading report it
 
 class ModelUnavailable(RuntimeError):
     """The model exists but no version of it could be loaded: 503."""
@@ -161,6 +151,7 @@ class ModelRepository:
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers,
                                            thread_name_prefix="covid-cxr-ort")
         self._disk: dict[str, list[int]] = {}
+        self._tasks: dict[Path, tuple[int, str | None]] = {}  # metadata.json -> (mtime, task)
         self._scanned_at = float("-inf")
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._failed: dict[tuple[str, int], tuple[float, str]] = {}
@@ -178,6 +169,21 @@ class ModelRepository:
             self._disk = self._read_disk()
             self._scanned_at = now
         return self._disk
+
+    def _is_segmentation(self, version_dir: Path) -> bool:
+        """A segmentation bundle (the lung model) is not served as a model: it has no class
+        probabilities (`serve --lungs` uses it beside the classifiers). Its metadata.json is parsed
+        once per file (keyed by mtime), not at every rescan."""
+        meta = version_dir / "metadata.json"
+        try:
+            stamp = meta.stat().st_mtime_ns
+            known = self._tasks.get(meta)
+            if known is None or known[0] != stamp:
+                known = (stamp, json.loads(meta.read_text(encoding="utf-8")).get("task"))
+                self._tasks[meta] = known
+        except (OSError, ValueError, AttributeError):
+            return False  # unreadable: loading reports it
+        return known[1] == "segmentation"
 
     def _read_disk(self) -> dict[str, list[int]]:
         try:
@@ -200,7 +206,7 @@ class ModelRepository:
             except OSError as exc:  # this model only: the others are still served
                 self._report(p.name, f"ignoring model folder {p}: {exc}")
                 vs = self._disk.get(p.name, [])
-            if vs and not _segmentation(p / str(vs[-1])):  # a lung model helps; it is not served
+            if vs and not self._is_segmentation(p / str(vs[-1])):  # a lung model helps; it is not served
                 found[p.name] = vs
         return found
 
