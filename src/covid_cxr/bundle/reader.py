@@ -78,11 +78,7 @@ class Bundle:
     def predict_with_ood(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(probabilities N x C, ood_score N or None, in_distribution N bool or None): None for
         bundles without an out-of-distribution gate."""
-        x = np.asarray(images, dtype=np.float32)[..., None]
-        if not self.has_ood:
-            return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
-        probs, score, inside = self.session().run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
-        return probs, score, inside > 0.5
+        return run_classifier(self.session(), np.asarray(images, dtype=np.float32)[..., None], self.has_ood)
 
     def trust_arrays(self) -> dict[str, np.ndarray] | None:
         """temperature, means, chol, threshold from trust.safetensors (None for older bundles)."""
@@ -107,6 +103,16 @@ class Bundle:
         from covid_cxr.bundle.writer import load_torch
 
         return load_torch(self)
+
+
+def run_classifier(session, x: np.ndarray, has_ood: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One ONNX Runtime call on N x H x W x 1: (probabilities, ood_score, in_distribution as bool),
+    the last two None for a bundle without an out-of-distribution gate. The bundle and the server
+    both run a classifier through here."""
+    if not has_ood:
+        return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
+    probs, score, inside = session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
+    return probs, score, inside > 0.5
 
 
 def read_metadata(path: Path) -> BundleMetadata:

@@ -31,7 +31,6 @@ import numpy as np
 from covid_cxr.bundle import (
     ONNX_INPUT,
     ONNX_OUTPUT,
-    OOD_OUTPUTS,
     Bundle,
     clean_stale,
     load_bundle,
@@ -39,6 +38,7 @@ from covid_cxr.bundle import (
     valid_name,
     versions,
 )
+from covid_cxr.bundle.reader import run_classifier
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
@@ -90,10 +90,10 @@ class LoadedModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """One ONNX Runtime call (blocking): n x H x W x 1 float32 -> n x classes; with an
         out-of-distribution gate, ood_score and in_distribution follow as two more columns."""
-        if not self.bundle.has_ood:
-            return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
-        probs, score, inside = self.session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
-        return np.concatenate([probs, score[:, None], inside[:, None]], axis=1)
+        probs, score, inside = run_classifier(self.session, x, self.bundle.has_ood)
+        if score is None:
+            return probs
+        return np.concatenate([probs, score[:, None], inside[:, None].astype(probs.dtype)], axis=1)
 
     def preparing(self):
         """Context for the time a request spends decoding its input (lets the batcher wait for it)."""
