@@ -53,21 +53,13 @@ def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
 
 def export_graph(net: nn.Module, path: Path, size: int) -> Path:
     """Export `net` (N x 1 x size x size -> one tensor) to `path`, atomically (temp file renamed)."""
-    import logging
-    import warnings
+    from covid_cxr.bundle.writer import export_graph
 
-    for name in ("torch.onnx", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")
     net = net.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (torch.rand(2, 1, size, size),), str(tmp), input_names=[FEATURES_INPUT],
-                              output_names=[FEATURES_OUTPUT],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                              dynamo=True, external_data=False, verbose=False)
+        export_graph(net, torch.rand(2, 1, size, size), tmp, [FEATURES_INPUT], [FEATURES_OUTPUT])
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
