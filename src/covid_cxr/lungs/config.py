@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # dataset's own check used 3-70 %; infants on whole-body films and tight crops sit near the ends.
 MIN_AREA, MAX_AREA = 0.03, 0.70
 MIN_BLOB_SHARE = 0.10  # the smaller of the two largest blobs holds at least this share of the lung area
+# Lung-only classifier input (`train --lung-crop`); a classifier bundle records the values it was trained with.
+CROP_MARGIN = 0.08  # box: of the lungs' box side, added on every side
+CROP_DILATE = 0.02  # mask: of the image side, the mask's edge widened so the pleura stays in
 
 
 class LungConfig(BaseModel):

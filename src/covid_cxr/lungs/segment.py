@@ -52,6 +52,7 @@ class LungSegmenter:
 
     bundle: object
     threads: int = 0
+    spinning: bool = True  # a server turns ORT's spinning off (see bundle.reader.open_session)
 
     @classmethod
     def from_bundle(cls, path: str | Path, threads: int = 0) -> LungSegmenter:
@@ -68,11 +69,11 @@ class LungSegmenter:
         return self.bundle.input_hw[0]
 
     def _session(self):
-        if self.threads:
+        if self.threads or not self.spinning:
             from covid_cxr.bundle import open_checked_session
 
             if getattr(self, "_own", None) is None:
-                self._own = open_checked_session(self.bundle, self.threads)
+                self._own = open_checked_session(self.bundle, self.threads, self.spinning)
             return self._own
         return self.bundle.session()
 
