@@ -296,3 +296,23 @@ def test_bundle_check_refuses_a_lung_crop_bundle_without_its_own_lung_model(crop
     onnx.unlink()
     with pytest.raises(BundleError, match="lungs/model.onnx: missing"):
         check_bundle(copy)
+
+
+def test_source_balance_draws_the_small_source_more_often(tmp_path):
+    """source_balance 1: every source equally often per epoch; 0: shuffled, each pair once."""
+    from collections import Counter
+
+    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.lungs.data import LungPairs
+    from covid_cxr.lungs.train import source_weights, train_loader
+
+    sources = ["q"] * 600 + ["c"] * 300 + ["v"] * 100
+    n = len(sources)
+    pairs = LungPairs(tmp_path, [str(i) for i in range(n)], sources, np.zeros((n, 8, 8), np.float32),
+                      np.zeros((n, 8, 8), bool), list(range(n)))
+    w = source_weights(sources, 1.0)
+    assert np.allclose([w[np.array(sources) == s].sum() for s in "qcv"], w.sum() / 3)
+    drawn = Counter(sources[i] for i in train_loader(pairs, LungConfig(source_balance=1.0)).sampler)
+    assert sum(drawn.values()) == n and 0.28 < drawn["v"] / n < 0.39
+    once = list(train_loader(pairs, LungConfig(source_balance=0.0)).sampler)
+    assert sorted(once) == list(range(n))
