@@ -316,3 +316,26 @@ def test_source_balance_draws_the_small_source_more_often(tmp_path):
     assert sum(drawn.values()) == n and 0.28 < drawn["v"] / n < 0.39
     once = list(train_loader(pairs, LungConfig(source_balance=0.0)).sampler)
     assert sorted(once) == list(range(n))
+
+
+def test_fast_mask_steps_match_the_reference_ones():
+    """OpenCV's components and bilinear upsampling give what scipy.ndimage.label and PIL give."""
+    from scipy import ndimage
+
+    from covid_cxr.data.decode import resize
+    from covid_cxr.lungs.segment import blobs, grow, two_largest
+
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        mask = ndimage.binary_opening(rng.random((S, S)) > 0.6)
+        labels, order = blobs(mask)
+        ref, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        assert len(order) == n and len({(a, b) for a, b in zip(labels.ravel(), ref.ravel())}) == n + 1  # same blobs
+        sizes = np.bincount(labels.ravel())[1:]
+        assert list(sizes[np.array(order) - 1]) == sorted(sizes, reverse=True)
+        ref_sizes = np.sort(np.bincount(ref.ravel())[1:])[::-1]
+        if ref_sizes[1] != ref_sizes[2]:  # no tie for second place: the same two blobs kept
+            keep = 1 + np.argsort(-np.bincount(ref.ravel())[1:], kind="stable")[:2]
+            np.testing.assert_array_equal(two_largest(mask), np.isin(ref, keep))
+    probs = rng.random((2, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(grow(probs, 40, 48), np.stack([resize(p, 40, 48) for p in probs]), atol=1e-5)

@@ -77,7 +77,7 @@ class Bundle:
         return lung_only(np.asarray(images, dtype=np.float32), self.lung_segmenter(), crop.mode, crop.margin,
                          crop.dilate)
 
-    def lung_segmenter(self, threads: int = 0, spinning: bool = True):
+    def lung_segmenter(self, threads: int = 0, spinning: bool = False):
         """The LungSegmenter of the bundle's own lung model (`lungs/`), opened once; None for a
         bundle without lung_crop. The server opens it first with its thread settings."""
         if self.metadata.lung_crop is None:
