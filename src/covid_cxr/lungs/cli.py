@@ -32,6 +32,7 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
               source_balance: Annotated[float, _opt("source_balance")] = D.source_balance,
               max_images: Annotated[Optional[int], _opt("max_images")] = D.max_images,
               patience: Annotated[int, _opt("patience")] = D.patience, seed: int = D.seed,
+              max_minutes: Annotated[Optional[float], _opt("max_minutes")] = D.max_minutes,
               resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
               progress: bool = True):
     """U-Net lung segmenter (pretrained EfficientNet-Lite encoder) -> MODELS/<name>/<version>."""
@@ -48,6 +49,7 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
         cfg = LungConfig(name=name, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                          weights=weights, frozen_stages=frozen_stages, max_images=max_images, patience=patience,
                          seed=seed, progress=progress, channels_last=channels_last, source_balance=source_balance,
+                         max_minutes=max_minutes,
                          decoder_channels=[int(c) for c in decoder_channels.split(",") if c.strip()])
         r = train_lungs(data, out, cfg, resume=resume)
     except ValidationError as exc:

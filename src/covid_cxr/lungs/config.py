@@ -48,6 +48,8 @@ class LungConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     patience: int = Field(3, ge=1, description="early stopping patience on validation Dice")
+    max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes "
+                                      "(the best epoch so far is kept; data, test and bundle come on top)")
     seed: int = 0
     split_fractions: list[float] = Field([0.7, 0.1, 0.2], description="train / val / test (by duplicate group)")
     max_images: int | None = Field(None, ge=3, description="use at most this many pairs (tests, quick runs)")
@@ -56,7 +58,7 @@ class LungConfig(BaseModel):
 
     def run_id(self) -> str:
         """Stable id of what is trained (for --resume); the stopping rule may change between tries."""
-        d = self.model_dump(exclude={"name", "epochs", "patience"})
+        d = self.model_dump(exclude={"name", "epochs", "patience", "max_minutes"})
         return f"lungs-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -113,7 +114,8 @@ def _trainer(cfg: LungConfig, run: RunDir, history: History) -> L.Trainer:
     last = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None,
                            enable_version_counter=False, save_on_train_epoch_end=True)
     early = EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience)
-    return L.Trainer(max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False,
+    max_time = timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None
+    return L.Trainer(max_epochs=cfg.epochs, max_time=max_time, accelerator="cpu", devices=1, logger=False,
                      callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(run.root))
 
