@@ -8,7 +8,10 @@
    source, and the held-out split's worst cases.
 4. The sanity check's rate on the held-out reference masks and on the model's masks.
 
-Usage: python benchmarks/bench_lungs.py --model MODELS/lungs [--data DIR] [--out docs/results/lungs]
+--latency-only: instead, the time of each step of LungSegmenter.masks on one image (resize down,
+network, resize up, threshold, blobs) and masks() per ONNX Runtime setting (threads x spinning).
+
+Usage: python benchmarks/bench_lungs.py --model MODELS/lungs [--data DIR] [--out docs/results/lungs] [--latency-only]
 """
 
 from __future__ import annotations
@@ -37,6 +40,65 @@ def latency(seg, image: np.ndarray, reps: int = 50) -> dict:
             "reps": reps}
 
 
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def breakdown(seg, image: np.ndarray, reps: int = 50) -> dict:
+    """Median ms of each step of LungSegmenter.masks on one image, through the functions it calls."""
+    from covid_cxr.lungs.segment import THRESHOLD, _as_batch, grow, shrink, two_largest
+
+    x = _as_batch(image[None])
+    small = shrink(x, seg.size)
+    probs = seg._run(small)
+    big = grow(probs, *x.shape[1:])
+    mask = big[0] >= THRESHOLD
+    steps = {"as_batch": lambda: _as_batch(image[None]), "resize_down": lambda: shrink(x, seg.size),
+             "network": lambda: seg._run(small), "resize_up": lambda: grow(probs, *x.shape[1:]),
+             "threshold": lambda: big >= THRESHOLD, "two_largest": lambda: two_largest(mask),
+             "masks_total": lambda: seg.masks(image[None])}
+    out = {k: _median_ms(f, reps) for k, f in steps.items()}
+    out["not_network"] = round(out["masks_total"] - out["network"], 3)
+    return out
+
+
+def session_variants(bundle_path: Path, image: np.ndarray, reps: int = 50) -> dict:
+    """masks() latency per ONNX Runtime setting: intra-op threads (0: ORT's default, all cores)
+    x spinning (idle threads busy-wait for work: faster alone, costly on a loaded machine)."""
+    from covid_cxr.lungs.segment import LungSegmenter
+
+    out = {}
+    for threads in (0, 1, 2):
+        for spinning in (True, False):
+            seg = LungSegmenter(LungSegmenter.from_bundle(bundle_path).bundle, threads, spinning)
+            seg.masks(image[None])
+            out[f"threads={threads} spinning={'on' if spinning else 'off'}"] = latency(seg, image, reps)
+    return out
+
+
+def latency_only(model: Path, data: Path, out: Path) -> None:
+    """--latency-only: the step breakdown and the session settings, with the load average around them."""
+    import os
+
+    from covid_cxr.lungs.data import load_pairs
+    from covid_cxr.lungs.segment import LungSegmenter
+    from covid_cxr.utils import atomic_write_json
+
+    image = load_pairs(data, None, max_images=3).images[0]
+    seg = LungSegmenter.from_bundle(model)
+    result = {"load_before": os.getloadavg(), "image": list(image.shape), "breakdown_default_session": breakdown(seg, image),
+              "breakdown_1_thread": breakdown(LungSegmenter(seg.bundle, 1), image),
+              "sessions": session_variants(model, image), "load_after": os.getloadavg()}
+    atomic_write_json(out / "bench_lungs_latency.json", result)
+    print(json.dumps(result, indent=1))
+
+
 def pick(pairs, metrics, rng) -> list[int]:
     """Indices for the montage: 6 children, 3 quex, 3 v7 (random), then the 6 worst."""
     by_id = {i: k for k, i in enumerate(pairs.ids)}
@@ -59,7 +121,10 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "lungs")
+    ap.add_argument("--latency-only", action="store_true", help="only the latency breakdown and session settings")
     a = ap.parse_args()
+    if a.latency_only:
+        return latency_only(a.model, a.data, a.out)
     seg = LungSegmenter.from_bundle(a.model)
     meta = seg.bundle.metadata.segmentation
     pairs = load_pairs(a.data, None, only=set(meta.data["test_ids"]))

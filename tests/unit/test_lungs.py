@@ -219,3 +219,123 @@ def test_the_audit_takes_its_lung_fields_from_the_lung_model(lung_models, tiny_d
     np.testing.assert_array_equal(got, LungSegmenter.from_bundle(bundle).masks(images))
     assert not np.array_equal(got, np.broadcast_to(ellipse_mask(64, 64), got.shape))
     assert lung_method(bundle)["method"] == "segmentation"
+
+
+@pytest.fixture(scope="module")
+def band_lungs(tmp_path_factory, lung_models):
+    """A lung bundle written by the real writer whose network is set by hand: lung = the dark band
+    of draw_pair's chests (0.15 < x < 0.5), so its masks pass the sanity check and a crop really
+    happens (the 1-epoch fixture's masks do not). Its record is lung_models' own."""
+    import torch
+
+    from covid_cxr.bundle import write_bundle
+
+    class Band(torch.nn.Module):
+        def forward(self, x):  # N x H x W x 1 in [0, 1] -> lung probability, same shape
+            return torch.sigmoid(60 * (0.5 - x)) * torch.sigmoid(60 * (x - 0.15))
+
+    meta = json.loads(next((lung_models / "lungs").glob("*/metadata.json")).read_text())
+    content = {k: meta[k] for k in ("task", "architecture", "classes", "input", "segmentation")}
+    parity = np.stack([draw_pair(np.random.default_rng(s))[0] for s in range(2)]).astype(np.float32)
+    out = tmp_path_factory.mktemp("band-lungs")
+    return write_bundle(out, "lungs", Band(), content, parity).path
+
+
+@pytest.fixture(scope="module")
+def crop_classifier(tmp_path_factory, tiny_data, band_lungs):
+    """`covid-cxr train --lung-crop mask --lungs ...` at 64 px, then the lung bundle it was trained
+    with is deleted: the classifier bundle must carry its own lung model."""
+    import shutil
+
+    from covid_cxr.train.fit import TrainConfig, train
+
+    lungs = tmp_path_factory.mktemp("crop-lungs") / "lungs"
+    shutil.copytree(band_lungs.parent, lungs)
+    out = tmp_path_factory.mktemp("crop-models")
+    cfg = TrainConfig(weights="none", image_size=S, epochs=1, lr_find=False, progress=False, name="cropped",
+                      logger="none", lung_crop="mask", lungs=str(lungs))
+    path = train(tiny_data, out, cfg, workdir=tmp_path_factory.mktemp("crop-work")).bundle_path
+    shutil.rmtree(lungs)
+    return path
+
+
+def test_a_lung_crop_bundle_crops_wherever_it_is_read(crop_classifier, band_lungs):
+    """Issue 11b: the reader (predict, evaluate, audit) and the server run a --lung-crop bundle on
+    the cropped images, with the lung model it carries; whole images give other answers."""
+    from covid_cxr.bundle import check_bundle, open_session
+    from covid_cxr.lungs.crop import lung_only
+    from covid_cxr.lungs.segment import LungSegmenter, sanity_check
+    from covid_cxr.serve.repository import LoadedModel
+
+    b = check_bundle(crop_classifier)
+    assert b.metadata.lung_crop.mode == "mask" and (crop_classifier / "lungs" / "model.onnx").is_file()
+    x = np.stack([draw_pair(np.random.default_rng(s))[0] for s in range(20, 24)]).astype(np.float32)
+    seg = LungSegmenter.from_bundle(band_lungs)
+    assert all(sanity_check(m).ok for m in seg.masks(x))  # every image really is cropped
+    raw = open_session(b.onnx_path)
+    want = raw.run(["probabilities"], {"image": lung_only(x, seg, "mask")[..., None]})[0]
+    whole = raw.run(["probabilities"], {"image": x[..., None]})[0]
+    got = b.predict(x)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got - whole).max() > 1e-4
+    served = LoadedModel("cropped", 1, b, open_session(b.onnx_path)).run(x[..., None])
+    np.testing.assert_allclose(served[:, :3], want, atol=1e-6)
+
+
+def test_bundle_check_refuses_a_lung_crop_bundle_without_its_own_lung_model(crop_classifier, tmp_path):
+    import shutil
+
+    from covid_cxr.bundle import BundleError, check_bundle
+
+    copy = tmp_path / "cropped" / "1"
+    shutil.copytree(crop_classifier, copy)
+    onnx = copy / "lungs" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(BundleError, match="not the lung model this bundle was written with"):
+        check_bundle(copy)
+    onnx.unlink()
+    with pytest.raises(BundleError, match="lungs/model.onnx: missing"):
+        check_bundle(copy)
+
+
+def test_source_balance_draws_the_small_source_more_often(tmp_path):
+    """source_balance 1: every source equally often per epoch; 0: shuffled, each pair once."""
+    from collections import Counter
+
+    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.lungs.data import LungPairs
+    from covid_cxr.lungs.train import source_weights, train_loader
+
+    sources = ["q"] * 600 + ["c"] * 300 + ["v"] * 100
+    n = len(sources)
+    pairs = LungPairs(tmp_path, [str(i) for i in range(n)], sources, np.zeros((n, 8, 8), np.float32),
+                      np.zeros((n, 8, 8), bool), list(range(n)))
+    w = source_weights(sources, 1.0)
+    assert np.allclose([w[np.array(sources) == s].sum() for s in "qcv"], w.sum() / 3)
+    drawn = Counter(sources[i] for i in train_loader(pairs, LungConfig(source_balance=1.0)).sampler)
+    assert sum(drawn.values()) == n and 0.28 < drawn["v"] / n < 0.39
+    once = list(train_loader(pairs, LungConfig(source_balance=0.0)).sampler)
+    assert sorted(once) == list(range(n))
+
+
+def test_fast_mask_steps_match_the_reference_ones():
+    """OpenCV's components and bilinear upsampling give what scipy.ndimage.label and PIL give."""
+    from scipy import ndimage
+
+    from covid_cxr.data.decode import resize
+    from covid_cxr.lungs.segment import blobs, grow, two_largest
+
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        mask = ndimage.binary_opening(rng.random((S, S)) > 0.6)
+        labels, order = blobs(mask)
+        ref, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        assert len(order) == n and len({(a, b) for a, b in zip(labels.ravel(), ref.ravel())}) == n + 1  # same blobs
+        sizes = np.bincount(labels.ravel())[1:]
+        assert list(sizes[np.array(order) - 1]) == sorted(sizes, reverse=True)
+        ref_sizes = np.sort(np.bincount(ref.ravel())[1:])[::-1]
+        if ref_sizes[1] != ref_sizes[2]:  # no tie for second place: the same two blobs kept
+            keep = 1 + np.argsort(-np.bincount(ref.ravel())[1:], kind="stable")[:2]
+            np.testing.assert_array_equal(two_largest(mask), np.isin(ref, keep))
+    probs = rng.random((2, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(grow(probs, 40, 48), np.stack([resize(p, 40, 48) for p in probs]), atol=1e-5)

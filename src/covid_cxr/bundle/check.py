@@ -2,27 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle
-from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_MASK, ONNX_OUTPUT
+from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle, load_embedded_lungs
+from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_MASK
 
 
 def check_bundle(path: str | Path) -> Bundle:
     """Schema valid, files present, ONNX tensors as the metadata says, and one image through ONNX
-    Runtime giving probabilities. Returns the bundle; raises BundleError naming the file otherwise."""
+    Runtime giving probabilities (or a mask); a --lung-crop classifier's own lung model too, and the
+    image through the crop. Returns the bundle; raises BundleError naming the file otherwise."""
     bundle = load_bundle(path)
-    session = bundle.session()  # opens model.onnx and compares its tensors with metadata.json
-    h, w = bundle.input_hw
-    x = np.full((1, h, w, 1), 0.5, np.float32)
     if bundle.metadata.task == "segmentation":
-        out = session.run([ONNX_MASK], {ONNX_INPUT: x})[0]
-        if not (out.shape == (1, h, w, 1) and np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1):
-            raise BundleError(f"{bundle.onnx_path}: output is not a {h}x{w} probability mask: shape {out.shape}")
+        _check_mask_model(bundle)
         return bundle
-    out = session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    if bundle.metadata.lung_crop is not None:
+        _check_embedded_lungs(bundle)
+    h, w = bundle.input_hw
+    out = bundle.predict(np.full((1, h, w), 0.5, np.float32))  # opens model.onnx, compares its tensors
     if not (np.isfinite(out).all() and abs(float(out.sum()) - 1.0) < 1e-3):
         raise BundleError(f"{bundle.onnx_path}: output is not a probability vector: {out.tolist()}")
     return bundle
+
+
+def _check_mask_model(bundle: Bundle) -> None:
+    session = bundle.session()  # opens model.onnx and compares its tensors with metadata.json
+    h, w = bundle.input_hw
+    out = session.run([ONNX_MASK], {ONNX_INPUT: np.full((1, h, w, 1), 0.5, np.float32)})[0]
+    if not (out.shape == (1, h, w, 1) and np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1):
+        raise BundleError(f"{bundle.onnx_path}: output is not a {h}x{w} probability mask: shape {out.shape}")
+
+
+def _check_embedded_lungs(bundle: Bundle) -> None:
+    """The lung model a --lung-crop classifier carries: the very file it was written with, working."""
+    lungs = load_embedded_lungs(bundle)
+    digest = hashlib.sha256(lungs.onnx_path.read_bytes()).hexdigest()
+    if digest != bundle.metadata.lung_crop.onnx_sha256:
+        raise BundleError(f"{lungs.onnx_path}: not the lung model this bundle was written with (sha256 "
+                          f"{digest[:12]}..., metadata.json says {bundle.metadata.lung_crop.onnx_sha256[:12]}...)")
+    _check_mask_model(lungs)

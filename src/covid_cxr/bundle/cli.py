@@ -23,6 +23,10 @@ def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest versi
     Console().print(f"ok: {b.path} ({b.name} v{b.version}, {fmt}, {b.metadata.task}, "
                     f"{b.metadata.architecture.name}, input {b.input_hw[0]}x{b.input_hw[1]}, "
                     f"classes {', '.join(b.classes)})", soft_wrap=True)
+    if b.metadata.lung_crop is not None:
+        crop = b.metadata.lung_crop
+        Console().print(f"lung-only input: {crop.mode} crop by its own lung model ({crop.folder}/, "
+                        f"from {crop.lungs_from})", soft_wrap=True)
 
 
 @bundle_app.command("schema")

@@ -35,6 +35,9 @@ def open_members(paths: list[Path]) -> list[Bundle]:
     for b in bundles:
         if b.metadata.architecture.members:
             raise BundleError(f"{b.path}: is itself an ensemble; list its members instead")
+        if b.metadata.lung_crop is not None:  # one ONNX graph cannot hold the members' lung crops
+            raise BundleError(f"{b.path}: trained on lung-only input (--lung-crop); ensembles take "
+                              "whole-image members only")
     return bundles
 
 

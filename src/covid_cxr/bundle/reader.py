@@ -28,6 +28,7 @@ class Bundle:
     metadata: BundleMetadata
     format_on_disk: int = FORMAT_VERSION  # 1: written by the first release, upgraded when read
     _session: object = field(default=None, repr=False)
+    _lungs: object = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -61,8 +62,31 @@ class Bundle:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """N x H x W float [0, 1] (already resized to input_hw) -> N x classes probabilities."""
-        x = np.asarray(images, dtype=np.float32)[..., None]
-        return self.session().run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+        return self.predict_with_ood(images)[0]
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W float [0, 1] at input_hw -> what model.onnx was trained on: the lung-only crop
+        for a bundle trained with --lung-crop (metadata `lung_crop`), else the images as they are.
+        Every reader goes through here (run_classifier, Grad-CAM), so a bundle answers alike
+        wherever it runs."""
+        crop = self.metadata.lung_crop
+        if crop is None:
+            return images
+        from covid_cxr.lungs.crop import lung_only
+
+        return lung_only(np.asarray(images, dtype=np.float32), self.lung_segmenter(), crop.mode, crop.margin,
+                         crop.dilate)
+
+    def lung_segmenter(self, threads: int = 0, spinning: bool = False):
+        """The LungSegmenter of the bundle's own lung model (`lungs/`), opened once; None for a
+        bundle without lung_crop. The server opens it first with its thread settings."""
+        if self.metadata.lung_crop is None:
+            return None
+        if self._lungs is None:
+            from covid_cxr.lungs.segment import LungSegmenter
+
+            self._lungs = LungSegmenter(load_embedded_lungs(self), threads, spinning)
+        return self._lungs
 
     @property
     def temperature(self) -> float:
@@ -78,7 +102,7 @@ class Bundle:
     def predict_with_ood(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(probabilities N x C, ood_score N or None, in_distribution N bool or None): None for
         bundles without an out-of-distribution gate."""
-        return run_classifier(self.session(), np.asarray(images, dtype=np.float32)[..., None], self.has_ood)
+        return run_classifier(self, self.session(), np.asarray(images, dtype=np.float32)[..., None])
 
     def trust_arrays(self) -> dict[str, np.ndarray] | None:
         """temperature, means, chol, threshold from trust.safetensors (None for older bundles)."""
@@ -105,11 +129,14 @@ class Bundle:
         return load_torch(self)
 
 
-def run_classifier(session, x: np.ndarray, has_ood: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One ONNX Runtime call on N x H x W x 1: (probabilities, ood_score, in_distribution as bool),
-    the last two None for a bundle without an out-of-distribution gate. The bundle and the server
-    both run a classifier through here."""
-    if not has_ood:
+def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The bundle's preparation (`Bundle.prepare`: the lung crop, if any) and one ONNX Runtime call
+    on N x H x W x 1: (probabilities, ood_score, in_distribution as bool), the last two None for a
+    bundle without an out-of-distribution gate. The bundle and the server both run a classifier
+    through here (the server with its own `session`)."""
+    if bundle.metadata.lung_crop is not None:
+        x = bundle.prepare(x[..., 0])[..., None]
+    if not bundle.has_ood:
         return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
     probs, score, inside = session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
     return probs, score, inside > 0.5
@@ -171,6 +198,23 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
     for name in FILES[1:]:
         if not (path / name).is_file():
             raise BundleError(f"{path / name}: missing")
+    if meta.lung_crop is not None:
+        for name in FILES[:2]:
+            if not (path / meta.lung_crop.folder / name).is_file():
+                raise BundleError(f"{path / meta.lung_crop.folder / name}: missing (the lung model that "
+                                  "metadata.json's lung_crop needs)")
+    return Bundle(path, meta, stored)
+
+
+def load_embedded_lungs(bundle: Bundle) -> Bundle:
+    """The lung segmentation model inside a --lung-crop classifier bundle (metadata.json and
+    model.onnx only: its training weights stay with the original)."""
+    path = bundle.path / bundle.metadata.lung_crop.folder
+    meta, stored = _read_metadata(path)
+    if meta.task != "segmentation":
+        raise BundleError(f"{path / 'metadata.json'}: a {meta.task} model, not a lung segmentation model")
+    if not (path / meta.onnx.file).is_file():
+        raise BundleError(f"{path / meta.onnx.file}: missing")
     return Bundle(path, meta, stored)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from covid_cxr.data import decode
-from covid_cxr.lungs.config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
+from covid_cxr.lungs.config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
 from covid_cxr.train.config import TrainConfig
 
 FORMAT_VERSION = 2
@@ -26,6 +26,7 @@ OOD_OUTPUTS = ("ood_score", "in_distribution")  # present when the bundle has an
 TRUST_FILE = "trust.safetensors"  # optional: temperature and OOD statistics as arrays (also inside model.onnx)
 ONNX_MASK = "mask"  # a segmentation bundle's output: N x H x W x 1 probability of the foreground (lung)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
+LUNGS_FOLDER = "lungs"  # a --lung-crop classifier's own copy of its lung model (metadata.json, model.onnx)
 
 
 class _Strict(BaseModel):
@@ -193,6 +194,23 @@ class Segmentation(_Strict):
     timings_s: dict[str, float] = {}
 
 
+class LungCrop(_Strict):
+    """Lung-only input (`covid-cxr train --lung-crop`): the classifier learnt from images cropped
+    to their lungs, so every reader crops the same way before model.onnx (`Bundle.prepare`): the
+    image, resized to `input`, is segmented by the lung model in the bundle's `lungs/` folder (copied
+    in when the bundle was written, so the bundle is self-contained), then cropped to the lungs' box
+    (`box`) or blacked out outside the lungs (`mask`). An image whose mask fails the lung sanity
+    check goes through whole, as in training."""
+
+    mode: Literal["box", "mask"]
+    folder: Literal["lungs"] = Field(LUNGS_FOLDER, description="sub-folder holding the lung model's "
+                                     "metadata.json and model.onnx")
+    margin: float = Field(CROP_MARGIN, ge=0, le=1, description="box: share of the lungs' box side added on every side")
+    dilate: float = Field(CROP_DILATE, ge=0, le=1, description="mask: the lung mask widened by this share of the image side")
+    lungs_from: str = Field(description="the lung bundle it was copied from (name vN, path at training)")
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of lungs/model.onnx (`bundle check` compares)")
+
+
 def decide(probs, index: int | None, threshold: float | None):
     """Predicted class indices: `index` where its probability >= threshold, else the argmax.
     (numpy; here so the ONNX-only server applies a bundle's operating point without more imports)"""
@@ -239,6 +257,8 @@ class BundleMetadata(_Strict):
     onnx: OnnxInfo
     trust: TrustInfo | None = Field(None, description="absent in bundles written before covid-cxr had it")
     segmentation: Segmentation | None = None
+    lung_crop: LungCrop | None = Field(None, description="lung-only input: the classifier needs its lung "
+                                       "model's crop first (absent: whole images)")
     software: dict[str, str] = {}
     created: datetime
 
@@ -257,6 +277,8 @@ class BundleMetadata(_Strict):
             raise ValueError("'segmentation' is required for task segmentation and only there")
         if self.has_ood and any(outs.get(n) != [DYNAMIC] for n in OOD_OUTPUTS):
             raise ValueError(f"trust.ood is set: onnx outputs {list(OOD_OUTPUTS)} must have shape [{DYNAMIC}]")
+        if self.lung_crop is not None and self.task != "classification":
+            raise ValueError("lung_crop belongs to classifiers only")
         if self.operating_point is not None and self.operating_point.class_name not in self.classes:
             raise ValueError(f"operating_point.class_name {self.operating_point.class_name!r} is not a class")
         return self

@@ -132,11 +132,34 @@ def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Sto
     return BundleMetadata.model_validate(meta)
 
 
+def embed_lungs(staging: Path, crop: dict) -> dict:
+    """Copy the lung model a --lung-crop classifier needs into its bundle (`lungs/`: metadata.json
+    and model.onnx, checked first), so the bundle is servable anywhere without the lung bundle it
+    was trained with. `crop` = {"mode", "lungs": MODELS/lungs}; returns metadata's `lung_crop`."""
+    import hashlib
+
+    from covid_cxr.bundle.check import check_bundle
+    from covid_cxr.bundle.schema import LUNGS_FOLDER
+
+    crop = dict(crop)
+    src = check_bundle(crop.pop("lungs"))
+    if src.metadata.task != "segmentation":
+        raise BundleError(f"{src.path}: a {src.metadata.task} model, not a lung segmentation model")
+    dest = staging / LUNGS_FOLDER
+    dest.mkdir()
+    for name in ("metadata.json", src.metadata.onnx.file):
+        shutil.copyfile(src.path / name, dest / name)
+        (dest / name).chmod(0o644)
+    digest = hashlib.sha256((dest / src.metadata.onnx.file).read_bytes()).hexdigest()
+    return {**crop, "lungs_from": f"{src.name} v{src.version} ({src.path})", "onnx_sha256": digest}
+
+
 def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,
                  report_dir: Path | None = None, clock: Stopwatch | None = None, trust=None) -> Bundle:
     """Write the next version of `name`; returns the bundle. `content` holds the metadata's
-    architecture, classes, input, training, test_metrics and trust; `trust` (covid_cxr.trust.fit.Trust)
-    puts the temperature and OOD gate into model.onnx. This adds the rest. Fails (and
+    architecture, classes, input, training, test_metrics and trust (and lung_crop: {"mode", "lungs"},
+    whose lung model is copied in); `trust` (covid_cxr.trust.fit.Trust) puts the temperature and OOD
+    gate into model.onnx. This adds the rest. Fails (and
     publishes nothing) if the ONNX model disagrees with PyTorch or the metadata is invalid."""
     from safetensors.torch import save_file
 
@@ -162,6 +185,8 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
                         parity_images=len(parity_images))
         if report_dir is not None and Path(report_dir).is_dir():
             shutil.copytree(report_dir, staging / "report")
+        if content.get("lung_crop"):
+            content = {**content, "lung_crop": embed_lungs(staging, content["lung_crop"])}
         box: dict[str, BundleMetadata] = {}
 
         def write_metadata(folder: Path, version: int) -> None:

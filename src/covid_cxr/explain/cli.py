@@ -181,7 +181,7 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
         for f in files:
             bar.advance(task)
             try:
-                pixels = load_for_model(f, h, w)
+                pixels = bundle.prepare(load_for_model(f, h, w)[None])[0]  # what the model sees
             except DecodeError as exc:
                 skipped.append((f, str(exc)))
                 err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)

@@ -303,7 +303,8 @@ def overlay_for_bundle(bundle, pixels_hw_float01: np.ndarray, class_index: int |
                        method: str = DEFAULT_METHOD, alpha: float = 0.4) -> tuple[bytes, Explanation]:
     """Explain one decoded image with a bundle's model: resize to its input size, Grad-CAM, blend.
 
-    Returns the overlay as PNG bytes (at the model's input size) and the explanation."""
+    Returns the overlay as PNG bytes (at the model's input size) and the explanation; for a bundle
+    trained on lung-only input, over the cropped image the model saw."""
     from covid_cxr.bundle import load_bundle
     from covid_cxr.data.decode import resize
 
@@ -311,6 +312,6 @@ def overlay_for_bundle(bundle, pixels_hw_float01: np.ndarray, class_index: int |
         bundle = load_bundle(bundle)
     h, w = bundle.input_hw
     pixels = resize(_as_batch(pixels_hw_float01)[0], h, w)
-    pixels = np.clip(pixels, 0.0, 1.0)
+    pixels = bundle.prepare(np.clip(pixels, 0.0, 1.0)[None])[0]  # the lung crop of a --lung-crop bundle
     explanation = explainer_for_bundle(bundle).explain(pixels, class_index, method)[0]
     return png_bytes(overlay(pixels, explanation.cam, alpha)), explanation

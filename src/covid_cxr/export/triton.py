@@ -121,6 +121,10 @@ def export_triton(models: str | Path, out: str | Path, names: list[str] | None =
     for name in names:
         vs = versions(models / name) if all_versions else versions(models / name)[-1:]
         bundles = [check_bundle(models / name / str(v)) for v in vs]
+        for b in bundles:
+            if b.metadata.lung_crop is not None:  # Triton would run model.onnx on whole images
+                raise BundleError(f"{b.path}: trained on lung-only input (--lung-crop), which Triton cannot "
+                                  "apply before model.onnx; serve it with `covid-cxr serve` (name the others)")
         staged = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
         try:
             _write_model(bundles, staged / "m", max_batch_size, all_versions)

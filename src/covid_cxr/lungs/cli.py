@@ -13,10 +13,10 @@ from covid_cxr.lungs.config import DEFAULTS as D
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
 
 
-def _opt(field: str):
+def _opt(field: str, *names: str):
     from covid_cxr.lungs.config import LungConfig
 
-    return config_option(LungConfig, field)
+    return config_option(LungConfig, field, *names)
 
 
 @lungs_app.command("train")
@@ -27,8 +27,12 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
               batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
               weights: Annotated[str, _opt("weights")] = D.weights,
               frozen_stages: Annotated[int, _opt("frozen_stages")] = D.frozen_stages,
+              decoder_channels: Annotated[str, _opt("decoder_channels")] = ",".join(map(str, D.decoder_channels)),
+              channels_last: Annotated[bool, _opt("channels_last", "--channels-last/--no-channels-last")] = D.channels_last,
+              source_balance: Annotated[float, _opt("source_balance")] = D.source_balance,
               max_images: Annotated[Optional[int], _opt("max_images")] = D.max_images,
               patience: Annotated[int, _opt("patience")] = D.patience, seed: int = D.seed,
+              max_minutes: Annotated[Optional[float], _opt("max_minutes")] = D.max_minutes,
               resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
               progress: bool = True):
     """U-Net lung segmenter (pretrained EfficientNet-Lite encoder) -> MODELS/<name>/<version>."""
@@ -44,10 +48,14 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
     try:
         cfg = LungConfig(name=name, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                          weights=weights, frozen_stages=frozen_stages, max_images=max_images, patience=patience,
-                         seed=seed, progress=progress)
+                         seed=seed, progress=progress, channels_last=channels_last, source_balance=source_balance,
+                         max_minutes=max_minutes,
+                         decoder_channels=[int(c) for c in decoder_channels.split(",") if c.strip()])
         r = train_lungs(data, out, cfg, resume=resume)
     except ValidationError as exc:
         fail(str(exc.errors()[0]["msg"]))
+    except ValueError:  # int() of a --decoder-channels entry
+        fail(f"--decoder-channels {decoder_channels!r}: expected five comma-separated widths, e.g. 32,24,16,12,8")
     except UserError as exc:
         fail(str(exc))
     _print(r.metrics, f"{cfg.name}: test split")

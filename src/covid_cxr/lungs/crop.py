@@ -1,17 +1,21 @@
 """Lung-only classifier input (`covid-cxr train --lung-crop box|mask --lungs MODELS/lungs`):
 crop each image to its lungs' bounding box with a margin (resized back to the input size), or
 black out everything outside the (slightly dilated) lung fields. An image whose mask fails the
-sanity check is passed through unchanged rather than cropped to nonsense."""
+sanity check is passed through unchanged rather than cropped to nonsense.
+
+Training applies it to each batch (`batch_transform`); a classifier bundle trained so carries its
+lung model and mode, and every reader applies the same crop (`covid_cxr.bundle.Bundle.prepare`).
+Numpy + ONNX Runtime only: the server runs it."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from covid_cxr.lungs.config import CROP_DILATE as DILATE
+from covid_cxr.lungs.config import CROP_MARGIN as MARGIN
 from covid_cxr.lungs.segment import sanity_check
 
 MODES = ("none", "box", "mask")
-MARGIN = 0.08  # of the box's side, added on every side
-DILATE = 0.02  # of the image side: the mask's edge, widened so the pleura stays in
 
 
 def crop_box(pixels: np.ndarray, mask: np.ndarray, margin: float = MARGIN) -> np.ndarray:
@@ -25,14 +29,14 @@ def crop_box(pixels: np.ndarray, mask: np.ndarray, margin: float = MARGIN) -> np
     return np.clip(resize(pixels[r0:r1, c0:c1], h, w), 0, 1)
 
 
-def mask_outside(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def mask_outside(pixels: np.ndarray, mask: np.ndarray, dilate: float = DILATE) -> np.ndarray:
     from scipy import ndimage
 
-    grown = ndimage.binary_dilation(mask, iterations=max(1, int(DILATE * mask.shape[0])))
+    grown = ndimage.binary_dilation(mask, iterations=max(1, int(dilate * mask.shape[0])))
     return np.where(grown, pixels, 0.0).astype(np.float32)
 
 
-def lung_only(images: np.ndarray, segmenter, mode: str) -> np.ndarray:
+def lung_only(images: np.ndarray, segmenter, mode: str, margin: float = MARGIN, dilate: float = DILATE) -> np.ndarray:
     """N x H x W float [0, 1] -> the same, lung-only by `mode` ('none' returns the input)."""
     if mode == "none":
         return images
@@ -44,7 +48,7 @@ def lung_only(images: np.ndarray, segmenter, mode: str) -> np.ndarray:
         if not sanity_check(m).ok:
             out.append(px)
         else:
-            out.append(crop_box(px, m) if mode == "box" else mask_outside(px, m))
+            out.append(crop_box(px, m, margin) if mode == "box" else mask_outside(px, m, dilate))
     return np.stack(out).astype(np.float32)
 
 

@@ -90,7 +90,7 @@ class LoadedModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """One ONNX Runtime call (blocking): n x H x W x 1 float32 -> n x classes; with an
         out-of-distribution gate, ood_score and in_distribution follow as two more columns."""
-        probs, score, inside = run_classifier(self.session, x, self.bundle.has_ood)
+        probs, score, inside = run_classifier(self.bundle, self.session, x)
         if score is None:
             return probs
         return np.concatenate([probs, score[:, None], inside[:, None].astype(probs.dtype)], axis=1)
@@ -326,6 +326,8 @@ class ModelRepository:
         session = open_checked_session(bundle, self.settings.intra_op_threads, self.settings.ort_spinning)
         h, w = bundle.input_hw
         session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})  # warm-up
+        if bundle.lung_segmenter(self.settings.intra_op_threads, self.settings.ort_spinning) is not None:
+            bundle.prepare(np.zeros((1, h, w), np.float32))  # opens (and warms) its lung model now
         return bundle, session
 
     async def _load_quietly(self, name: str, version: int) -> None:

@@ -212,6 +212,8 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
                      "timings_s": {}},
         "test_metrics": metrics,
         "trust": trust.info if trust is not None else None,
+        # lung-only input: the writer copies the lung model in, so every reader crops the same way
+        "lung_crop": {"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
     }
 
 
