@@ -69,6 +69,28 @@ def test_inverted_and_blank_images_are_rejected(tiny_models, tiny_data):
     assert not inside.any()
 
 
+def test_stage_statistics_by_onnxruntime_equal_torch_and_are_cached(tiny_models, tiny_data, tmp_path):
+    """The gate is fitted on StageStats from ONNX Runtime (real data) or torch (few images): same
+    numbers; a second fit reads them from the cache."""
+    from covid_cxr.data import prepare
+    from covid_cxr.trust.stages import stage_features
+
+    b = load_bundle(tiny_models / "tiny")
+    cfg = b.metadata.training.config.model_copy(update={"progress": False})
+    prepared = prepare(tiny_data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
+    model = b.load_torch()
+    got = {e: stage_features(model, prepared, cfg.model_copy(update={"extractor": e}), tmp_path / e, threads=1)
+           for e in ("torch", "onnxruntime")}
+    assert list(got["torch"].indices) == [0, 1, 2, 3] and got["torch"].layout[-1][2] == got["torch"].splits["val"].shape[1]
+    for split in ("train", "val", "test"):
+        np.testing.assert_allclose(got["onnxruntime"].splits[split], got["torch"].splits[split], rtol=1e-3, atol=1e-4)
+    (cache,) = (tmp_path / "torch").glob("*.safetensors")
+    before = cache.stat().st_mtime_ns
+    again = stage_features(model, prepared, cfg.model_copy(update={"extractor": "torch"}), tmp_path / "torch")
+    assert cache.stat().st_mtime_ns == before
+    np.testing.assert_array_equal(again.splits["test"], got["torch"].splits["test"])
+
+
 def test_first_gate_arrays_still_read():
     """A bundle of the first gate (pooled features only: means, chol) scores as one stage."""
     rng = np.random.default_rng(0)
