@@ -5,12 +5,15 @@ out-of-distribution gate from every split's stage statistics (trust/stages.py, c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from covid_cxr.trust.calibration import fit_temperature, nll
 from covid_cxr.trust.ood import OODStats, fit_ood, ood_summary
-from covid_cxr.trust.stages import POOLED, StageFeatures
+
+if TYPE_CHECKING:  # stages.py needs torch; the ONNX-only readers import this module
+    from covid_cxr.trust.stages import StageFeatures
 
 
 @dataclass
@@ -47,9 +50,9 @@ def head_logits(model, feats: np.ndarray) -> np.ndarray:
         return model.head(torch.from_numpy(np.asarray(feats, np.float32))).numpy()
 
 
-def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]], stages: StageFeatures | None = None) -> Trust:
-    """Temperature on the validation logits; the Mahalanobis gate on train, threshold on val, from
-    `stages` (StageStats of each split; without it, the pooled features alone: the first gate)."""
+def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]], stages: StageFeatures) -> Trust:
+    """Temperature on the validation split's pooled-feature logits; the Mahalanobis gate on the
+    train split's `stages` (StageStats), threshold on val's."""
     val_f, val_y = feats["val"]
     logits = head_logits(model, val_f)
     t = fit_temperature(logits, val_y)
@@ -57,9 +60,6 @@ def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]], stages: St
                    "val_nll_after": nll(logits, val_y, t)}
     stats = None
     info: dict = {"calibration": calibration}
-    if stages is None:
-        layout = [(POOLED, 0, val_f.shape[1])]
-        stages = StageFeatures((), layout, {s: f for s, (f, _) in feats.items()})
     x = stages.splits
     if len(x["val"]) and len(x["train"]) >= 2:
         stats = fit_ood((x["train"], feats["train"][1]), x["val"], stages.layout, stages.indices)
