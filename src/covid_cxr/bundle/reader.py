@@ -105,7 +105,8 @@ class Bundle:
         return run_classifier(self, self.session(), np.asarray(images, dtype=np.float32)[..., None])
 
     def trust_arrays(self) -> dict[str, np.ndarray] | None:
-        """temperature, means, chol, threshold from trust.safetensors (None for older bundles)."""
+        """trust.safetensors' tensors: temperature and the gate's (read them with trust.ood.OODStats.from_arrays);
+        None for older bundles."""
         from safetensors.numpy import load_file
 
         from covid_cxr.bundle.schema import TRUST_FILE

@@ -153,13 +153,25 @@ class Calibration(BaseModel):
     val_nll_after: float | None = None
 
 
+class OODStage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="'pooled' (the head's input) or the backbone module whose output it summarises")
+    statistics: str = Field(description="what the block holds, e.g. channel means and standard deviations")
+    dim: int = Field(ge=1, description="the block's width")
+    scale: float = Field(gt=0, description="its distances are divided by it (its validation quantile)")
+    shrinkage: float | None = Field(None, description="Ledoit-Wolf shrinkage of its covariance")
+
+
 class OODGate(BaseModel):
     model_config = ConfigDict(extra="allow")  # fitting details (feature size, shrinkage, rates)
-    method: str = Field(description="how ood_score is computed (see covid_cxr.trust.ood)")
+    method: str = Field(description="how ood_score is computed (see covid_cxr.trust.ood): 'mahalanobis' "
+                                    "(pooled features) or 'mahalanobis-stages' (Lee et al. 2018's feature ensemble)")
     threshold: float = Field(description="ood_score above it: in_distribution = 0")
     accept_target: float = Field(gt=0, le=1, description="share of the validation split accepted")
     val_accept_rate: float | None = None
     test_accept_rate: float | None = None
+    combine: str | None = Field(None, description="how the stages' scores make ood_score (mahalanobis-stages)")
+    stages: list[OODStage] | None = Field(None, description="the feature blocks scored (mahalanobis-stages)")
 
 
 class TrustInfo(_Strict):

@@ -104,8 +104,7 @@ def save_trust(trust, path: Path) -> None:
 
     arrays = {"temperature": np.array([trust.temperature], np.float64)}
     if trust.ood is not None:
-        arrays.update(means=trust.ood.means.astype(np.float64), chol=trust.ood.chol.astype(np.float64),
-                      threshold=np.array([trust.ood.threshold], np.float64))
+        arrays.update(trust.ood.arrays())
     save_file(arrays, str(path))
     path.chmod(0o644)
 

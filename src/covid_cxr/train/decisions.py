@@ -8,7 +8,7 @@ from covid_cxr.evaluate.metrics import by_source, with_operating_point
 from covid_cxr.evaluate.operating_point import choose
 
 
-def decision_metrics(model, inputs, prepared, cfg, trust=None, feats: dict | None = None) -> dict:
+def decision_metrics(model, inputs, prepared, cfg, trust=None) -> dict:
     """The test split's metrics as the bundle answers: temperature-scaled probabilities (with ECE,
     Brier and the OOD rate when `trust` is given), and the operating point fitted on the validation
     split's scaled probabilities."""
@@ -24,7 +24,7 @@ def decision_metrics(model, inputs, prepared, cfg, trust=None, feats: dict | Non
     if cfg.target_recall:
         yv, pv = test_probabilities(model, prepared, cfg.size, inputs.features, split="val")
         op = choose(yv, scale(pv), classes, cfg.target_recall)
-    m = with_operating_point(add_trust_metrics(y, raw, classes, trust, feats), y, probs, op)
+    m = with_operating_point(add_trust_metrics(y, raw, classes, trust), y, probs, op)
     per_source = by_source(y, probs, classes, [r.source for r in prepared.splits["test"]], op)
     if per_source:
         m["by_source"] = per_source

@@ -169,13 +169,13 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str, trust=None, feats: dict | None = None, before: dict | None = None) -> dict:
+             run: RunDir, title: str, trust=None, before: dict | None = None) -> dict:
     """Test metrics (temperature-scaled, as the bundle answers; the operating point beside the argmax),
     and the report folder that goes into the bundle (table, calibration, curves, history).
     `before`: the --init-from bundle's metrics on the same split (site adaptation)."""
     from covid_cxr.train.adapt import before_after_md
 
-    metrics = decision_metrics(model, inputs, prepared, cfg, trust, feats)
+    metrics = decision_metrics(model, inputs, prepared, cfg, trust)
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
     if before is not None:
@@ -184,12 +184,14 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     return metrics
 
 
-def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig):
-    """Temperature and out-of-distribution gate from each split's pooled features (covid_cxr.trust)."""
+def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path):
+    """Temperature from each split's pooled features, out-of-distribution gate from their stage
+    statistics (covid_cxr.trust; both cached per image)."""
     from covid_cxr.trust.fit import fit_trust, split_features
+    from covid_cxr.trust.stages import stage_features
 
     feats = split_features(model, prepared, cfg.size, inputs.features)
-    return feats, fit_trust(model, feats)
+    return fit_trust(model, feats, stage_features(model, prepared, cfg, cache_dir))
 
 
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
@@ -254,10 +256,10 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
-    feats, trust = fit_trust_layer(model, inputs, prepared, cfg)
+    trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache")
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
-                       trust, feats, before)
+                       trust, before)
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)

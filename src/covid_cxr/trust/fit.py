@@ -1,14 +1,19 @@
-"""Fit the trust layer at training time, from the pooled features of each split: the cached ones
-when the backbone was frozen (no extra backbone pass), else computed with the trained model."""
+"""Fit the trust layer at training time: the temperature from the validation split's pooled features
+(the cached ones when the backbone was frozen, else computed with the trained model), the
+out-of-distribution gate from every split's stage statistics (trust/stages.py, cached per image)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from covid_cxr.trust.calibration import fit_temperature, nll
 from covid_cxr.trust.ood import OODStats, fit_ood, ood_summary
+
+if TYPE_CHECKING:  # stages.py needs torch; the ONNX-only readers import this module
+    from covid_cxr.trust.stages import StageFeatures
 
 
 @dataclass
@@ -45,8 +50,9 @@ def head_logits(model, feats: np.ndarray) -> np.ndarray:
         return model.head(torch.from_numpy(np.asarray(feats, np.float32))).numpy()
 
 
-def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Trust:
-    """Temperature on the validation logits; Mahalanobis gate on train, threshold on val."""
+def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]], stages: StageFeatures) -> Trust:
+    """Temperature on the validation split's pooled-feature logits; the Mahalanobis gate on the
+    train split's `stages` (StageStats), threshold on val's."""
     val_f, val_y = feats["val"]
     logits = head_logits(model, val_f)
     t = fit_temperature(logits, val_y)
@@ -54,9 +60,10 @@ def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Trust:
                    "val_nll_after": nll(logits, val_y, t)}
     stats = None
     info: dict = {"calibration": calibration}
-    if len(val_f) and len(feats["train"][0]) >= 2:
-        stats = fit_ood(feats["train"], val_f)
-        info["ood"] = ood_summary(stats, val_f, feats["test"][0], len(feats["train"][0]))
+    x = stages.splits
+    if len(x["val"]) and len(x["train"]) >= 2:
+        stats = fit_ood((x["train"], feats["train"][1]), x["val"], stages.layout, stages.indices)
+        info["ood"] = ood_summary(stats, x["val"], x["test"], len(x["train"]))
     return Trust(t, stats, info)
 
 

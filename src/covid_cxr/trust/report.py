@@ -12,7 +12,7 @@ from covid_cxr.trust.calibration import brier, ece, reliability_png
 from covid_cxr.trust.fit import apply_temperature
 
 
-def add_trust_metrics(y: np.ndarray, probs: np.ndarray, classes, trust=None, feats: dict | None = None) -> dict:
+def add_trust_metrics(y: np.ndarray, probs: np.ndarray, classes, trust=None) -> dict:
     """Metrics of the temperature-scaled probabilities (what the bundle answers), with ECE and Brier
     before scaling beside them and the test split's out-of-distribution rate."""
     scaled = apply_temperature(probs, trust.temperature) if trust is not None else probs
@@ -20,8 +20,9 @@ def add_trust_metrics(y: np.ndarray, probs: np.ndarray, classes, trust=None, fea
     if trust is not None:
         m["temperature"] = trust.temperature
         m["before_temperature"] = {"ece": ece(y, probs), "brier": brier(y, probs)}
-        if trust.ood is not None and feats is not None:
-            m["ood_rate"] = float(1 - trust.ood.accepts(feats["test"][0]).mean())
+        rate = ((trust.info.get("ood") or {}).get("test_accept_rate") if trust.ood is not None else None)
+        if rate is not None:  # measured when the gate was fitted, on the stage statistics it reads
+            m["ood_rate"] = float(1 - rate)
     return m
 
 
