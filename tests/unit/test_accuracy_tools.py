@@ -180,8 +180,10 @@ def test_recipes_apply_their_settings_and_explicit_options_win():
 
     [study] = recipe_configs("study", TrainConfig())
     assert study.balance == "undersample" and study.max_per_class == 219 and study.name == "study"
-    [acc] = recipe_configs("accurate", TrainConfig(seed=3, name="mine"))
-    assert acc.finetune and acc.seed == 3 and acc.name == "mine"
+    members = recipe_configs("accurate", TrainConfig(seed=3, name="mine"))  # an ensemble: one split for all
+    assert [m.arch for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert all(m.finetune and m.seed == 3 and m.target_recall == "COVID-19=0.98" for m in members)
+    assert len({m.name for m in members}) == 3
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe_configs("fastest", TrainConfig())
 
