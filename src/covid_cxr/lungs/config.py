@@ -29,7 +29,10 @@ class LungConfig(BaseModel):
     Dice falls short, and v7 is 9 % of the pairs; drawing by (pairs of the source)^-0.5 gives it
     18 % of an epoch's draws (each v7 pair about twice an epoch) while quex keeps half of them.
     Full balance (1.0) would show each v7 pair ~4 times an epoch (over-fitting 175 pairs) and halve
-    quex's exposure, whose Dice target has the least headroom."""
+    quex's exposure, whose Dice target has the least headroom.
+    `epochs` 12 with `max_minutes` 18: the measured 20-minute run (docs/results/lungs/README.md: 6
+    epochs fitted in 18 minutes on a busy machine, held-out Dice 0.958 / 0.960 / 0.930 for quex /
+    crdvp / v7); a quieter machine gets further through the schedule in the same time."""
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
@@ -44,11 +47,11 @@ class LungConfig(BaseModel):
     source_balance: float = Field(0.5, ge=0, le=1, description="draw each training pair with weight "
                                   "(pairs of its manifest source)^-x: 0 as the data come, 1 every source "
                                   "equally often (v7's few pairs as often as quex's many)")
-    epochs: int = Field(4, ge=1, description="most epochs (early stopping may end sooner)")
+    epochs: int = Field(12, ge=1, description="most epochs (early stopping may end sooner)")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     patience: int = Field(3, ge=1, description="early stopping patience on validation Dice")
-    max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes "
+    max_minutes: float | None = Field(18.0, gt=0, description="stop training after this many minutes "
                                       "(the best epoch so far is kept; data, test and bundle come on top)")
     seed: int = 0
     split_fractions: list[float] = Field([0.7, 0.1, 0.2], description="train / val / test (by duplicate group)")
