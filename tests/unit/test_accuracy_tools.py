@@ -188,6 +188,27 @@ def test_recipes_apply_their_settings_and_explicit_options_win():
         recipe_configs("fastest", TrainConfig())
 
 
+def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatch, tmp_path):
+    """The ensemble bundle is what a user serves: it must carry the recipe's operating point even
+    when the command line gave none (a fault found in the first full --recipe accurate run)."""
+    from types import SimpleNamespace
+
+    import covid_cxr.bundle.ensemble as ensemble
+    import covid_cxr.train.fit as fit
+    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.train.recipes import train_recipe
+
+    trained, built = [], {}
+    monkeypatch.setattr(fit, "train", lambda data, out, c, **kw: trained.append(c) or
+                        SimpleNamespace(bundle_path=tmp_path / c.name))
+    monkeypatch.setattr(ensemble, "build_ensemble", lambda paths, out, name, target_recall=None: built.update(
+        paths=paths, name=name, target_recall=target_recall) or SimpleNamespace(
+        path=tmp_path / name, metadata=SimpleNamespace(test_metrics=SimpleNamespace(model_dump=dict))))
+    train_recipe("accurate", tmp_path / "data", tmp_path / "models", TrainConfig())
+    assert len(trained) == 3 and len(built["paths"]) == 3 and built["name"] == "accurate"
+    assert built["target_recall"] == "COVID-19=0.98"
+
+
 def test_site_adaptation_never_tests_on_images_the_bundle_trained_on(tiny_models, tiny_data):
     """Another seed re-splits the same images: test images the bundle trained on move to train."""
     from covid_cxr.data import prepare

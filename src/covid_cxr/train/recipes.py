@@ -72,5 +72,5 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
     paths = [train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path for c in cfgs]
-    b = build_ensemble(paths, models_out, bundle_name, target_recall=base.target_recall)
+    b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
     return b.path, b.metadata.test_metrics.model_dump()
