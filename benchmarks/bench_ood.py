@@ -183,7 +183,7 @@ def gate_rates(bundle, sets: dict[str, np.ndarray], workdir: Path, threads: int)
     out = {}
     for name, x in sets.items():
         batches = [x[i:i + 32] for i in range(0, len(x), 32)]
-        score, inside = (np.concatenate(v) for v in zip(*(run_classifier(session, b[..., None], True)[1:] for b in batches)))
+        score, inside = (np.concatenate(v) for v in zip(*(run_classifier(bundle, session, b[..., None])[1:] for b in batches)))
         feats = np.concatenate([stage_stats(np.ascontiguousarray(b[:, None])) for b in batches])
         ratio = score / stats.threshold  # the margin: how far past the threshold (1) the set lies
         out[name] = {"n": len(x), "rejected": float(1 - inside.mean()), "score_over_threshold_min_median":
