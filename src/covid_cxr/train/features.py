@@ -95,24 +95,27 @@ def _valid_keys(keys, n_rows: int) -> bool:
 @torch.inference_mode()
 def extract(model, items: list[tuple[Path, str]], size: int, cache: FeatureCache | None = None,
             batch_size: int = 32, progress: bool = True, save_every: int = 20, precision: str = "fp32",
-            device: torch.device | str = "cpu", transform=None, engine: str = "torch") -> torch.Tensor:
+            device: torch.device | str = "cpu", transform=None, engine: str = "torch", featurize=None,
+            label: str = "extracting features") -> torch.Tensor:
     """Features (N x F) for `items` = [(path, sha256)], computing only what the cache lacks.
 
     ``engine="onnxruntime"`` (fp32, CPU) runs the exported backbone (train/extract_onnx.py), 3-6x
     faster than torch here with the same numbers; its graph is kept beside the cache; "auto" picks it
     from ORT_FROM_IMAGES images to extract. Torch runs channels-last (about 1.7x faster, same
     numbers); ``precision="bf16"`` adds autocast. `transform` maps each loaded N x H x W batch first
-    (lung-only input).
+    (lung-only input). `featurize` (x N x 1 x H x W tensor -> N x D tensor) replaces the pooled-feature
+    engine: the OOD gate's stage statistics go through the same loop and cache (trust/stages.py).
     """
     model.eval()
     todo = [(p, s) for p, s in items if cache is None or s not in cache.rows]
     if engine == "auto":
         engine = "onnxruntime" if len(todo) >= ORT_FROM_IMAGES and torch.device(device).type == "cpu" else "torch"
-    featurize = _featurizer(model, size, engine if todo else "torch", precision,
-                            cache.path.parent if cache is not None else None, device)
+    if featurize is None:
+        featurize = _featurizer(model, size, engine if todo else "torch", precision,
+                                cache.path.parent if cache is not None else None, device)
     store = cache.rows if cache is not None else {}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    for n, batch in enumerate(progress_iter(batches, "extracting features", enabled=progress and bool(batches)), 1):
+    for n, batch in enumerate(progress_iter(batches, label, enabled=progress and bool(batches)), 1):
         pixels = load_batch([p for p, _ in batch], size, size)
         feats = featurize(torch.from_numpy(transform(pixels) if transform else pixels)[:, None])
         for (_, sha), f in zip(batch, feats):

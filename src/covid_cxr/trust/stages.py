@@ -71,8 +71,9 @@ class StageFeatures:
 def stage_features(model, prepared, cfg, cache_dir: Path, threads: int = 0) -> StageFeatures:
     """StageStats of every split's images, computed once per image and backbone (cached by the
     image's sha256 under a key holding everything the vector depends on)."""
+    from covid_cxr.lungs.crop import batch_transform
     from covid_cxr.train.extract_onnx import weights_digest
-    from covid_cxr.train.features import ORT_FROM_IMAGES, FeatureCache, cache_key
+    from covid_cxr.train.features import ORT_FROM_IMAGES, FeatureCache, cache_key, extract
 
     indices = stage_indices(model.backbone)
     key = cache_key(cfg.arch, weights_digest(model.backbone), cfg.size, prepared.mean, prepared.std,
@@ -83,7 +84,10 @@ def stage_features(model, prepared, cfg, cache_dir: Path, threads: int = 0) -> S
     if todo:  # the engine as for the pooled features: ONNX Runtime from ORT_FROM_IMAGES images
         ort = cfg.extractor == "onnxruntime" or (cfg.extractor == "auto" and len(todo) >= ORT_FROM_IMAGES)
         graph = Path(cache_dir) / "backbones" / f"{key}.onnx" if ort else None
-        _fill(cache, todo, stage_runner(model, indices, cfg.size, graph, threads), cfg)
+        run = stage_runner(model, indices, cfg.size, graph, threads)
+        extract(model, todo, cfg.size, cache, progress=cfg.progress, transform=batch_transform(cfg.lung_crop, cfg.lungs),
+                featurize=lambda x: torch.from_numpy(run(np.ascontiguousarray(x.numpy(), np.float32))),
+                label="OOD gate: stage statistics")
     splits = {s: np.stack([cache.rows[sha].numpy() for _, sha in items[s]]) if items[s] else
               np.zeros((0, stage_layout(model, indices)[-1][2]), np.float32) for s in SPLITS}
     return StageFeatures(indices, stage_layout(model, indices), splits)
@@ -108,17 +112,3 @@ def stage_runner(model, indices, size: int, onnx_path: Path | None = None, threa
 
     return torch_run
 
-
-def _fill(cache, todo: list, run, cfg, batch_size: int = 32) -> None:
-    from covid_cxr.data.decode import load_batch
-    from covid_cxr.lungs.crop import batch_transform
-    from covid_cxr.utils import progress_iter
-
-    transform = batch_transform(cfg.lung_crop, cfg.lungs)  # the lung-only input the head was trained on
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    for batch in progress_iter(batches, "OOD gate: stage statistics", enabled=cfg.progress):
-        pixels = load_batch([p for p, _ in batch], cfg.size, cfg.size)
-        out = run(np.ascontiguousarray((transform(pixels) if transform else pixels)[:, None], np.float32))
-        for (_, sha), row in zip(batch, out):
-            cache.rows[sha] = torch.from_numpy(np.array(row, np.float32))
-    cache.save()
