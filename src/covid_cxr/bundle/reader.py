@@ -135,8 +135,7 @@ def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, 
     on N x H x W x 1: (probabilities, ood_score, in_distribution as bool), the last two None for a
     bundle without an out-of-distribution gate. The bundle and the server both run a classifier
     through here (the server with its own `session`)."""
-    if bundle.metadata.lung_crop is not None:
-        x = bundle.prepare(x[..., 0])[..., None]
+    x = bundle.prepare(x[..., 0])[..., None]  # views, no copy, for a bundle without lung_crop
     if not bundle.has_ood:
         return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
     probs, score, inside = session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
