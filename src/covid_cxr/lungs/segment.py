@@ -75,6 +75,7 @@ class LungSegmenter:
     bundle: object
     threads: int = 0
     spinning: bool = False
+    _own: object = field(default=None, repr=False)  # its session, opened on first use
 
     @classmethod
     def from_bundle(cls, path: str | Path, threads: int = 0) -> LungSegmenter:
@@ -91,13 +92,11 @@ class LungSegmenter:
         return self.bundle.input_hw[0]
 
     def _session(self):
-        if self.threads or not self.spinning:
+        if self._own is None:
             from covid_cxr.bundle import open_checked_session
 
-            if getattr(self, "_own", None) is None:
-                self._own = open_checked_session(self.bundle, self.threads, self.spinning)
-            return self._own
-        return self.bundle.session()
+            self._own = open_checked_session(self.bundle, self.threads, self.spinning)
+        return self._own
 
     def _run(self, small: np.ndarray) -> np.ndarray:
         from covid_cxr.bundle.schema import ONNX_INPUT
