@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-SIZE = 224
+SIZE = 224  # main() sets it to the bundles' input size
 
 
 def _gray(img: Image.Image) -> np.ndarray:
@@ -171,24 +171,29 @@ def refit(bundle, model, cfg, prepared, feats, out: Path, threads: int):
 
 def gate_rates(bundle, sets: dict[str, np.ndarray], workdir: Path, threads: int) -> dict[str, dict]:
     """Each set's share rejected by the bundle's model.onnx, and how often the numpy scorer (on
-    StageStats from their own ONNX Runtime graph) gives the same verdict."""
+    StageStats from their own ONNX Runtime graph; an ensemble's: each member's) gives the same verdict."""
     from covid_cxr.bundle.reader import open_checked_session, run_classifier
-    from covid_cxr.trust.ood import OODStats
+    from covid_cxr.trust.ood import EnsembleOOD, gate_from_arrays
     from covid_cxr.trust.stages import stage_runner
 
     session = open_checked_session(bundle, threads)
-    stats = OODStats.from_arrays(bundle.trust_arrays())
-    graph = workdir / f"stages-{bundle.metadata.name}-{bundle.metadata.version}-{len(stats.indices)}.onnx"
-    stage_stats = stage_runner(bundle.load_torch(), stats.indices, SIZE, graph, threads)
+    gate = gate_from_arrays(bundle.trust_arrays())
+    model = bundle.load_torch()
+    parts = list(zip(model.members, gate.members)) if isinstance(gate, EnsembleOOD) else [(model, gate)]
+    tag = f"{bundle.metadata.name}-{bundle.metadata.version}"
+    runners = [stage_runner(m, g.indices, bundle.input_hw[0], workdir / f"stages-{tag}-{k}-{len(g.indices)}.onnx", threads)
+               for k, (m, g) in enumerate(parts)]
     out = {}
     for name, x in sets.items():
         batches = [x[i:i + 32] for i in range(0, len(x), 32)]
         score, inside = (np.concatenate(v) for v in zip(*(run_classifier(bundle, session, b[..., None])[1:] for b in batches)))
-        feats = np.concatenate([stage_stats(np.ascontiguousarray(b[:, None])) for b in batches])
-        ratio = score / stats.threshold  # the margin: how far past the threshold (1) the set lies
+        feats = [np.concatenate([run(np.ascontiguousarray(b[:, None])) for b in batches]) for run in runners]
+        numpy_accepts = gate.accepts(feats) if isinstance(gate, EnsembleOOD) else gate.accepts(feats[0])
+        ratio = score / gate.threshold  # the margin: how far past the threshold (1) the set lies
         out[name] = {"n": len(x), "rejected": float(1 - inside.mean()), "score_over_threshold_min_median":
                      [float(ratio.min()), float(np.median(ratio))],
-                     "numpy_agreement": float((stats.accepts(feats) == inside).mean()), "pooled": feats[:, :stats.stages[0].stop]}
+                     "numpy_agreement": float((numpy_accepts == inside).mean()),
+                     "pooled": feats[0][:, :parts[0][1].stages[0].stop]}
     return out
 
 
@@ -202,8 +207,10 @@ def main() -> None:
     from covid_cxr.trust.fit import head_logits
     from covid_cxr.trust.ood import energy
 
+    global SIZE
     args = _args()
     bundles = [load_bundle(m) for m in args.model]
+    SIZE = bundles[0].input_hw[0]  # every set is made at the models' input size (224 unless trained otherwise)
     cfg, prepared, model, feats = training_split(bundles[0], args.data, args.workdir)
     if args.refit:
         bundles.append(refit(bundles[0], model, cfg, prepared, feats, args.refit, args.threads))

@@ -24,8 +24,8 @@ def main() -> None:
     a = ap.parse_args()
     b = load_bundle(a.model)
     prepared = shared_split([b])
-    op = choose(*split_probabilities([b], prepared, "val"), b.classes, a.target)
-    y, p = split_probabilities([b], prepared, "test")
+    op = choose(*split_probabilities([b], prepared, "val")[:2], b.classes, a.target)
+    y, p, _ = split_probabilities([b], prepared, "test")
     m = with_operating_point(compute_metrics(y, p, b.classes), y, p, op)
     print(f"# {b.name} v{b.version}, test split, target {a.target}\n\n## Argmax\n\n{metrics_table_md(m)}"
           f"{operating_point_md(m)}")

@@ -131,6 +131,17 @@ def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, o
     assert np.abs(ens.predict(x) - want).max() < 1e-5
     cam = explainer_for_bundle(again).explain(x[0])[0]
     assert cam.cam.shape == (64, 64) and np.isfinite(cam.cam).all()
+    # its gate: the members' scores, each over its member's threshold, averaged; threshold from val
+    from covid_cxr.trust.ood import EnsembleOOD, gate_from_arrays
+
+    gate = gate_from_arrays(again.trust_arrays())
+    assert again.has_ood and isinstance(gate, EnsembleOOD) and len(gate.members) == 2
+    assert again.metadata.trust.ood.method == "mahalanobis-stages-ensemble"
+    _, score, inside = again.predict_with_ood(x)
+    want = gate.combine([load_bundle(m).predict_with_ood(x)[1] for m in members])
+    assert np.allclose(score, want, rtol=1e-4)
+    assert (inside == (score <= gate.threshold)).all()
+    assert 0 < again.metadata.trust.ood.val_accept_rate <= 1 and again.metadata.test_metrics.ood_rate is not None
 
 
 def test_an_ensemble_refuses_members_with_other_inputs(tiny_models, tmp_path):

@@ -7,6 +7,10 @@ ensemble's own score (explain/gradcam.py, one target layer per member).
 Test metrics need the members' common test split: they must have been trained on the same data,
 seed, balancing and fractions (the same split), else some member would have trained on images the
 ensemble is scored on; `--data` recomputes that split and it is checked against the members'.
+
+Out-of-distribution gate: when every member has one, the ensemble's model.onnx answers `ood_score`
+and `in_distribution` too (trust.ood.EnsembleOOD: the members' scores on one scale, averaged, the
+threshold refitted on the validation split). Without `evaluate` there is no split to fit it on.
 """
 
 from __future__ import annotations
@@ -67,36 +71,56 @@ def shared_split(bundles: list[Bundle]):
     return prepared
 
 
-def split_probabilities(bundles: list[Bundle], prepared, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and the members' averaged probabilities (ONNX Runtime: what the ensemble graph computes)."""
+def split_probabilities(bundles: list[Bundle], prepared, split: str) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """Labels, the members' averaged probabilities (ONNX Runtime: what the ensemble graph computes),
+    and each member's ood_score (None unless every member has a gate)."""
     h, w = bundles[0].input_hw
     paths = [prepared.manifest.root / r.path for r in prepared.splits[split]]
     probs = np.zeros((len(paths), len(bundles[0].classes)))
+    gated = all(b.has_ood for b in bundles)
+    scores = np.zeros((len(bundles), len(paths)))
     for i in range(0, len(paths), 32):
         x = load_batch(paths[i:i + 32], h, w)
-        probs[i:i + 32] = np.mean([b.predict(x) for b in bundles], axis=0)
+        outs = [b.predict_with_ood(x) for b in bundles]
+        probs[i:i + 32] = np.mean([o[0] for o in outs], axis=0)
+        if gated:
+            scores[:, i:i + 32] = [o[1] for o in outs]
     y = np.array([prepared.classes.index(r.label) for r in prepared.splits[split]])
-    return y, probs
+    return y, probs, list(scores) if gated else None
 
 
-def ensemble_metrics(bundles: list[Bundle], target_recall: str | None) -> tuple[dict, dict | None, np.ndarray]:
-    """Test metrics (argmax and operating point), the fitted operating point, parity images."""
+def ensemble_gate(bundles: list[Bundle], val_scores, test_scores):
+    """The ensemble's out-of-distribution gate (trust.ood.EnsembleOOD) from its members' gates, the
+    threshold refitted on the validation split; None when a member has none."""
+    from covid_cxr.trust.fit import Trust
+    from covid_cxr.trust.ood import OODStats, fit_ensemble_gate
+
+    if val_scores is None:
+        return None
+    gate, info = fit_ensemble_gate([OODStats.from_arrays(b.trust_arrays()) for b in bundles], val_scores, test_scores)
+    return Trust(1.0, gate, {"ood": info})  # each member's temperature is applied inside its part
+
+
+def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
+    """Test metrics (argmax and operating point), the fitted operating point, the gate, parity images."""
     from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
     from covid_cxr.evaluate.operating_point import choose
 
     prepared = shared_split(bundles)
     classes = bundles[0].classes
-    y, p = split_probabilities(bundles, prepared, "test")
-    op = None
-    if target_recall:
-        op = choose(*split_probabilities(bundles, prepared, "val"), classes, target_recall)
+    y, p, test_scores = split_probabilities(bundles, prepared, "test")
+    val_y, val_p, val_scores = split_probabilities(bundles, prepared, "val")
+    op = choose(val_y, val_p, classes, target_recall) if target_recall else None
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
+    trust = ensemble_gate(bundles, val_scores, test_scores)
+    if trust is not None:
+        m["ood_rate"] = 1 - trust.info["ood"]["test_accept_rate"]
     h, w = bundles[0].input_hw
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:8]], h, w)
-    return m, op, parity
+    return m, op, trust, parity
 
 
-def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None) -> dict:
+def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None, trust=None) -> dict:
     first = bundles[0].metadata
     cam = ",".join(f"members.{i}.backbone.{b.metadata.architecture.cam_layer}" for i, b in enumerate(bundles))
     arch = {"name": "ensemble", "timm_name": "+".join(b.metadata.architecture.timm_name for b in bundles),
@@ -107,7 +131,7 @@ def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None) ->
     h, w = first.input_hw
     return {"architecture": arch, "classes": list(first.classes),
             "input": {"height": h, "width": w, "normalisation": first.input.normalisation.model_dump()},
-            "test_metrics": metrics, "operating_point": op}
+            "test_metrics": metrics, "operating_point": op, "trust": trust.info if trust is not None else None}
 
 
 def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evaluate: bool = True,
@@ -121,11 +145,11 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     from covid_cxr.models.classifier import EnsembleClassifier
 
     bundles = open_members(member_paths)
-    metrics, op, parity = ensemble_metrics(bundles, target_recall) if evaluate else (None, None, None)
+    metrics, op, trust, parity = ensemble_metrics(bundles, target_recall) if evaluate else (None,) * 4
     if parity is None:
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
-    content = content_for(bundles, metrics, op)
+    content = content_for(bundles, metrics, op, trust)
     model = EnsembleClassifier([b.load_torch() for b in bundles], content["architecture"]["cam_layer"],
                                [b.temperature for b in bundles])
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,4 +157,4 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
         if metrics is not None:
             names = " + ".join(f"{b.name} v{b.version}" for b in bundles)
             write_report(metrics, report, f"{name}: ensemble of {names} — test split")
-        return write_bundle(models_out, name, model, content, parity, report_dir=report)
+        return write_bundle(models_out, name, model, content, parity, report_dir=report, trust=trust)

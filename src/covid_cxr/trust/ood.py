@@ -28,6 +28,9 @@ import numpy as np
 ACCEPT = 0.95  # share of the validation split the threshold accepts
 METHOD = "mahalanobis-stages"
 COMBINE = "sum of the stages' squared Mahalanobis distances, each divided by its 95 % validation quantile"
+ENSEMBLE_METHOD = "mahalanobis-stages-ensemble"
+ENSEMBLE_COMBINE = ("mean over the members of each member's mahalanobis-stages ood_score divided by that "
+                    "member's threshold")
 
 
 @dataclass
@@ -84,6 +87,62 @@ class OODStats:
         return cls(stages, threshold, tuple(int(i) for i in arrays["indices"]))
 
 
+@dataclass
+class EnsembleOOD:
+    """An ensemble's gate: each member's own gate on its own backbone, their scores put on one scale
+    (each divided by its member's threshold, so 1 means "at that member's threshold") and averaged;
+    one threshold refitted on the validation split accepts `ACCEPT` of it, like a single model's.
+    Why not "reject if any member rejects": with three members that accepts ~88 % of validation, not 95."""
+
+    members: list[OODStats]
+    threshold: float
+
+    def combine(self, member_scores) -> np.ndarray:
+        """Members' ood_score (one array each, as their gates answer) -> the ensemble's."""
+        return np.mean([np.asarray(s, np.float64) / m.threshold for s, m in zip(member_scores, self.members)], axis=0)
+
+    def score(self, member_feats) -> np.ndarray:
+        """From each member's StageStats output (numpy; the check on the exported graph)."""
+        return self.combine([m.score(f) for m, f in zip(self.members, member_feats)])
+
+    def accepts(self, member_feats) -> np.ndarray:
+        return self.score(member_feats) <= self.threshold
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"threshold": np.array([self.threshold], np.float64)}
+        for i, m in enumerate(self.members):
+            out.update({f"members.{i}.{k}": v for k, v in m.arrays().items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EnsembleOOD:
+        n = 1 + max(int(k.split(".")[1]) for k in arrays if k.startswith("members."))
+        members = [OODStats.from_arrays({k[len(f"members.{i}."):]: v for k, v in arrays.items()
+                                         if k.startswith(f"members.{i}.")}) for i in range(n)]
+        return cls(members, float(arrays["threshold"][0]))
+
+
+def gate_from_arrays(arrays: dict[str, np.ndarray]) -> OODStats | EnsembleOOD:
+    """trust.safetensors' gate: a single model's or an ensemble's (its members' under `members.<i>.`)."""
+    if any(k.startswith("members.") for k in arrays):
+        return EnsembleOOD.from_arrays(arrays)
+    return OODStats.from_arrays(arrays)
+
+
+def fit_ensemble_gate(members: list[OODStats], val_scores, test_scores=None, accept: float = ACCEPT) -> tuple[EnsembleOOD, dict]:
+    """The ensemble's gate from its members' gates and their ood_score on the validation split
+    (one array per member); returns it and what metadata.json records."""
+    gate = EnsembleOOD(members, float("inf"))
+    gate.threshold = float(np.quantile(gate.combine(val_scores), accept))
+    info = {"method": ENSEMBLE_METHOD, "score": ENSEMBLE_COMBINE + "; larger = less like the training images",
+            "combine": ENSEMBLE_COMBINE, "threshold": gate.threshold, "accept_target": accept,
+            "threshold_on": "val split", "member_thresholds": [m.threshold for m in members],
+            "val_accept_rate": float((gate.combine(val_scores) <= gate.threshold).mean())}
+    if test_scores is not None:
+        info["test_accept_rate"] = float((gate.combine(test_scores) <= gate.threshold).mean())
+    return gate, info
+
+
 def fit_gaussians(feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Class means, and the Cholesky factor of the shared (shrunk) covariance's inverse."""
     from sklearn.covariance import LedoitWolf
@@ -122,10 +181,13 @@ def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return -temperature * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
 
 
-def trusted_module(classifier, temperature: float, stats: OODStats | None):
+def trusted_module(classifier, temperature: float, stats: OODStats | EnsembleOOD | None):
     """The exported model: NHWC images -> probabilities (temperature-scaled)[, ood_score, in_distribution]."""
     import torch
     from torch import nn
+
+    if isinstance(stats, EnsembleOOD):
+        return ensemble_trusted_module(classifier, stats)
 
     from covid_cxr.trust.stages import StageStats
 
@@ -157,6 +219,30 @@ def trusted_module(classifier, temperature: float, stats: OODStats | None):
             return (z * z).sum(dim=2).amin(dim=1) / scale
 
     return TrustedModel().eval()
+
+
+def ensemble_trusted_module(ensemble, gate: EnsembleOOD):
+    """An ensemble (models.classifier.EnsembleClassifier) with its gate: each member as its own
+    bundle exports it (temperature, stage statistics, gate; one backbone pass each), probabilities
+    averaged, scores combined as `EnsembleOOD.combine`."""
+    import torch
+    from torch import nn
+
+    class TrustedEnsemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList(trusted_module(m, t, g) for m, t, g in
+                                         zip(ensemble.members, ensemble.temperatures, gate.members))
+            self.register_buffer("member_thresholds", torch.tensor([m.threshold for m in gate.members]))
+            self.register_buffer("threshold", torch.tensor(float(gate.threshold)))
+
+        def forward(self, images_nhwc: torch.Tensor):
+            outs = [m(images_nhwc) for m in self.members]
+            probs = torch.stack([o[0] for o in outs]).mean(0)
+            score = (torch.stack([o[1] for o in outs], dim=1) / self.member_thresholds).mean(dim=1)
+            return probs, score, (score <= self.threshold).to(probs.dtype)
+
+    return TrustedEnsemble().eval()
 
 
 def ood_summary(stats: OODStats, val_feats: np.ndarray, test_feats: np.ndarray | None, n_train: int) -> dict:
