@@ -62,3 +62,22 @@ def test_run_id_ignores_only_cosmetics_and_the_stopping_rule():
     a = TrainConfig()
     assert a.run_id() == TrainConfig(epochs=5, patience=2, name="x", progress=False).run_id()
     assert a.run_id() != TrainConfig(lr=0.01).run_id()
+
+
+def _commands(group, path=()):
+    for name, cmd in group.commands.items():
+        yield (*path, name)
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_command_prints_its_help():
+    """Typer renders help text as rich markup: an unescaped `[/<version>]` made `ensemble --help`
+    and `audit --help` crash (MarkupError) instead of printing."""
+    from typer.testing import CliRunner
+
+    commands = list(_commands(typer.main.get_group(app)))
+    assert len(commands) >= 15
+    for path in commands:
+        result = CliRunner().invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output[-300:])

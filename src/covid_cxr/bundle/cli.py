@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bundle_app, name="bundle")
 
 
-def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles MODELS/<name>[/<version>]")],
+def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles MODELS/<name>\\[/<version>]")],
              out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
              name: Annotated[str, typer.Option("--name", help="The ensemble's bundle name.")] = "ensemble",
              evaluate: Annotated[bool, typer.Option(help="Test metrics on the members' common test split.")] = True,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 
-def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>[/<version>]")],
+def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
           data: Annotated[Path, typer.Option("--data", help="Labelled dataset folder (any supported layout).")],
           out: Annotated[Optional[Path], typer.Option(help="Report folder (audit.md, audit.json, plots).")] = None,
           json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the audit JSON here.")] = None,
