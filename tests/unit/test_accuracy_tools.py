@@ -182,7 +182,7 @@ def test_staged_finetune_from_a_bundle_changes_only_the_last_stages(tiny_models,
     assert [h.get("stage") for h in r.history] == [None, 2, 2]
     assert r.metrics["before_adaptation"]["n"] == r.metrics["n"]
     assert "Site adaptation: before" in (b.report_dir / "metrics.md").read_text()
-    assert list((tmp_path / "work" / "feature-cache" / "backbones").glob("*-trunk6.onnx"))
+    assert list((tmp_path / "work" / "feature-cache" / "backbones").glob("*-trunk6-stats*.onnx"))
 
 
 def test_recipes_apply_their_settings_and_explicit_options_win():

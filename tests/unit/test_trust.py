@@ -235,3 +235,42 @@ def test_evaluate_json_has_calibration_intervals_and_ood_rate(tiny_models, tiny_
     assert m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
     assert all(len(e["ci"]["recall"]) == 2 for e in m["per_class"].values())
     assert (tmp_path / "rep" / "reliability.png").is_file() and "out of distribution" in r.output
+
+
+@pytest.mark.slow  # trains a fine-tuned model: in `make test`, not in `make test-fast`
+def test_staged_finetune_takes_the_gate_statistics_from_the_trunk_pass(tiny_data, tmp_path, monkeypatch):
+    """Staged fine-tuning (Lite): every gate stage lies in the frozen trunk, so its statistics come from
+    the trunk's ONNX pass (cached per image) and the trust step runs no second pass through the
+    backbone; they equal StageStats of the bundle's model, and the bundle's graph scores them alike."""
+    import torch
+
+    from covid_cxr.data import prepare
+    from covid_cxr.train.features import FeatureCache
+    from covid_cxr.train.fit import TrainConfig, train
+    from covid_cxr.trust import fit as trust_fit
+    from covid_cxr.trust import stages
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("the trust step ran the fine-tuned backbone again")
+
+    seen, fit_trust = [], trust_fit.fit_trust
+    monkeypatch.setattr(stages, "stage_runner", second_pass)
+    monkeypatch.setattr(trust_fit, "fit_trust", lambda m, f, s: seen.append(s) or fit_trust(m, f, s))
+    cfg = TrainConfig(weights="none", image_size=64, epochs=1, finetune=True, finetune_views=2, finetune_epochs=1,
+                      lr_find=False, progress=False, name="staged")
+    b = load_bundle(train(tiny_data, tmp_path / "models", cfg, workdir=tmp_path / "work").bundle_path)
+    (got,) = seen
+    model, arrays = b.load_torch(), b.trust_arrays()
+    assert list(got.indices) == [0, 1, 2, 3] and got.layout == stages.stage_layout(model, got.indices)
+    prepared = prepare(tiny_data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
+    (cache,) = (tmp_path / "work" / "feature-cache").glob("*-trunk6-view0-stats*.safetensors")
+    rows, pooled = FeatureCache(cache).rows, model.num_features
+    for split in ("train", "val", "test"):
+        recs = prepared.splits[split]
+        x = load_batch([prepared.manifest.root / r.path for r in recs], 64, 64)
+        with torch.no_grad():
+            want = stages.StageStats(model, got.indices)(torch.from_numpy(x)[:, None]).numpy()
+        np.testing.assert_allclose(got.splits[split], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_array_equal(got.splits[split][:, pooled:], np.stack([rows[r.sha256] for r in recs]))
+        score = b.predict_with_ood(x)[1]
+        np.testing.assert_allclose(score, OODStats.from_arrays(arrays).score(got.splits[split]), rtol=1e-3)

@@ -51,15 +51,16 @@ def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
     return export_graph(PooledBackbone(backbone), path, size)
 
 
-def export_graph(net: nn.Module, path: Path, size: int) -> Path:
-    """Export `net` (N x 1 x size x size -> one tensor) to `path`, atomically (temp file renamed)."""
+def export_graph(net: nn.Module, path: Path, size: int, outputs: tuple[str, ...] = (FEATURES_OUTPUT,)) -> Path:
+    """Export `net` (N x 1 x size x size -> one tensor per name in `outputs`) to `path`, atomically
+    (temp file renamed)."""
     from covid_cxr.bundle.writer import export_graph
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")
     net = net.eval()
     try:
-        export_graph(net, torch.rand(2, 1, size, size), tmp, [FEATURES_INPUT], [FEATURES_OUTPUT])
+        export_graph(net, torch.rand(2, 1, size, size), tmp, [FEATURES_INPUT], list(outputs))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -6,10 +6,13 @@ schedule. Everything below those stages stays frozen (BatchNorm statistics inclu
 for a given input never changes: it is computed once, by ONNX Runtime, for the plain image and for
 `finetune_views - 1` augmented copies of every training image (small rotation, scale and shift,
 brightness/contrast/gamma; no horizontal flip: the heart is on the left), and cached like the
-pooled features. Each epoch then trains the last stages on one cached view per image, drawn at
-random. An epoch costs the last stages' forward and backward at 7x7 instead of the whole network
-at 224x224 (measured: benchmarks/bench_finetune.py). The price: augmentation is limited to the
-cached views, and only the unfrozen stages adapt.
+pooled features. The same pass over the plain image also takes the out-of-distribution gate's
+statistics of the stages it crosses (all the gate's stages lie in the trunk; trust/stages.py), cached
+likewise, so the trust step needs no second pass through the whole backbone. Each epoch then trains
+the last stages on one cached view per image, drawn at random. An epoch costs the last stages'
+forward and backward at 7x7 instead of the whole network at 224x224 (measured:
+benchmarks/bench_finetune.py). The price: augmentation is limited to the cached views, and only the
+unfrozen stages adapt.
 
 Stage 2 trains through Lightning like stage 1 (checkpoints in <run>/finetune, `--resume` works),
 and the fine-tuned modules are the Classifier's own, so the bundle exports them as usual.
@@ -27,8 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from covid_cxr.models.registry import get_spec
 from covid_cxr.train.module import ClassifierModule
+from covid_cxr.trust.stages import SPLITS, channel_stats, stage_indices
 
 TRUNK_OUTPUT = "activations"
+STATS_OUTPUT = "stage_stats"  # the OOD gate's statistics of the stages inside the trunk
 
 
 def staged_supported(arch: str) -> bool:
@@ -40,16 +45,35 @@ def first_trainable_block(arch: str) -> int:
     return int(get_spec(arch).finetune_modules[0].split(".")[1])
 
 
-class Trunk(nn.Module):
-    """The frozen part: stem and blocks[:k] (input already normalised)."""
+def gate_takes(backbone: nn.Module, k: int) -> tuple[int, ...]:
+    """Where the OOD gate's stages (trust.stages.stage_indices) end, as timm's block positions
+    (stage_ends; 0 = the stem), or () when one lies past a trunk of k blocks. For Lite all lie in
+    the frozen trunk, so their statistics never change and come from the trunk's own pass."""
+    takes = tuple(backbone.stage_ends[i] for i in stage_indices(backbone))
+    return takes if takes and max(takes) <= k else ()
 
-    def __init__(self, backbone: nn.Module, k: int):
+
+class Trunk(nn.Module):
+    """The frozen part: stem and blocks[:k] (input already normalised). With `takes` (gate_takes), it
+    also returns the gate's statistics of those stages, in StageStats' order and by its formula
+    (channel_stats): the trust step then needs no second pass through the fine-tuned backbone."""
+
+    def __init__(self, backbone: nn.Module, k: int, takes: tuple[int, ...] = ()):
         super().__init__()
         self.stem = nn.Sequential(backbone.conv_stem, backbone.bn1)
         self.blocks = nn.Sequential(*backbone.blocks[:k])
+        self.takes = tuple(takes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
+    def forward(self, x: torch.Tensor):
+        if not self.takes:
+            return self.blocks(self.stem(x))
+        x = self.stem(x)
+        stats = channel_stats(x) if 0 in self.takes else []
+        for position, block in enumerate(self.blocks, 1):  # as timm's forward_intermediates counts
+            x = block(x)
+            if position in self.takes:
+                stats += channel_stats(x)
+        return x, torch.cat(stats, dim=1)
 
 
 class Top(nn.Module):
@@ -138,20 +162,28 @@ class FinetuneModule(ClassifierModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def trunk_extractor(model, k: int, size: int, cache_dir: Path):
-    """ONNX Runtime session of the frozen trunk, exported once per arch, size, weights and depth."""
+def stats_suffix(takes: tuple[int, ...]) -> str:
+    """Names the trunk graph and the statistics cache by the stages they summarise (none: today's names)."""
+    return f"-stats{''.join(map(str, takes))}" if takes else ""
+
+
+def trunk_extractor(model, k: int, size: int, cache_dir: Path, takes: tuple[int, ...] = ()):
+    """ONNX Runtime session of the frozen trunk, exported once per arch, size, weights, depth and
+    `takes`. run(x, n) -> the graph's first n outputs (activations[, stage statistics])."""
     from covid_cxr.bundle.reader import open_session
     from covid_cxr.train.extract_onnx import export_graph, weights_digest
 
-    path = Path(cache_dir) / "backbones" / f"{model.spec.name}-{size}-{weights_digest(model.backbone)}-trunk{k}.onnx"
+    name = f"{model.spec.name}-{size}-{weights_digest(model.backbone)}-trunk{k}{stats_suffix(takes)}.onnx"
+    path = Path(cache_dir) / "backbones" / name
     if not path.is_file():
-        export_graph(Trunk(model.backbone, k), path, size)
+        export_graph(Trunk(model.backbone, k, takes), path, size, (TRUNK_OUTPUT, STATS_OUTPUT)[:1 + bool(takes)])
     session = open_session(path)
+    names = [o.name for o in session.get_outputs()]
     mean, std = np.float32(float(model.mean)), np.float32(float(model.std))
 
-    def run(x: np.ndarray) -> torch.Tensor:
+    def run(x: np.ndarray, n: int = 1) -> list[torch.Tensor]:
         x = (np.asarray(x, dtype=np.float32)[:, None] - mean) / std
-        return torch.from_numpy(session.run(None, {"pixels": x})[0])
+        return [torch.from_numpy(o) for o in session.run(names[:n], {"pixels": x})]
 
     return run
 
@@ -166,46 +198,50 @@ def augment_each(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     return torch.cat([augment_batch(x[i:i + 1], s) for i, s in enumerate(seeds)])
 
 
-def extract_view(run, items, size: int, cache, view: int, progress: bool, batch: int = 32) -> None:
-    """Trunk activations of `items` for one view (0: the plain image), only what `cache` lacks."""
+def extract_view(run, items, size: int, caches: list, view: int, progress: bool, batch: int = 32) -> None:
+    """Trunk outputs of `items` for one view (0: the plain image), only what a cache lacks: one
+    FeatureCache per output (the activations[, the gate's stage statistics]), saved together."""
     from covid_cxr.data.decode import load_batch
     from covid_cxr.utils import progress_iter
 
-    todo = [it for it in items if it[1] not in cache.rows]
+    todo = [it for it in items if any(it[1] not in c.rows for c in caches)]
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     for n, chunk in enumerate(progress_iter(chunks, f"trunk activations, view {view}",
                                             enabled=progress and bool(chunks)), 1):
         x = torch.from_numpy(load_batch([p for p, _ in chunk], size, size))[:, None]
         if view:
             x = augment_each(x, view_seeds(chunk, view))
-        acts = run(x[:, 0].numpy())
-        for (_, sha), a in zip(chunk, acts):
-            cache.rows[sha] = a.clone() if view == 0 else a.to(torch.float16)  # views: half the memory
-        if n % 20 == 0:
-            cache.save()
-    if chunks:
-        cache.save()
+        for cache, out in zip(caches, run(x[:, 0].numpy(), len(caches))):
+            for (_, sha), a in zip(chunk, out):
+                cache.rows[sha] = a.clone() if view == 0 else a.to(torch.float16)  # views: half the memory
+        if n % 20 == 0 or n == len(chunks):
+            for cache in caches:
+                cache.save()
 
 
-def trunk_views(model, prepared, cfg, cache_dir: Path) -> dict:
-    """split -> ([view tensors N x C x h x w], labels): `finetune_views` views for train, view 0 else."""
+def trunk_views(model, prepared, cfg, cache_dir: Path) -> tuple[dict, dict | None]:
+    """split -> ([view tensors N x C x h x w], labels): `finetune_views` views for train, view 0 else;
+    and split -> the gate's trunk-stage statistics of view 0 (N x S; None when gate_takes is empty)."""
     from covid_cxr.data.dataset import labels_of
     from covid_cxr.train.extract_onnx import weights_digest
     from covid_cxr.train.features import FeatureCache, cache_key
 
     k = first_trainable_block(cfg.arch)
-    run = trunk_extractor(model, k, cfg.size, cache_dir)
+    takes = gate_takes(model.backbone, k)
+    run = trunk_extractor(model, k, cfg.size, cache_dir, takes)
     key = f"{cache_key(cfg.arch, weights_digest(model.backbone), cfg.size, prepared.mean, prepared.std)}-trunk{k}"
+    stats = FeatureCache(Path(cache_dir) / f"{key}-view0{stats_suffix(takes)}.safetensors") if takes else None
     items = {s: [(prepared.manifest.root / r.path, r.sha256) for r in prepared.splits[s]] for s in prepared.splits}
     out = {}
     for v in range(cfg.finetune_views):
         cache = FeatureCache(Path(cache_dir) / f"{key}-view{v}.safetensors")
-        wanted = items["train"] if v else [it for s in ("train", "val", "test") for it in items[s]]
-        extract_view(run, wanted, cfg.size, cache, v, cfg.progress)
-        for s in ("train", "val", "test"):
+        wanted = items["train"] if v else [it for s in SPLITS for it in items[s]]
+        extract_view(run, wanted, cfg.size, [cache, stats] if v == 0 and stats else [cache], v, cfg.progress)
+        for s in SPLITS:
             if v == 0 or s == "train":
                 out.setdefault(s, []).append(torch.stack([cache.rows[sha] for _, sha in items[s]]))
-    return {s: (views, torch.from_numpy(labels_of(prepared, s))) for s, views in out.items()}
+    gate = {s: torch.stack([stats.rows[sha] for _, sha in items[s]]) for s in SPLITS} if stats else None
+    return {s: (views, torch.from_numpy(labels_of(prepared, s))) for s, views in out.items()}, gate
 
 
 def materialise(module: nn.Module) -> None:
@@ -228,11 +264,25 @@ def pooled_features(top: Top, acts: dict) -> dict:
     return {s: (torch.cat([top.pooled(a.float()) for a in views[0].split(64)]), y) for s, (views, y) in acts.items()}
 
 
+def gate_features(model, pooled: dict, stats: dict | None):
+    """The OOD gate's inputs (trust.stages.StageFeatures, StageStats' layout: the pooled block, then
+    each stage's statistics) from what fine-tuning computed anyway; None without `stats` (the trust
+    step then runs StageStats over the fine-tuned backbone)."""
+    from covid_cxr.trust.stages import StageFeatures, stage_layout
+
+    if stats is None:
+        return None
+    indices = stage_indices(model.backbone)
+    splits = {s: np.concatenate([pooled[s][0].numpy(), stats[s].numpy()], axis=1) for s in SPLITS}
+    return StageFeatures(indices, stage_layout(model, indices), splits)
+
+
 def finetune_stage(model, prepared, cfg, run, cache_dir: Path, history, resume: bool):
-    """Stage 2 (after the head on pooled features): returns (split -> pooled features, history)."""
+    """Stage 2 (after the head on pooled features): returns (split -> pooled features, the OOD gate's
+    StageFeatures or None, history)."""
     from covid_cxr.train.fit import Inputs, RunDir, fit
 
-    acts = trunk_views(model, prepared, cfg, cache_dir)
+    acts, stats = trunk_views(model, prepared, cfg, cache_dir)
     materialise(model)
     model.freeze_backbone(trainable=get_spec(cfg.arch).finetune_modules)
     top = Top(model, first_trainable_block(cfg.arch))
@@ -242,4 +292,5 @@ def finetune_stage(model, prepared, cfg, run, cache_dir: Path, history, resume: 
     stage2 = fit(Inputs(top, data, None), prepared, stage_cfg, RunDir(run.root / "finetune"), resume, module=module)
     last = history.epochs[-1]["epoch"] if history.epochs else 0
     history.epochs += [{**row, "epoch": last + row["epoch"], "stage": 2} for row in stage2.epochs]
-    return pooled_features(top, acts), history
+    pooled = pooled_features(top, acts)
+    return pooled, gate_features(model, pooled, stats), history

@@ -184,14 +184,18 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     return metrics
 
 
-def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path):
+def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
+                    stages=None):
     """Temperature from each split's pooled features, out-of-distribution gate from their stage
-    statistics (covid_cxr.trust; both cached per image)."""
+    statistics (covid_cxr.trust; both cached per image). `stages`: those statistics when staged
+    fine-tuning already has them (train/finetune.py), sparing a pass through the whole backbone."""
     from covid_cxr.trust.fit import fit_trust, split_features
     from covid_cxr.trust.stages import stage_features
 
     feats = split_features(model, prepared, cfg.size, inputs.features)
-    return fit_trust(model, feats, stage_features(model, prepared, cfg, cache_dir))
+    if stages is None:
+        stages = stage_features(model, prepared, cfg, cache_dir)
+    return fit_trust(model, feats, stages)
 
 
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
@@ -248,15 +252,16 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
     history = fit(inputs, prepared, cfg, run, resume, logger)
+    stages = None  # the OOD gate's inputs, when staged fine-tuning computes them on its way
     if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
         from covid_cxr.train.finetune import finetune_stage
 
-        feats, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
+        feats, stages, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
         inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
-    trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache")
+    trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
                        trust, before)

@@ -6,7 +6,9 @@ little of the low-level intensity and texture statistics, so an inverted X-ray, 
 smooth gradient lands close to the training images there (issue 8 measured 63 %, 81 % and 96 %
 rejected). The early stages keep those statistics. One module (`StageStats`) computes them inside the
 exported model.onnx and for fitting (exported to ONNX Runtime once, cached per image like the pooled
-features), so the gate's inputs at fitting time and in the bundle cannot differ.
+features), so the gate's inputs at fitting time and in the bundle cannot differ. Staged fine-tuning
+(train/finetune.py) takes the statistics of its frozen trunk's stages in the trunk's own pass, by the
+same `channel_stats`, and so spares the trust step this second pass.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ class StageStats(nn.Module):
         if not self.indices:  # bundles whose gate reads the pooled features only
             return c.backbone.forward_features(x).mean(dim=(2, 3))
         final, inter = c.backbone.forward_intermediates(x, indices=self.indices)
-        parts = [final.mean(dim=(2, 3))]
-        for t in inter:
-            m = t.mean(dim=(2, 3), keepdim=True)
-            parts += [m.flatten(1), (t - m).pow(2).mean(dim=(2, 3)).sqrt()]
-        return torch.cat(parts, dim=1)
+        return torch.cat([final.mean(dim=(2, 3)), *[p for t in inter for p in channel_stats(t)]], dim=1)
+
+
+def channel_stats(t: torch.Tensor) -> list[torch.Tensor]:
+    """One stage's block of the gate: N x C x H x W -> [channel means, channel standard deviations]
+    (N x C each, over the image). Shared by StageStats and the fine-tuning trunk (train/finetune.py),
+    which computes the stages below the fine-tuned ones in its own pass: the same numbers either way."""
+    m = t.mean(dim=(2, 3), keepdim=True)
+    return [m.flatten(1), (t - m).pow(2).mean(dim=(2, 3)).sqrt()]
 
 
 @dataclass
