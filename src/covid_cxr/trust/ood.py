@@ -92,7 +92,8 @@ class EnsembleOOD:
     """An ensemble's gate: each member's own gate on its own backbone, their scores put on one scale
     (each divided by its member's threshold, so 1 means "at that member's threshold") and averaged;
     one threshold refitted on the validation split accepts `ACCEPT` of it, like a single model's.
-    Why not "reject if any member rejects": with three members that accepts ~88 % of validation, not 95."""
+    Why not "reject if any member rejects": its acceptance is set by how the members' rejections
+    overlap (93.7 % of validation for the recipe's three members), not by a threshold one can fit."""
 
     members: list[OODStats]
     threshold: float
