@@ -78,7 +78,7 @@ def split_probabilities(bundles: list[Bundle], prepared, split: str) -> tuple[np
     paths = [prepared.manifest.root / r.path for r in prepared.splits[split]]
     probs = np.zeros((len(paths), len(bundles[0].classes)))
     gated = all(b.has_ood for b in bundles)
-    scores = np.zeros((len(bundles), len(paths)))
+    scores = np.zeros((len(bundles), len(paths))) if gated else None
     for i in range(0, len(paths), 32):
         x = load_batch(paths[i:i + 32], h, w)
         outs = [b.predict_with_ood(x) for b in bundles]
@@ -109,7 +109,8 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     prepared = shared_split(bundles)
     classes = bundles[0].classes
     y, p, test_scores = split_probabilities(bundles, prepared, "test")
-    val_y, val_p, val_scores = split_probabilities(bundles, prepared, "val")
+    val_y, val_p, val_scores = (split_probabilities(bundles, prepared, "val") if target_recall or test_scores is not None
+                                else (None, None, None))  # validation: for the operating point and the gate only
     op = choose(val_y, val_p, classes, target_recall) if target_recall else None
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
     trust = ensemble_gate(bundles, val_scores, test_scores)

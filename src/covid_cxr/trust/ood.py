@@ -134,11 +134,12 @@ def fit_ensemble_gate(members: list[OODStats], val_scores, test_scores=None, acc
     """The ensemble's gate from its members' gates and their ood_score on the validation split
     (one array per member); returns it and what metadata.json records."""
     gate = EnsembleOOD(members, float("inf"))
-    gate.threshold = float(np.quantile(gate.combine(val_scores), accept))
+    val = gate.combine(val_scores)
+    gate.threshold = float(np.quantile(val, accept))
     info = {"method": ENSEMBLE_METHOD, "score": ENSEMBLE_COMBINE + "; larger = less like the training images",
             "combine": ENSEMBLE_COMBINE, "threshold": gate.threshold, "accept_target": accept,
             "threshold_on": "val split", "member_thresholds": [m.threshold for m in members],
-            "val_accept_rate": float((gate.combine(val_scores) <= gate.threshold).mean())}
+            "val_accept_rate": float((val <= gate.threshold).mean())}
     if test_scores is not None:
         info["test_accept_rate"] = float((gate.combine(test_scores) <= gate.threshold).mean())
     return gate, info
