@@ -135,10 +135,9 @@ def embed_lungs(staging: Path, crop: dict) -> dict:
     """Copy the lung model a --lung-crop classifier needs into its bundle (`lungs/`: metadata.json
     and model.onnx, checked first), so the bundle is servable anywhere without the lung bundle it
     was trained with. `crop` = {"mode", "lungs": MODELS/lungs}; returns metadata's `lung_crop`."""
-    import hashlib
-
     from covid_cxr.bundle.check import check_bundle
     from covid_cxr.bundle.schema import LUNGS_FOLDER
+    from covid_cxr.utils import file_sha256
 
     crop = dict(crop)
     src = check_bundle(crop.pop("lungs"))
@@ -149,8 +148,8 @@ def embed_lungs(staging: Path, crop: dict) -> dict:
     for name in ("metadata.json", src.metadata.onnx.file):
         shutil.copyfile(src.path / name, dest / name)
         (dest / name).chmod(0o644)
-    digest = hashlib.sha256((dest / src.metadata.onnx.file).read_bytes()).hexdigest()
-    return {**crop, "lungs_from": f"{src.name} v{src.version} ({src.path})", "onnx_sha256": digest}
+    return {**crop, "lungs_from": f"{src.name} v{src.version} ({src.path})",
+            "onnx_sha256": file_sha256(dest / src.metadata.onnx.file)}
 
 
 def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,

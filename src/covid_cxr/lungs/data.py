@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from covid_cxr.data.decode import DecodeError, IMAGE_SUFFIXES, load_for_model
 from covid_cxr.errors import DataError, DataNotFound
+from covid_cxr.utils import file_sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -103,7 +103,7 @@ def load_pairs(root: str | Path, size: int | None = None, max_images: int | None
     if not ids:
         raise DataError(f"{root}: no readable image/mask pair")
     sources = [manifest.get(i, {}).get("source") or "all" for i in ids]
-    sha = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest() if manifest else ""
+    sha = file_sha256(root / "manifest.csv") if manifest else ""
     return LungPairs(root, ids, sources, np.stack(imgs), np.stack(masks), duplicate_groups(ids, manifest),
                      skipped, sha)
 
