@@ -1,6 +1,6 @@
 """Stress test of `covid-cxr serve` as a hostile or unlucky client would drive it (issue 7).
 
-Starts the real server (`python -m covid_cxr.serve`, uvicorn) on loopback and runs three scenarios:
+Starts the real server (`python -m covid_cxr serve`, uvicorn) on loopback and runs three scenarios:
 
 1. mixed load: good predicts interleaved with bad requests (deep JSON, non-ASCII and huge versions,
    odd names, bad base64, wrong shapes, out-of-range values, garbage, two-file and empty uploads,

@@ -132,7 +132,7 @@ def test_predict_row_columnar_and_b64_agree(server, batch, expected, xrays, bund
 def test_study_client_verbatim_against_cli_server(models_dir, batch, expected):
     """The study's client, unchanged but for the port, against `python -m covid_cxr.serve` (uvicorn)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "covid_cxr.serve", "--models", str(models_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", "--models", str(models_dir),
                              "--port", str(port), "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -452,7 +452,7 @@ def test_cli_registers_serve_command():
     import typer
     from typer.testing import CliRunner
 
-    from covid_cxr.serve.cli import register
+    from covid_cxr.cli.serve import register
 
     app = typer.Typer()
     register(app)

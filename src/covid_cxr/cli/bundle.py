@@ -16,7 +16,7 @@ def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest versi
     Exit 0 and one line on success; exit 2 and one line naming the file and the fault otherwise."""
     from rich.console import Console
 
-    from covid_cxr.cliutil import open_bundle
+    from covid_cxr.cli.common import open_bundle
 
     b = open_bundle(path)
     fmt = f"format {b.format_on_disk}" + (" (read as 2)" if b.format_on_disk == 1 else "")
@@ -52,7 +52,7 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
     from rich.console import Console
 
     from covid_cxr.bundle.ensemble import build_ensemble
-    from covid_cxr.cliutil import fail
+    from covid_cxr.cli.common import fail
     from covid_cxr.errors import UserError
 
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,3 +44,18 @@ def open_bundle(model: Path, check: bool = True):
         fail(str(exc))
     except OSError as exc:
         fail(f"{model}: {exc.strerror or exc}")
+
+
+# Libraries whose progress chatter and deprecation notices are not the user's business. Only these
+# are silenced (by logger and by the module a warning comes from), never warnings process-wide.
+NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torch.onnx", "onnxscript")
+NOISY_WARNING_MODULES = (r"lightning(_fabric)?(\.|$)", r"pytorch_lightning", r"torch\.onnx", r"onnxscript",
+                         r"torch\.utils\.data", r"torchmetrics")
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for what the user asked: Lightning and torch.onnx are chatty."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for module in NOISY_WARNING_MODULES:
+        warnings.filterwarnings("ignore", module=module)

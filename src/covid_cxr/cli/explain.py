@@ -16,34 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-
-def collect_images(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files as given, folders expanded (recursively, sorted) to their PNG / JPEG / DICOM files.
-
-    Returns (images, problems) where problems are (path, reason) for arguments that are neither."""
-    from covid_cxr.data.decode import IMAGE_SUFFIXES
-
-    images: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                problems.append((p, "folder holds no PNG, JPEG or DICOM files"))
-            images.extend(found)
-        elif p.is_file():
-            images.append(p)
-        else:
-            problems.append((p, "no such file or folder"))
-    seen: set[Path] = set()
-    unique = []
-    for f in images:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, problems
+from covid_cxr.data.files import collect_images, unique_stem
 
 
 def resolve_class(value: Optional[str], classes: list[str]) -> Optional[int]:
@@ -62,15 +35,6 @@ def resolve_class(value: Optional[str], classes: list[str]) -> Optional[int]:
     raise ValueError(f"unknown class {value!r}; the model's classes: {', '.join(classes)} (or an index)")
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 2
-    while stem in used:
-        stem = f"{path.stem}-{n}"
-        n += 1
-    used.add(stem)
-    return stem
-
-
 def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, DICOM).")],
     model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (newest version if omitted).")],
@@ -87,8 +51,8 @@ def explain_command(
     """Grad-CAM maps over X-rays: <stem>_cam.png (overlay) and <stem>_cam.npy (raw map) per image."""
     from rich.console import Console
 
-    from covid_cxr.cliutil import err_console as err
-    from covid_cxr.cliutil import fail, open_bundle
+    from covid_cxr.cli.common import err_console as err
+    from covid_cxr.cli.common import fail, open_bundle
     from covid_cxr.errors import UserError
     from covid_cxr.explain.gradcam import METHODS, Explainer
 
@@ -165,7 +129,7 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
     """Explain each file, writing <stem>_cam.npy/.png atomically; unreadable files are skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from covid_cxr.cliutil import err_console as err
+    from covid_cxr.cli.common import err_console as err
     from covid_cxr.data.decode import DecodeError, load_for_model
     from covid_cxr.explain.gradcam import overlay, png_bytes
     from covid_cxr.utils import atomic_write_bytes
@@ -187,7 +151,7 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
                 err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)
                 continue
             e = explainer.explain(pixels, class_index, method)[0]
-            stem = _unique_stem(f, used)
+            stem = unique_stem(f, used)
             atomic_write_bytes(out / f"{stem}_cam.npy", _npy_bytes(e.cam))
             atomic_write_bytes(out / f"{stem}_cam.png", png_bytes(overlay(pixels, e.cam, alpha)))
             pred = e.predicted_index

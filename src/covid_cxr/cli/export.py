@@ -23,7 +23,7 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
     The exported models take FP32 [N, H, W, 1] tensors; image files (BYTES) are our server's path."""
     from rich.console import Console
 
-    from covid_cxr.cliutil import fail
+    from covid_cxr.cli.common import fail
     from covid_cxr.errors import UserError
     from covid_cxr.export.triton import export_triton
 

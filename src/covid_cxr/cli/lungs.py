@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from covid_cxr.cliutil import config_option
+from covid_cxr.cli.common import config_option
 from covid_cxr.lungs.config import DEFAULTS as D
 
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
@@ -38,13 +38,13 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
     """U-Net lung segmenter (pretrained EfficientNet-Lite encoder) -> MODELS/<name>/<version>."""
     from pydantic import ValidationError
 
-    from covid_cxr.cli import _quiet
-    from covid_cxr.cliutil import fail
+    from covid_cxr.cli.common import quiet_libraries
+    from covid_cxr.cli.common import fail
     from covid_cxr.errors import UserError
     from covid_cxr.lungs.config import LungConfig
     from covid_cxr.lungs.train import train_lungs
 
-    _quiet()
+    quiet_libraries()
     try:
         cfg = LungConfig(name=name, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                          weights=weights, frozen_stages=frozen_stages, max_images=max_images, patience=patience,
@@ -81,7 +81,7 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
                  json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
-    from covid_cxr.cliutil import err_console, fail
+    from covid_cxr.cli.common import err_console, fail
     from covid_cxr.errors import UserError
     from covid_cxr.lungs.evaluate import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
@@ -109,9 +109,9 @@ def segment_cmd(images: Annotated[list[Path], typer.Argument(help="Image files o
     from rich.console import Console
     from rich.table import Table
 
-    from covid_cxr.cliutil import err_console, fail
+    from covid_cxr.cli.common import err_console, fail
     from covid_cxr.errors import UserError
-    from covid_cxr.explain.cli import collect_images
+    from covid_cxr.data.files import collect_images
     from covid_cxr.lungs.overlay import segment_files
     from covid_cxr.lungs.segment import LungSegmenter
 

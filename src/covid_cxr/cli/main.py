@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from covid_cxr.cliutil import config_option, fail, open_bundle
-from covid_cxr.cliutil import err_console as console
+from covid_cxr.cli.common import config_option, fail, open_bundle, quiet_libraries
+from covid_cxr.cli.common import err_console as console
 from covid_cxr.errors import UserError
 from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
@@ -23,16 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
 app.add_typer(data_app, name="data")
 out_console = Console()
-
-
-def _quiet() -> None:
-    """Lightning and torch.onnx are chatty; keep the terminal for what the user asked."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.onnx", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def _classes(classes: Optional[str]) -> Optional[list[str]]:
@@ -174,7 +161,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
     from covid_cxr.train.fit import train as fit
     from covid_cxr.train.recipes import train_recipe
 
-    _quiet()
+    quiet_libraries()
     cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
                   dropout=dropout, patience=patience, finetune=finetune, precision=precision,
@@ -209,7 +196,7 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
     from covid_cxr.data import prepare
     from covid_cxr.train.lr_find import lr_find
 
-    _quiet()
+    quiet_libraries()
     cfg = _config(arch=arch, weights=weights, batch_size=batch_size, seed=seed, balance=balance,
                   max_per_class=max_per_class, image_size=image_size, classes=classes)
     try:
@@ -244,7 +231,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
     from covid_cxr.evaluate.external import evaluate_folder
     from covid_cxr.utils import atomic_write_json
 
-    _quiet()
+    quiet_libraries()
     b = open_bundle(model)
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
     try:
@@ -379,7 +366,7 @@ def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/
 def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg) -> None:
     from covid_cxr.pipeline import run_pipeline
 
-    _quiet()
+    quiet_libraries()
     arch_list = [a.strip() for a in archs.split(",") if a.strip()]
     base = _config(**cfg)
     for a in arch_list:
@@ -411,13 +398,13 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 
 
 def _register_plugins() -> None:
-    from covid_cxr.bundle.cli import register as register_bundle
-    from covid_cxr.bundle.cli import register_ensemble
-    from covid_cxr.explain.cli import register as register_explain
-    from covid_cxr.export.cli import register as register_export
-    from covid_cxr.lungs.cli import register as register_lungs
-    from covid_cxr.serve.cli import register as register_serve
-    from covid_cxr.trust.cli import register as register_trust
+    from covid_cxr.cli.bundle import register as register_bundle
+    from covid_cxr.cli.bundle import register_ensemble
+    from covid_cxr.cli.explain import register as register_explain
+    from covid_cxr.cli.export import register as register_export
+    from covid_cxr.cli.lungs import register as register_lungs
+    from covid_cxr.cli.serve import register as register_serve
+    from covid_cxr.cli.audit import register as register_trust
 
     register_bundle(app)
     register_ensemble(app)

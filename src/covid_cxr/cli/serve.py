@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from covid_cxr.cliutil import config_option
+from covid_cxr.cli.common import config_option
 from covid_cxr.serve.settings import MB, ServeSettings
 
 F = ServeSettings.model_fields
@@ -46,7 +46,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from covid_cxr.cliutil import fail
+    from covid_cxr.cli.common import fail
     from covid_cxr.serve.app import create_app
 
     given = dict(models=models, host=host, port=port, api_key=api_key or None, max_body_bytes=int(max_body_mb * MB),

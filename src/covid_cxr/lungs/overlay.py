@@ -44,7 +44,7 @@ def png_gray(mask: np.ndarray) -> bytes:
 def segment_files(seg, files: list[Path], out: Path):
     """Mask and overlay per readable file (atomic writes); returns ([(file, Sanity)], [(file, reason)])."""
     from covid_cxr.data.decode import DecodeError, decode_file
-    from covid_cxr.explain.cli import _unique_stem
+    from covid_cxr.data.files import unique_stem
     from covid_cxr.explain.gradcam import png_bytes
     from covid_cxr.utils import atomic_write_bytes
 
@@ -56,7 +56,7 @@ def segment_files(seg, files: list[Path], out: Path):
             skipped.append((f, str(exc)))
             continue
         mask = seg.masks(pixels[None])[0]
-        stem = _unique_stem(f, used)
+        stem = unique_stem(f, used)
         atomic_write_bytes(out / f"{stem}_mask.png", png_gray(mask))
         atomic_write_bytes(out / f"{stem}_overlay.png", png_bytes(mask_overlay(pixels, mask)))
         rows.append((f, sanity_check(mask)))
