@@ -94,7 +94,7 @@ def augment_ms(pairs, n: int = 64) -> float:
 
 
 def main() -> None:
-    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.core.lung_config import LungConfig
     from covid_cxr.lungs.data import load_pairs
 
     ap = argparse.ArgumentParser()

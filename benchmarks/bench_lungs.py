@@ -88,7 +88,7 @@ def latency_only(model: Path, data: Path, out: Path) -> None:
 
     from covid_cxr.lungs.data import load_pairs
     from covid_cxr.lungs.segment import LungSegmenter
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     image = load_pairs(data, None, max_images=3).images[0]
     seg = LungSegmenter.from_bundle(model)
@@ -115,7 +115,7 @@ def main() -> None:
     from covid_cxr.lungs.data import load_pairs
     from covid_cxr.lungs.overlay import mask_overlay, montage
     from covid_cxr.lungs.segment import LungSegmenter, sanity_check
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)

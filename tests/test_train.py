@@ -15,6 +15,7 @@ from covid_cxr.bundle import load_bundle, versions
 from covid_cxr.cli import app
 from covid_cxr.data.decode import load_for_model
 from covid_cxr.train.fit import TrainConfig, train
+from covid_cxr.models.loading import load_torch
 from tests.conftest import sample_images
 
 runner = CliRunner()
@@ -46,7 +47,7 @@ def test_bundle_is_complete_and_onnx_matches_pytorch(bundle_dir, data_dir):
     import torch
 
     with torch.no_grad():  # model.onnx divides the logits by the calibration temperature
-        torch_p = torch.softmax(b.load_torch()(torch.from_numpy(x)[:, None]) / b.temperature, 1).numpy()
+        torch_p = torch.softmax(load_torch(b)(torch.from_numpy(x)[:, None]) / b.temperature, 1).numpy()
     diff = float(np.abs(onnx_p - torch_p).max())
     print(f"ONNX vs PyTorch max |dp| on {len(x)} real X-rays: {diff:.2e}")
     assert diff < 1e-4
@@ -167,7 +168,7 @@ def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
     assert b.metadata.training.feature_cache is True  # staged: head on cached features, then the last stages
     assert [h.get("stage") for h in r.history][-1] == 2
     before, _ = create_model("efficientnet_lite0", weights="imagenet")
-    after = b.load_torch()
+    after = load_torch(b)
     changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731
                                            after.backbone.get_submodule(name).weight.detach().numpy())
     assert changed("conv_head") and not changed("conv_stem")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.bundle import load_bundle
-from covid_cxr.errors import ConfigError
+from covid_cxr.core.errors import ConfigError
 from covid_cxr.evaluate.operating_point import choose, decide, fit_threshold, parse_target
 
 
@@ -186,7 +186,7 @@ def test_staged_finetune_from_a_bundle_changes_only_the_last_stages(tiny_models,
 
 
 def test_recipes_apply_their_settings_and_explicit_options_win():
-    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.recipes import recipe_configs
 
     [study] = recipe_configs("study", TrainConfig())
@@ -206,7 +206,7 @@ def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatc
 
     import covid_cxr.bundle.ensemble as ensemble
     import covid_cxr.train.fit as fit
-    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.recipes import train_recipe
 
     trained, built = [], {}
@@ -224,7 +224,7 @@ def test_site_adaptation_never_tests_on_images_the_bundle_trained_on(tiny_models
     """Another seed re-splits the same images: test images the bundle trained on move to train."""
     from covid_cxr.data import prepare
     from covid_cxr.train.adapt import exclude_seen, trained_on
-    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.core.config import TrainConfig
 
     cfg = TrainConfig(init_from=str(tiny_models / "tiny"), seed=7)
     seen = trained_on(load_bundle(tiny_models / "tiny"))

@@ -7,7 +7,7 @@ import typer.main
 
 from covid_cxr.cli import app
 from covid_cxr.serve.settings import MB, ServeSettings
-from covid_cxr.train.config import DEFAULTS, TrainConfig
+from covid_cxr.core.config import DEFAULTS, TrainConfig
 
 
 def _params(command: str) -> dict:

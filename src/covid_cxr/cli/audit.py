@@ -21,9 +21,9 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     from rich.console import Console
 
     from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.errors import UserError
+    from covid_cxr.core.errors import UserError
     from covid_cxr.trust.audit import run_audit
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     b = open_bundle(model)
     out = out or Path("runs/audit") / f"{b.name}-v{b.version}-{data.resolve().name}"

@@ -53,7 +53,7 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
 
     from covid_cxr.bundle.ensemble import build_ensemble
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
+    from covid_cxr.core.errors import UserError
 
     try:
         b = build_ensemble(members, out, name, evaluate, target_recall)

@@ -24,7 +24,7 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
     from rich.console import Console
 
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
+    from covid_cxr.core.errors import UserError
     from covid_cxr.export.triton import export_triton
 
     if format not in FORMATS:

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from covid_cxr.cli.common import config_option
-from covid_cxr.lungs.config import DEFAULTS as D
+from covid_cxr.core.lung_config import DEFAULTS as D
 
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
 
 
 def _opt(field: str, *names: str):
-    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.core.lung_config import LungConfig
 
     return config_option(LungConfig, field, *names)
 
@@ -40,8 +40,8 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
 
     from covid_cxr.cli.common import quiet_libraries
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
-    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.core.errors import UserError
+    from covid_cxr.core.lung_config import LungConfig
     from covid_cxr.lungs.train import train_lungs
 
     quiet_libraries()
@@ -82,10 +82,10 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.errors import UserError
+    from covid_cxr.core.errors import UserError
     from covid_cxr.lungs.evaluate import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     try:
         seg = LungSegmenter.from_bundle(model)
@@ -110,7 +110,7 @@ def segment_cmd(images: Annotated[list[Path], typer.Argument(help="Image files o
     from rich.table import Table
 
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.errors import UserError
+    from covid_cxr.core.errors import UserError
     from covid_cxr.data.files import collect_images
     from covid_cxr.lungs.overlay import segment_files
     from covid_cxr.lungs.segment import LungSegmenter

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from covid_cxr.cli.common import config_option, fail, open_bundle, quiet_libraries
 from covid_cxr.cli.common import err_console as console
-from covid_cxr.errors import UserError
-from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
+from covid_cxr.core.errors import UserError
+from covid_cxr.core.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
@@ -229,7 +229,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
              json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here.")] = None):
     """Evaluate a bundle on any labelled folder: per-class metrics, AUC, confusion matrix, curves."""
     from covid_cxr.evaluate.external import evaluate_folder
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     quiet_libraries()
     b = open_bundle(model)

@@ -54,7 +54,7 @@ def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
 def export_graph(net: nn.Module, path: Path, size: int, outputs: tuple[str, ...] = (FEATURES_OUTPUT,)) -> Path:
     """Export `net` (N x 1 x size x size -> one tensor per name in `outputs`) to `path`, atomically
     (temp file renamed)."""
-    from covid_cxr.bundle.writer import export_graph
+    from covid_cxr.models.onnx import export_graph
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")

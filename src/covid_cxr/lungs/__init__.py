@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LungConfig": "covid_cxr.lungs.config",
+    "LungConfig": "covid_cxr.core.lung_config",
     "LungSegmenter": "covid_cxr.lungs.segment",
     "Sanity": "covid_cxr.lungs.segment",
     "sanity_check": "covid_cxr.lungs.segment",

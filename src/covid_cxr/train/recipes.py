@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covid_cxr.errors import ConfigError
+from covid_cxr.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ RECIPES: dict[str, Recipe] = {
 
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
-    from covid_cxr.train.config import DEFAULTS
+    from covid_cxr.core.config import DEFAULTS
 
     try:
         recipe = RECIPES[name]
