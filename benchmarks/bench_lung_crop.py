@@ -53,7 +53,7 @@ def where_it_looks(bundle_path: Path, prepared, mode: str, lungs: Path) -> tuple
 
 def zone_montage(rows: list, classes: list[str], path: Path) -> list[dict]:
     from covid_cxr.explain.gradcam import overlay
-    from covid_cxr.lungs.overlay import montage
+    from covid_cxr.explain.lung_overlay import montage
 
     picks = []
     for c in classes:

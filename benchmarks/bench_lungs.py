@@ -86,7 +86,7 @@ def latency_only(model: Path, data: Path, out: Path) -> None:
     """--latency-only: the step breakdown and the session settings, with the load average around them."""
     import os
 
-    from covid_cxr.lungs.data import load_pairs
+    from covid_cxr.data.lung_masks import load_pairs
     from covid_cxr.lungs.segment import LungSegmenter
     from covid_cxr.core.files import atomic_write_json
 
@@ -111,9 +111,9 @@ def pick(pairs, metrics, rng) -> list[int]:
 
 
 def main() -> None:
-    from covid_cxr.lungs.evaluate import dice_iou, evaluate_pairs
-    from covid_cxr.lungs.data import load_pairs
-    from covid_cxr.lungs.overlay import mask_overlay, montage
+    from covid_cxr.evaluate.lungs import dice_iou, evaluate_pairs
+    from covid_cxr.data.lung_masks import load_pairs
+    from covid_cxr.explain.lung_overlay import mask_overlay, montage
     from covid_cxr.lungs.segment import LungSegmenter, sanity_check
     from covid_cxr.core.files import atomic_write_json
 

@@ -157,7 +157,7 @@ def training_split(bundle, data: Path, workdir: Path):
 
 def refit(bundle, model, cfg, prepared, feats, out: Path, threads: int):
     """The bundle written again to out/<name> with the current trust layer: same weights, same split."""
-    from covid_cxr.bundle.writer import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.trust.fit import fit_trust
     from covid_cxr.trust.stages import stage_features
 

@@ -118,7 +118,7 @@ def test_several_folders_make_one_manifest_split_by_class_and_source(tmp_path):
 
 @pytest.mark.slow  # in `make test`, not in `make test-fast`
 def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, op_models, tmp_path):
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
     from covid_cxr.explain.gradcam import explainer_for_bundle
 
     members = [tiny_models / "tiny", op_models / "op"]
@@ -145,7 +145,7 @@ def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, o
 
 
 def test_an_ensemble_refuses_members_with_other_inputs(tiny_models, tmp_path):
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
     from covid_cxr.bundle.reader import BundleError
 
     other = tmp_path / "m" / "big" / "1"
@@ -204,7 +204,7 @@ def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatc
     when the command line gave none (a fault found in the first full --recipe accurate run)."""
     from types import SimpleNamespace
 
-    import covid_cxr.bundle.ensemble as ensemble
+    import covid_cxr.publish.ensemble as ensemble
     import covid_cxr.train.fit as fit
     from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.recipes import train_recipe

@@ -120,7 +120,7 @@ def test_bundle_check_ok_line(tiny_models):
 
 
 def test_a_failed_write_publishes_nothing_and_the_next_one_does(tiny_models, tmp_path, monkeypatch):
-    import covid_cxr.bundle.writer as writer
+    import covid_cxr.publish.writer as writer
 
     b = load_bundle(tiny_models / "tiny")
     content = b.metadata.model_dump(include={"architecture", "classes", "input"})

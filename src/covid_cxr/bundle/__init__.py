@@ -4,7 +4,7 @@
 
 schema (the typed metadata.json), store (names, versions, atomic publishing), reader (numpy + ONNX
 Runtime only), check (`covid-cxr bundle check`). The writer (torch: export and write) is imported on its own,
-`covid_cxr.bundle.writer`, by training code only.
+`covid_cxr.publish.writer`, by training code only.
 """
 
 from covid_cxr.bundle.check import check_bundle

@@ -51,7 +51,7 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
     like any bundle)."""
     from rich.console import Console
 
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
     from covid_cxr.cli.common import fail
     from covid_cxr.core.errors import UserError
 

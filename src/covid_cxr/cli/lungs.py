@@ -42,7 +42,7 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
     from covid_cxr.cli.common import fail
     from covid_cxr.core.errors import UserError
     from covid_cxr.core.lung_config import LungConfig
-    from covid_cxr.lungs.train import train_lungs
+    from covid_cxr.train.lungs import train_lungs
 
     quiet_libraries()
     try:
@@ -83,7 +83,7 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console, fail
     from covid_cxr.core.errors import UserError
-    from covid_cxr.lungs.evaluate import evaluate_folder
+    from covid_cxr.evaluate.lungs import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
     from covid_cxr.core.files import atomic_write_json
 
@@ -112,7 +112,7 @@ def segment_cmd(images: Annotated[list[Path], typer.Argument(help="Image files o
     from covid_cxr.cli.common import err_console, fail
     from covid_cxr.core.errors import UserError
     from covid_cxr.data.files import collect_images
-    from covid_cxr.lungs.overlay import segment_files
+    from covid_cxr.explain.lung_overlay import segment_files
     from covid_cxr.lungs.segment import LungSegmenter
 
     try:

@@ -142,7 +142,7 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     on their common test split when `evaluate`."""
     import tempfile
 
-    from covid_cxr.bundle.writer import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.evaluate.report import write_report
     from covid_cxr.models.classifier import EnsembleClassifier
 

@@ -226,7 +226,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
-    from covid_cxr.bundle.writer import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
 
     dist = launch(cfg)  # several processes: from here on, this runs in each

@@ -73,7 +73,7 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
     if len(cfgs) == 1:
         r = train(data, models_out, cfgs[0], resume=resume)
         return r.bundle_path, r.metrics
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
     paths = [train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path for c in cfgs]
