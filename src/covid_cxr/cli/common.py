@@ -23,11 +23,16 @@ def fail(msg: str, code: int = 2) -> NoReturn:
 
 def config_option(config: type, field: str, *names: str, with_default: bool = False, **kw):
     """A typer option whose help (and, `with_default`, default) is the config field's, so a default
-    or its description is typed once, in the config class (TrainConfig, ServeSettings, LungConfig)."""
+    or its description is typed once, in the config class (TrainConfig, ServeSettings, LungConfig).
+    Without `with_default` the option's value is None unless given and its help shows the config's
+    default: the caller passes only what the user set."""
     info = config.model_fields[field]
     decls = names or (f"--{field.replace('_', '-')}",)
     if with_default:
         return typer.Option(info.get_default(call_default_factory=False), *decls, help=info.description, **kw)
+    default = info.get_default(call_default_factory=True)
+    if default is not None and not isinstance(default, bool) and "show_default" not in kw:
+        kw["show_default"] = ",".join(map(str, default)) if isinstance(default, list) else str(default)
     return typer.Option(*decls, help=info.description or "", **kw)
 
 

@@ -38,33 +38,36 @@ def _opt(field: str, *names: str, **kw):
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
 DatasOpt = Annotated[list[Path], typer.Option("--data", help="Dataset folder (any supported layout); repeat to "
                                               "train on several (splits stratified by class and source).")]
-ArchOpt = Annotated[str, _opt("arch")]
-WeightsOpt = Annotated[str, _opt("weights")]
-BalanceOpt = Annotated[str, _opt("balance")]
+ArchOpt = Annotated[Optional[str], _opt("arch")]
+WeightsOpt = Annotated[Optional[str], _opt("weights")]
+BalanceOpt = Annotated[Optional[str], _opt("balance")]
 MaxOpt = Annotated[Optional[int], _opt("max_per_class")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use.")]
 SizeOpt = Annotated[Optional[int], _opt("image_size")]
-HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")]
+HiddenOpt = Annotated[Optional[str], typer.Option(help=f"Head hidden sizes, comma-separated ('' for none).", show_default=",".join(map(str, D.hidden)))]
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
-PrecisionOpt = Annotated[str, _opt("precision")]
+PrecisionOpt = Annotated[Optional[str], _opt("precision")]
 TargetRecallOpt = Annotated[Optional[str], _opt("target_recall")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
-AcceleratorOpt = Annotated[str, _opt("accelerator")]
-DevicesOpt = Annotated[int, _opt("devices")]
-NodesOpt = Annotated[int, _opt("num_nodes")]
-StrategyOpt = Annotated[str, _opt("strategy")]
-LoggerOpt = Annotated[str, _opt("logger")]
+AcceleratorOpt = Annotated[Optional[str], _opt("accelerator")]
+DevicesOpt = Annotated[Optional[int], _opt("devices")]
+NodesOpt = Annotated[Optional[int], _opt("num_nodes")]
+StrategyOpt = Annotated[Optional[str], _opt("strategy")]
+LoggerOpt = Annotated[Optional[str], _opt("logger")]
 TrackingOpt = Annotated[Optional[str], _opt("tracking_uri", envvar="MLFLOW_TRACKING_URI")]
-HIDDEN_DEFAULT = ",".join(map(str, D.hidden))
 
 
 def _config(**kw) -> TrainConfig:
-    """CLI values -> TrainConfig; a value out of range is a one-line error, not a traceback."""
+    """CLI values -> TrainConfig; a value out of range is a one-line error, not a traceback. Options
+    left out arrive as None and are dropped, so `model_fields_set` is exactly what the user set
+    (a recipe yields to those, and to nothing else)."""
     from pydantic import ValidationError
 
+    kw = {k: v for k, v in kw.items() if v is not None and k in TrainConfig.model_fields}
     if "hidden" in kw:
         kw["hidden"] = [int(h) for h in str(kw["hidden"]).split(",") if h.strip()]
-    kw["classes"] = _classes(kw.get("classes"))
+    if "classes" in kw:
+        kw["classes"] = _classes(kw["classes"])
     try:
         return TrainConfig(**kw)
     except ValidationError as exc:
@@ -137,38 +140,32 @@ def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the d
 
 @app.command()
 def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
-          arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
-          batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
-          seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-          image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
-          patience: Annotated[int, _opt("patience")] = D.patience,
-          finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
-          classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
-          lung_crop: Annotated[str, _opt("lung_crop")] = D.lung_crop,
-          lungs: Annotated[Optional[str], _opt("lungs")] = D.lungs,
-          target_recall: TargetRecallOpt = D.target_recall,
-          finetune_epochs: Annotated[int, _opt("finetune_epochs")] = D.finetune_epochs,
-          finetune_views: Annotated[int, _opt("finetune_views")] = D.finetune_views,
-          init_from: Annotated[Optional[str], _opt("init_from")] = D.init_from,
-          extractor: Annotated[str, _opt("extractor")] = D.extractor,
+          arch: ArchOpt = None, weights: WeightsOpt = None, epochs: Annotated[Optional[int], _opt("epochs")] = None,
+          batch_size: Annotated[Optional[int], _opt("batch_size")] = None, lr: Annotated[Optional[float], _opt("lr")] = None,
+          seed: Annotated[Optional[int], _opt("seed")] = None, balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+          image_size: SizeOpt = None, hidden: HiddenOpt = None, dropout: DropoutOpt = None,
+          patience: Annotated[Optional[int], _opt("patience")] = None,
+          finetune: Annotated[Optional[bool], _opt("finetune")] = None, precision: PrecisionOpt = None,
+          classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = None,
+          lung_crop: Annotated[Optional[str], _opt("lung_crop")] = None,
+          lungs: Annotated[Optional[str], _opt("lungs")] = None,
+          target_recall: TargetRecallOpt = None,
+          finetune_epochs: Annotated[Optional[int], _opt("finetune_epochs")] = None,
+          finetune_views: Annotated[Optional[int], _opt("finetune_views")] = None,
+          init_from: Annotated[Optional[str], _opt("init_from")] = None,
+          extractor: Annotated[Optional[str], _opt("extractor")] = None,
           recipe: Annotated[Optional[str], typer.Option(help="A named recipe (train/recipes.py): study | "
                                                         "accurate; options you set win over it.")] = None,
-          resume: ResumeOpt = False, accelerator: AcceleratorOpt = D.accelerator, devices: DevicesOpt = D.devices,
-          num_nodes: NodesOpt = D.num_nodes, strategy: StrategyOpt = D.strategy, logger: LoggerOpt = D.logger,
+          resume: ResumeOpt = False, accelerator: AcceleratorOpt = None, devices: DevicesOpt = None,
+          num_nodes: NodesOpt = None, strategy: StrategyOpt = None, logger: LoggerOpt = None,
           tracking_uri: TrackingOpt = None):
     """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>.
     --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
+    cfg = _config(**locals())  # first: locals() holds exactly the options; _config keeps TrainConfig's
     from covid_cxr.train.fit import train as fit
     from covid_cxr.train.recipes import train_recipe
 
     quiet_libraries()
-    cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                  balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
-                  dropout=dropout, patience=patience, finetune=finetune, precision=precision,
-                  classes=classes, name=name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                  strategy=strategy, logger=logger, tracking_uri=tracking_uri, lung_crop=lung_crop, lungs=lungs,
-                  target_recall=target_recall, finetune_epochs=finetune_epochs, finetune_views=finetune_views,
-                  init_from=init_from, extractor=extractor)
     source = data if len(data) > 1 else data[0]
     try:
         if recipe:
@@ -186,10 +183,10 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
 
 @app.command("lr-find")
 def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Plot PNG path.")] = Path("lr_find.png"),
-                arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights,
-                batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, seed: int = D.seed,
-                balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-                image_size: SizeOpt = D.image_size, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
+                arch: ArchOpt = None, weights: WeightsOpt = None,
+                batch_size: Annotated[Optional[int], _opt("batch_size")] = None, seed: Annotated[Optional[int], _opt("seed")] = None,
+                balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+                image_size: SizeOpt = None, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
                 classes: ClassesOpt = None,
                 workdir: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/.work")):
     """LR range test: saves the loss-vs-LR plot (log scale) and prints the suggested rate."""
@@ -349,13 +346,13 @@ def _lung_text(check: dict) -> str:
 @app.command()
 def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/run"),
         archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = D.arch,
-        weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
-        batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
-        seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-        image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
-        patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
-        classes: ClassesOpt = None, target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False,
-        logger: LoggerOpt = D.logger, tracking_uri: TrackingOpt = None):
+        weights: WeightsOpt = None, epochs: Annotated[Optional[int], _opt("epochs")] = None,
+        batch_size: Annotated[Optional[int], _opt("batch_size")] = None, lr: Annotated[Optional[float], _opt("lr")] = None,
+        seed: Annotated[Optional[int], _opt("seed")] = None, balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+        image_size: SizeOpt = None, hidden: HiddenOpt = None, dropout: DropoutOpt = None,
+        patience: Annotated[Optional[int], _opt("patience")] = None, precision: PrecisionOpt = None,
+        classes: ClassesOpt = None, target_recall: TargetRecallOpt = None, resume: ResumeOpt = False,
+        logger: LoggerOpt = None, tracking_uri: TrackingOpt = None):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
     _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
          seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,

@@ -4,7 +4,8 @@ the measurements that chose them (docs/results/NOTE.md; benchmarks/bench_accurac
 A recipe is one or more member configurations (TrainConfig fields over the defaults). One member:
 an ordinary bundle. Several: each member is trained on the same split (same seed) into the work
 folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>.
-Options given on the command line (values other than TrainConfig's defaults) win over the recipe.
+Options given on the command line (TrainConfig.model_fields_set) win over the recipe, even when a
+given value equals the default.
 """
 
 from __future__ import annotations
@@ -49,13 +50,11 @@ RECIPES: dict[str, Recipe] = {
 
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
-    from covid_cxr.core.config import DEFAULTS
-
     try:
         recipe = RECIPES[name]
     except KeyError:
         raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
-    given = {k: v for k, v in base.model_dump().items() if v != getattr(DEFAULTS, k) and k != "name"}
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name"}  # what the user typed
     out = []
     for i, member in enumerate(recipe.members):
         fields = {**base.model_dump(), **recipe.common, **member, **given}  # explicit options win
