@@ -9,6 +9,9 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from covid_cxr.core.errors import UserError
 
 err_console = Console(stderr=True)
 
@@ -19,6 +22,25 @@ def fail(msg: str, code: int = 2) -> NoReturn:
 
     err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+class Commands(TyperGroup):
+    """The command group every sub-command runs under: a UserError raised anywhere below (bad data,
+    a broken bundle, a wrong option value found late) becomes one `error:` line and exit 2, in one
+    place rather than a try/except in each command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            fail(str(exc))
+
+
+def need_folders(paths) -> None:
+    """Fail now, in one line, when a dataset folder given on the command line does not exist."""
+    for p in [paths] if isinstance(paths, Path) else paths:
+        if not Path(p).is_dir():
+            fail(f"dataset folder not found: {p}")
 
 
 def config_option(config: type, field: str, *names: str, with_default: bool = False, **kw):
@@ -41,12 +63,10 @@ def open_bundle(model: Path, check: bool = True):
 
     `check` (what `bundle check` does): also open model.onnx, compare it with the metadata and run
     one image, so a broken bundle is reported here rather than as a traceback later."""
-    from covid_cxr.bundle import BundleError, check_bundle, load_bundle
+    from covid_cxr.bundle import check_bundle, load_bundle
 
     try:
         return check_bundle(model) if check else load_bundle(model)
-    except BundleError as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(f"{model}: {exc.strerror or exc}")
 

@@ -54,7 +54,6 @@ def explain_command(
 
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.core.errors import UserError
     from covid_cxr.explain.gradcam import METHODS, Explainer
 
     console = Console()
@@ -78,11 +77,8 @@ def explain_command(
     except OSError as exc:
         fail(f"cannot create {out}: {exc}")
 
-    try:
-        explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
-        segmenter = _segmenter(lungs)
-    except UserError as exc:  # weights that do not fit the metadata, or not a lung model
-        fail(str(exc))
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
+    segmenter = _segmenter(lungs)
     rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
     explainer.close()
 

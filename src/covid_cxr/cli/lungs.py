@@ -82,17 +82,13 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.core.errors import UserError
     from covid_cxr.evaluate.lungs import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
     from covid_cxr.core.files import atomic_write_json
 
-    try:
-        seg = LungSegmenter.from_bundle(model)
-        only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
-        m, skipped = evaluate_folder(seg, data, only=only)
-    except UserError as exc:
-        fail(str(exc))
+    seg = LungSegmenter.from_bundle(model)
+    only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
+    m, skipped = evaluate_folder(seg, data, only=only)
     for path, why in skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True, highlight=False)
     _print(m, f"{seg.bundle.name} v{seg.bundle.version} on {data}")
@@ -110,15 +106,11 @@ def segment_cmd(images: Annotated[list[Path], typer.Argument(help="Image files o
     from rich.table import Table
 
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.core.errors import UserError
     from covid_cxr.data.files import collect_images
     from covid_cxr.explain.lung_overlay import segment_files
     from covid_cxr.lungs.segment import LungSegmenter
 
-    try:
-        seg = LungSegmenter.from_bundle(model)
-    except UserError as exc:
-        fail(str(exc))
+    seg = LungSegmenter.from_bundle(model)
     files, problems = collect_images(images)
     if not files:
         fail("no images to segment" + "".join(f"; {p}: {why}" for p, why in problems))

@@ -10,12 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from covid_cxr.cli.common import config_option, fail, open_bundle, quiet_libraries
+from covid_cxr.cli.common import Commands, config_option, fail, need_folders, open_bundle, quiet_libraries
 from covid_cxr.cli.common import err_console as console
 from covid_cxr.core.errors import UserError
 from covid_cxr.core.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
 app.add_typer(data_app, name="data")
@@ -86,10 +86,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
     from collections import Counter, defaultdict
 
     from covid_cxr.data import build_manifest
-    try:
-        man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
-    except UserError as exc:
-        fail(str(exc))
+    man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
     dup = man.dedupe
     if manifest:
         man.write_csv(manifest)
@@ -131,10 +128,7 @@ def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the d
     """Fetch the COVID-19 Radiography Database from Kaggle (kagglehub; its usual credentials)."""
     from covid_cxr.data.download import download
 
-    try:
-        root = download(dest, force)
-    except UserError as exc:
-        fail(str(exc))
+    root = download(dest, force)
     out_console.print(f"dataset: {root}\nnext: covid-cxr run --data '{root}' --out runs/real")
 
 
@@ -162,19 +156,17 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
     """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>.
     --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
     cfg = _config(**locals())  # first: locals() holds exactly the options; _config keeps TrainConfig's
+    need_folders(data)  # before torch and Lightning load: a typo costs 1 s, not 20
     from covid_cxr.train.fit import train as fit
     from covid_cxr.train.recipes import train_recipe
 
     quiet_libraries()
     source = data if len(data) > 1 else data[0]
-    try:
-        if recipe:
-            path, metrics = train_recipe(recipe, source, out, cfg, resume)
-        else:
-            r = fit(source, out, cfg, resume=resume)
-            path, metrics = r.bundle_path, r.metrics
-    except UserError as exc:
-        fail(str(exc))
+    if recipe:
+        path, metrics = train_recipe(recipe, source, out, cfg, resume)
+    else:
+        r = fit(source, out, cfg, resume=resume)
+        path, metrics = r.bundle_path, r.metrics
     if path is None:  # another process of a multi-process run: the main one reports
         return
     _print_metrics(metrics, f"{path.parent.name}: test split")
@@ -196,11 +188,9 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
     quiet_libraries()
     cfg = _config(arch=arch, weights=weights, batch_size=batch_size, seed=seed, balance=balance,
                   max_per_class=max_per_class, image_size=image_size, classes=classes)
-    try:
-        prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed)
-        r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
-    except UserError as exc:
-        fail(str(exc))
+    need_folders(data)
+    prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed)
+    r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
     out_console.print(f"suggested learning rate: {r.suggestion:.3g}" if r.suggestion else "no suggestion (flat curve)")
     out_console.print(f"plot: {r.plot}")
 
@@ -231,10 +221,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
     quiet_libraries()
     b = open_bundle(model)
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
-    try:
-        m = evaluate_folder(b, data, out)
-    except UserError as exc:
-        fail(str(exc))
+    m = evaluate_folder(b, data, out)
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
     for s in m["skipped"]:
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
@@ -259,10 +246,7 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
     """The study's table (Category, Model, Precision, Recall, F1, Accuracy) for every model."""
     from covid_cxr.evaluate.compare import COLUMNS, write_comparison
 
-    try:
-        rows, md, csv_path = write_comparison(models, out or models)
-    except UserError as exc:
-        fail(str(exc))
+    rows, md, csv_path = write_comparison(models, out or models)
     t = Table(title="comparison (test split)")
     for c in COLUMNS:
         t.add_column(c)
@@ -331,10 +315,7 @@ def _lung_segmenter(lungs: Optional[Path]):
         return None
     from covid_cxr.lungs.segment import LungSegmenter
 
-    try:
-        return LungSegmenter.from_bundle(lungs)
-    except UserError as exc:
-        fail(str(exc))
+    return LungSegmenter.from_bundle(lungs)
 
 
 def _lung_text(check: dict) -> str:
@@ -366,13 +347,12 @@ def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg
     quiet_libraries()
     arch_list = [a.strip() for a in archs.split(",") if a.strip()]
     base = _config(**cfg)
+    if not synthetic:
+        need_folders(data)
     for a in arch_list:
         _config(**cfg, arch=a)  # every architecture known before anything runs
-    try:
-        s = run_pipeline(data, out, arch_list, base, synthetic=synthetic, resume=resume,
-                         log=lambda m: console.print(f"[cyan]›[/] {m}"))
-    except UserError as exc:
-        fail(str(exc))
+    s = run_pipeline(data, out, arch_list, base, synthetic=synthetic, resume=resume,
+                     log=lambda m: console.print(f"[cyan]›[/] {m}"))
     from covid_cxr.evaluate.compare import to_markdown
 
     out_console.print(to_markdown(s["comparison"]))
