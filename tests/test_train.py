@@ -112,9 +112,10 @@ def test_cli_run_evaluate_compare_predict_end_to_end(data_dir, tmp_path):
     assert "efficientnet_lite0 v1" in (tmp_path / "cmp" / "comparison.md").read_text()
 
     img = sample_images(data_dir, 1)["COVID"][0]
-    res = _invoke("predict", img, "--model", model, "--json")
-    pred = json.loads(res.output)
-    assert pred["results"][0]["label"] in ("COVID-19", "Normal", "Viral Pneumonia")
+    res = _invoke("predict", img, "--model", model, "--json", tmp_path / "pred.json")
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert pred["results"][0]["in_distribution"] is True  # a real X-ray passes the gate ...
+    assert pred["results"][0]["label"] in ("COVID-19", "Normal", "Viral Pneumonia")  # ... and gets a label
     assert abs(sum(pred["results"][0]["probabilities"].values()) - 1) < 1e-4
 
 
@@ -144,8 +145,8 @@ def test_data_inspect_reports_counts_and_duplicates(data_dir, tmp_path):
     src = next((data / "COVID" / "images").iterdir())
     shutil.copy(src, src.with_name("again.png"))
     (data / "Normal" / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    res = _invoke("data", "inspect", data, "--json")
-    info = json.loads(res.output)
+    res = _invoke("data", "inspect", data, "--json", tmp_path / "inspect.json")
+    info = json.loads((tmp_path / "inspect.json").read_text())
     assert info["counts"]["COVID-19"] == {"ok": 5, "skipped": 0, "duplicate": 1}
     assert info["counts"]["Normal"]["skipped"] == 1
     assert info["skipped"][0]["path"].endswith("bad.jpg") and info["skipped"][0]["reason"]

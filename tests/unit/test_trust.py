@@ -147,16 +147,18 @@ def _strip_trust(bundle_dir):
     (bundle_dir / "trust.safetensors").unlink()
 
 
-def test_predict_json_fields(tiny_models, tiny_data, bundle_copy):
+def test_predict_json_fields(tiny_models, tiny_data, bundle_copy, tmp_path):
     paths, _ = _images(tiny_data, 2)
-    r = runner.invoke(app, ["predict", *map(str, paths), "--model", str(tiny_models / "tiny"), "--json"])
+    out = tmp_path / "pred.json"
+    r = runner.invoke(app, ["predict", *map(str, paths), "--model", str(tiny_models / "tiny"), "--json", str(out)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)["results"]
+    res = json.loads(out.read_text())["results"]
     assert all(isinstance(x["in_distribution"], bool) and x["ood_score"] > 0 for x in res)
+    assert all((x["label"] is None) == (not x["in_distribution"]) for x in res)  # rejected: no label
     _strip_trust(bundle_copy)
-    r = runner.invoke(app, ["predict", str(paths[0]), "--model", str(bundle_copy), "--json"])
+    r = runner.invoke(app, ["predict", str(paths[0]), "--model", str(bundle_copy), "--json", str(out)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)["results"][0]
+    res = json.loads(out.read_text())["results"][0]
     assert res["in_distribution"] is None and res["ood_score"] is None and len(res["probabilities"]) == 3
 
 

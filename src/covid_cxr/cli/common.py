@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +34,20 @@ class Commands(TyperGroup):
             return super().invoke(ctx)
         except UserError as exc:
             fail(str(exc))
+
+
+# `--json FILE` means one thing in every command: also write the command's result as JSON to FILE.
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", metavar="FILE",
+                                                 help="Also write the result as JSON to FILE.")]
+
+
+def write_json(path: Optional[Path], obj) -> None:
+    """The --json FILE of every command: written atomically; nothing when not asked for."""
+    if path is not None:
+        from covid_cxr.core.files import atomic_write_json
+
+        atomic_write_json(path, obj)
+        err_console.print(f"json: {path}", highlight=False, soft_wrap=True)
 
 
 def need_folders(paths) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from covid_cxr.cli.common import Commands, config_option, fail, need_folders, open_bundle, quiet_libraries
+from covid_cxr.cli.common import (Commands, JsonOpt, config_option, fail, need_folders, open_bundle, quiet_libraries,
+                                  write_json)
 from covid_cxr.cli.common import err_console as console
 from covid_cxr.core.errors import UserError
 from covid_cxr.core.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
@@ -81,7 +81,7 @@ def _config(**kw) -> TrainConfig:
 def data_inspect(data_dir: Path, classes: ClassesOpt = None,
                  manifest: Annotated[Optional[Path], typer.Option(help="Write the manifest CSV here.")] = None,
                  near_threshold: Annotated[int, typer.Option(help="Max perceptual-hash bit distance.")] = 4,
-                 json_out: Annotated[bool, typer.Option("--json")] = False):
+                 json_path: JsonOpt = None):
     """Counts per class, skipped files with reasons, duplicate groups."""
     from collections import Counter, defaultdict
 
@@ -101,9 +101,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
             "skipped": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"],
             "exact_duplicates": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "duplicate"],
             "near_duplicate_groups": [[r.path for r in g] for g in near]}
-    if json_out:
-        out_console.print_json(json.dumps(info))
-        return
+    write_json(json_path, info)
     t = Table(title=f"{man.root} — {man.layout}")
     for col in ("class", "usable", "skipped", "exact duplicates"):
         t.add_column(col)
@@ -259,55 +257,73 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
 @app.command()
 def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM)")],
             model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
-            json_out: Annotated[bool, typer.Option("--json")] = False,
+            json_path: JsonOpt = None,
             lungs: Annotated[Optional[Path], typer.Option("--lungs", help="Lung segmentation bundle: add its "
                                                           "sanity check (a failed one: out of distribution?)")] = None):
-    """Label and class probabilities per image (through the bundle's ONNX model)."""
-    from covid_cxr.data.decode import DecodeError, load_for_model
-
+    """Label and class probabilities per image (through the bundle's ONNX model). An image the gate
+    rejects gets no label: its probabilities stay in the table and the JSON."""
     b = open_bundle(model)
     seg = _lung_segmenter(lungs)
-    h, w = b.input_hw
-    results = []
-    for p in images:
-        try:
-            pixels = load_for_model(p, h, w)
-            probs, score, inside = b.predict_with_ood(pixels[None])
-        except DecodeError as exc:
-            results.append({"image": str(p), "error": str(exc)})
-            continue
-        results.append({"image": str(p), "label": b.classes[int(b.decide(probs)[0])],
-                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
-                        "in_distribution": None if inside is None else bool(inside[0]),
-                        "ood_score": None if score is None else float(score[0])})
-        if seg is not None:
-            from covid_cxr.lungs.segment import sanity_check
-
-            results[-1]["lung_check"] = sanity_check(seg.masks(pixels[None])[0]).as_dict()
-    if json_out:
-        out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
-    else:
-        t = Table(title=f"{b.name} v{b.version}")
-        t.add_column("image")
-        t.add_column("label")
-        for c in b.classes + (["lung check"] if seg else []):
-            t.add_column(c)
-        t.add_column("in distribution")
-        for r in results:
-            if "error" in r:
-                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1 + bool(seg)))
-            else:
-                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes),
-                          *([_lung_text(r["lung_check"])] if seg else []), _gate(r))
-        out_console.print(t)
-    if any("error" in r for r in results):
+    results = [_predict_one(b, p, seg) for p in images]
+    write_json(json_path, {"model": b.name, "version": b.version, "results": results})
+    out_console.print(_predict_table(b, results, seg is not None))
+    if any(r.get("error") for r in results):
         raise typer.Exit(1)
+
+
+def _predict_one(b, path: Path, seg) -> dict:
+    """One image -> its row: label (None when the gate rejects it), probabilities, gate, lung check."""
+    from covid_cxr.data.decode import DecodeError, load_for_model
+
+    try:
+        pixels = load_for_model(path, *b.input_hw)
+        probs, score, inside = b.predict_with_ood(pixels[None])
+    except DecodeError as exc:
+        return {"image": str(path), "error": str(exc)}
+    accepted = inside is None or bool(inside[0])
+    row = {"image": str(path), "label": b.classes[int(b.decide(probs)[0])] if accepted else None,
+           "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
+           "in_distribution": None if inside is None else bool(inside[0]),
+           "ood_score": None if score is None else float(score[0])}
+    if not accepted:
+        row["rejected"] = "unlike the training X-rays: no label is given"
+    if seg is not None:
+        from covid_cxr.lungs.segment import sanity_check
+
+        row["lung_check"] = sanity_check(seg.masks(pixels[None])[0]).as_dict()
+    return row
+
+
+def _predict_table(b, results: list[dict], lungs: bool) -> Table:
+    """Readable at 80 columns: file names (not paths) fold, probabilities in short columns, and the
+    gate's verdict in a word; rejected images show no label."""
+    t = Table(title=f"{b.name} v{b.version}", caption="gate: 'no' = unlike the training X-rays, no label given")
+    t.add_column("image", overflow="fold", ratio=3)
+    t.add_column("label", overflow="fold", ratio=2)
+    for c in b.classes:
+        t.add_column(_short(c), justify="right", no_wrap=True)
+    if lungs:
+        t.add_column("lungs", overflow="fold")
+    t.add_column("gate", no_wrap=True)
+    for r in results:
+        if r.get("error"):
+            t.add_row(Path(r["image"]).name, f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1 + lungs))
+            continue
+        label = r["label"] or "[red]—[/]"
+        t.add_row(Path(r["image"]).name, label, *(f"{r['probabilities'][c]:.3f}" for c in b.classes),
+                  *([_lung_text(r["lung_check"])] if lungs else []), _gate(r))
+    return t
+
+
+def _short(name: str) -> str:
+    """'Viral Pneumonia' -> 'Viral Pn.': class columns stay narrow."""
+    return name if len(name) <= 9 else name[:8].rstrip() + "."
 
 
 def _gate(r: dict) -> str:
     if r["in_distribution"] is None:
-        return "– (no gate in this bundle)"
-    return "yes" if r["in_distribution"] else "[red]NO: unlike the training X-rays; do not trust the label[/]"
+        return "–"
+    return "yes" if r["in_distribution"] else "[red]no[/]"
 
 
 def _lung_segmenter(lungs: Optional[Path]):

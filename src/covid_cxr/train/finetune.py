@@ -172,12 +172,12 @@ def trunk_extractor(model, k: int, size: int, cache_dir: Path, takes: tuple[int,
     `takes`. run(x, n) -> the graph's first n outputs (activations[, stage statistics])."""
     from covid_cxr.bundle.reader import open_session
     from covid_cxr.features.onnx import weights_digest
-    from covid_cxr.models.onnx import export_graph
+    from covid_cxr.features.onnx import export_trunk
 
     name = f"{model.spec.name}-{size}-{weights_digest(model.backbone)}-trunk{k}{stats_suffix(takes)}.onnx"
     path = Path(cache_dir) / "backbones" / name
     if not path.is_file():
-        export_graph(Trunk(model.backbone, k, takes), path, size, (TRUNK_OUTPUT, STATS_OUTPUT)[:1 + bool(takes)])
+        export_trunk(Trunk(model.backbone, k, takes), path, size, (TRUNK_OUTPUT, STATS_OUTPUT)[:1 + bool(takes)])
     session = open_session(path)
     names = [o.name for o in session.get_outputs()]
     mean, std = np.float32(float(model.mean)), np.float32(float(model.std))

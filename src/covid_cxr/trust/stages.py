@@ -106,10 +106,10 @@ def stage_runner(model, indices, size: int, onnx_path: Path | None = None, threa
     if onnx_path is not None:
         from covid_cxr.bundle.reader import open_session
         from covid_cxr.features.onnx import FEATURES_INPUT
-        from covid_cxr.models.onnx import export_graph
+        from covid_cxr.features.onnx import export_trunk
 
         if not Path(onnx_path).is_file():
-            export_graph(net, Path(onnx_path), size)
+            export_trunk(net, Path(onnx_path), size)
         session = open_session(onnx_path, threads)
         return lambda x: session.run(None, {FEATURES_INPUT: x})[0]
 
