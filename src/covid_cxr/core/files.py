@@ -46,17 +46,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def progress_iter(items: Iterable[T], description: str, enabled: bool = True,
-                  total: int | None = None) -> Iterator[T]:
-    """Iterate with a rich progress bar (on stderr) when enabled."""
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, description=description, total=total, transient=True)
-
-
 class Stopwatch:
     """Seconds per named step, and the total since creation."""
 

@@ -90,7 +90,7 @@ def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX
                    near_threshold: int = 4, progress: bool = True) -> Manifest:
     """Discover, decode and hash every file, then mark duplicates (see `dedupe.mark_duplicates`)."""
     from covid_cxr.data.dedupe import mark_duplicates
-    from covid_cxr.core.files import progress_iter
+    from covid_cxr.core.progress import progress_iter
 
     disc: Discovery = discover(root, classes)
     recs = [scan_file(f.path, f.relpath, f.label, max_pixels)

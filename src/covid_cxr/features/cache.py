@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from covid_cxr.data.decode import load_batch
 from covid_cxr.core.errors import UserError
-from covid_cxr.core.files import progress_iter
+from covid_cxr.core.progress import progress_iter
 
 log = logging.getLogger("covid_cxr.train")
 SPOT_CHECK = 2  # cached rows recomputed per run to prove the cache still matches its images

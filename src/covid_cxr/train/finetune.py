@@ -203,7 +203,7 @@ def extract_view(run, items, size: int, caches: list, view: int, progress: bool,
     """Trunk outputs of `items` for one view (0: the plain image), only what a cache lacks: one
     FeatureCache per output (the activations[, the gate's stage statistics]), saved together."""
     from covid_cxr.data.decode import load_batch
-    from covid_cxr.core.files import progress_iter
+    from covid_cxr.core.progress import progress_iter
 
     todo = [it for it in items if any(it[1] not in c.rows for c in caches)]
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]

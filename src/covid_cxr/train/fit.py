@@ -30,6 +30,7 @@ from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
 from covid_cxr.core.files import Stopwatch, atomic_write_json
+from covid_cxr.core.progress import say, step
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 PARITY_IMAGES = 8
@@ -111,6 +112,8 @@ def lr_range_test(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run:
 def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from covid_cxr.train.progress import EpochLog
+
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val_acc", mode="max",
                            enable_version_counter=False, save_on_train_epoch_end=True)
     # A separate, unmonitored checkpoint written after every epoch: what --resume continues from.
@@ -119,7 +122,8 @@ def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L
     early = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience)
     return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
                      num_nodes=cfg.num_nodes, strategy=strategy(cfg), logger=logger, log_every_n_steps=1,
-                     callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
+                     callbacks=[best, last, early, history, *([EpochLog()] if cfg.progress else [])],
+                     enable_progress_bar=False,
                      enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                      default_root_dir=str(run.root))
 
@@ -223,6 +227,15 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
     }
 
 
+def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
+    """Name the files training could not read (they are left out, and metadata.json counts them)."""
+    skipped = [r for r in prepared.manifest.records if r.status == "skipped"]
+    for r in skipped[:shown]:
+        say(f"skipped {r.path}: {r.reason}")
+    if len(skipped) > shown:
+        say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
+
+
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
@@ -241,6 +254,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         from covid_cxr.train.adapt import exclude_seen
 
         exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
+    report_skipped(prepared)
     clock.lap("data")
     model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
@@ -251,16 +265,21 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
-    history = fit(inputs, prepared, cfg, run, resume, logger)
+    with step("head" if cfg.finetune else "training"):
+        history = fit(inputs, prepared, cfg, run, resume, logger)
     stages = None  # the OOD gate's inputs, when staged fine-tuning computes them on its way
     if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
         from covid_cxr.train.finetune import finetune_stage
 
-        feats, stages, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
+        with step("fine-tuning"):
+            feats, stages, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history,
+                                                    resume)
         inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
+    if cfg.progress:
+        say("fitting the gate and the temperature on the validation split; evaluating on the test split")
     trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",

@@ -109,6 +109,8 @@ class LungModule(L.LightningModule):
 def _trainer(cfg: LungConfig, run: RunDir, history: History) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from covid_cxr.train.progress import EpochLog
+
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val_dice", mode="max",
                            enable_version_counter=False, save_on_train_epoch_end=True)
     last = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None,
@@ -116,7 +118,9 @@ def _trainer(cfg: LungConfig, run: RunDir, history: History) -> L.Trainer:
     early = EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience)
     max_time = timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None
     return L.Trainer(max_epochs=cfg.epochs, max_time=max_time, accelerator="cpu", devices=1, logger=False,
-                     callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
+                     callbacks=[best, last, early, history,
+                                *([EpochLog(monitor="val_dice")] if cfg.progress else [])],
+                     enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(run.root))
 
 

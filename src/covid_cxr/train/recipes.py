@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covid_cxr.core.errors import ConfigError
+from covid_cxr.core.progress import say, step
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
     from covid_cxr.publish.ensemble import build_ensemble
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
-    paths = [train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path for c in cfgs]
-    b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
+    paths = []
+    for i, c in enumerate(cfgs, 1):
+        with step(f"member {i}/{len(cfgs)} ({c.arch})"):
+            paths.append(train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path)
+    with step("ensemble"):
+        say(f"averaging {len(paths)} members, evaluating on the shared test split")
+        b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
     return b.path, b.metadata.test_metrics.model_dump()
