@@ -35,7 +35,7 @@ def steepest_descent(lrs, losses, smooth: float = 0.9, skip: int = 5) -> float |
     lrs, losses = lrs[ok], losses[ok]
     if len(lrs) < skip + 3:
         return None
-    avg, smoothed = losses[0], []
+    avg, smoothed = 0.0, []
     for i, v in enumerate(losses, 1):
         avg = smooth * avg + (1 - smooth) * v
         smoothed.append(avg / (1 - smooth ** i))  # bias-corrected EMA, as fastai's lr_find
