@@ -211,13 +211,14 @@ def _print_metrics(m: dict, title: str) -> None:
 @app.command()
 def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")], data: DataOpt,
              out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
-             json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here.")] = None):
+             json_path: JsonOpt = None):
     """Evaluate a bundle on any labelled folder: per-class metrics, AUC, confusion matrix, curves."""
     from covid_cxr.evaluate.external import evaluate_folder
-    from covid_cxr.core.files import atomic_write_json
 
     quiet_libraries()
     b = open_bundle(model)
+    need_folders(data)
+    _warn_if_training_data(b, data)
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
     m = evaluate_folder(b, data, out)
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
@@ -225,9 +226,20 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
     if m.get("ood_rate") is not None:
         out_console.print(f"out of distribution: {m['ood_rate']:.1%} of the images")
-    if json_path:
-        atomic_write_json(json_path, _evaluate_json(m))
+    write_json(json_path, _evaluate_json(m))
     out_console.print(f"report: {out / 'metrics.md'}")
+
+
+def _warn_if_training_data(b, data: Path) -> None:
+    """Figures on the folder the model was trained from include its training images: say so."""
+    t = b.metadata.training
+    if t is None:
+        return
+    root, d = Path(t.data.dataset_root).resolve(), data.resolve()
+    if d == root or d in root.parents or root in d.parents:
+        console.print(f"[yellow]warning:[/] {data} overlaps the folder this model was trained from "
+                      f"({t.data.dataset_root}): these figures include its training images. The held-out "
+                      f"figures are in the bundle's report (test split).", soft_wrap=True, highlight=False)
 
 
 def _evaluate_json(m: dict) -> dict:
@@ -240,11 +252,12 @@ def _evaluate_json(m: dict) -> dict:
 
 @app.command()
 def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
-            out: Annotated[Optional[Path], typer.Option(help="Folder for comparison.md/.csv")] = None):
+            out: Annotated[Path, typer.Option(help="Folder for comparison.md/.csv (never the model repository: "
+                                              "a server reads that).")] = Path("runs/compare")):
     """The study's table (Category, Model, Precision, Recall, F1, Accuracy) for every model."""
     from covid_cxr.evaluate.compare import COLUMNS, write_comparison
 
-    rows, md, csv_path = write_comparison(models, out or models)
+    rows, md, csv_path = write_comparison(models, out)
     t = Table(title="comparison (test split)")
     for c in COLUMNS:
         t.add_column(c)
