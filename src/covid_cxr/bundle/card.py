@@ -227,7 +227,7 @@ def reproduce_command(m: BundleMetadata) -> str:
 
 def _reproduce(m: BundleMetadata) -> list[str]:
     sw = m.software
-    commit = sw.get("covid-cxr commit", NOT_MEASURED + " (bundle written outside a git checkout)")
+    commit = sw.get("covid-cxr commit", "not recorded (written outside a git checkout, or before bundles recorded it)")
     out = ["## How to reproduce", ""]
     if m.training is None:
         out.append(f"Training command: {NOT_MEASURED} (no training record).")
