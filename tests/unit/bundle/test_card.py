@@ -88,6 +88,7 @@ def test_served_card_html_markdown_and_errors(tiny_models, tmp_path):
         page = requests.get(f"{url}/api/v1/models/tiny/card", timeout=10)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "<h1>Model card: tiny v1</h1>" in page.text  # v2's metadata still says version 1 (a copy)
+        assert "default-src 'none'" in page.headers["content-security-policy"]  # a document, never a script host
         md = requests.get(f"{url}/api/v1/models/tiny/card?format=md&version=1", timeout=10)
         assert md.status_code == 200 and md.text == (models / "tiny" / "1" / CARD_MD).read_text()
         assert "Model card" in requests.get(url, timeout=10).text  # the web page links it

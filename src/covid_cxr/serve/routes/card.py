@@ -19,6 +19,9 @@ from covid_cxr.serve.repository import ModelNotFound, ModelRepository, ModelUnav
 
 router = APIRouter(tags=["upload"])
 MEDIA = {"html": "text/html; charset=utf-8", "md": "text/markdown; charset=utf-8"}
+# A card is a document: no scripts, no outside resources, whatever its text holds.
+HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+           "X-Content-Type-Options": "nosniff"}
 
 
 def read_card(repo: ModelRepository, name: str, version: int, fmt: str) -> str:
@@ -43,4 +46,4 @@ async def model_card(name: ModelName, version: int | None = Query(None, ge=1, de
         text = await anyio.to_thread.run_sync(read_card, repo, name, version or vs[-1], format)
     except (BundleError, OSError) as exc:
         raise ModelUnavailable(repo.public(f"model card of {name}: {exc}")) from None
-    return Response(text, media_type=MEDIA[format], headers={"Cache-Control": "no-cache"})
+    return Response(text, media_type=MEDIA[format], headers=HEADERS)
