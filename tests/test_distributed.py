@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from covid_cxr.bundle import load_bundle
-from covid_cxr.train.features import FeatureCache
+from covid_cxr.features.cache import FeatureCache
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,9 @@ FEATURES = textwrap.dedent("""
     import lightning as L
     from covid_cxr.data import prepare
     from covid_cxr.models import create_model
-    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.distributed import launch
-    from covid_cxr.train.features import cached_features
+    from covid_cxr.features.cache import cached_features
 
     data, out, devices, SPREAD = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     cfg = TrainConfig(weights="none", image_size=64, devices=devices, progress=False)

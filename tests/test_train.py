@@ -15,6 +15,7 @@ from covid_cxr.bundle import load_bundle, versions
 from covid_cxr.cli import app
 from covid_cxr.data.decode import load_for_model
 from covid_cxr.train.fit import TrainConfig, train
+from covid_cxr.models.loading import load_torch
 from tests.conftest import sample_images
 
 runner = CliRunner()
@@ -46,7 +47,7 @@ def test_bundle_is_complete_and_onnx_matches_pytorch(bundle_dir, data_dir):
     import torch
 
     with torch.no_grad():  # model.onnx divides the logits by the calibration temperature
-        torch_p = torch.softmax(b.load_torch()(torch.from_numpy(x)[:, None]) / b.temperature, 1).numpy()
+        torch_p = torch.softmax(load_torch(b)(torch.from_numpy(x)[:, None]) / b.temperature, 1).numpy()
     diff = float(np.abs(onnx_p - torch_p).max())
     print(f"ONNX vs PyTorch max |dp| on {len(x)} real X-rays: {diff:.2e}")
     assert diff < 1e-4
@@ -111,9 +112,10 @@ def test_cli_run_evaluate_compare_predict_end_to_end(data_dir, tmp_path):
     assert "efficientnet_lite0 v1" in (tmp_path / "cmp" / "comparison.md").read_text()
 
     img = sample_images(data_dir, 1)["COVID"][0]
-    res = _invoke("predict", img, "--model", model, "--json")
-    pred = json.loads(res.output)
-    assert pred["results"][0]["label"] in ("COVID-19", "Normal", "Viral Pneumonia")
+    res = _invoke("predict", img, "--model", model, "--json", tmp_path / "pred.json")
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert pred["results"][0]["in_distribution"] is True  # a real X-ray passes the gate ...
+    assert pred["results"][0]["label"] in ("COVID-19", "Normal", "Viral Pneumonia")  # ... and gets a label
     assert abs(sum(pred["results"][0]["probabilities"].values()) - 1) < 1e-4
 
 
@@ -143,8 +145,8 @@ def test_data_inspect_reports_counts_and_duplicates(data_dir, tmp_path):
     src = next((data / "COVID" / "images").iterdir())
     shutil.copy(src, src.with_name("again.png"))
     (data / "Normal" / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    res = _invoke("data", "inspect", data, "--json")
-    info = json.loads(res.output)
+    res = _invoke("data", "inspect", data, "--json", tmp_path / "inspect.json")
+    info = json.loads((tmp_path / "inspect.json").read_text())
     assert info["counts"]["COVID-19"] == {"ok": 5, "skipped": 0, "duplicate": 1}
     assert info["counts"]["Normal"]["skipped"] == 1
     assert info["skipped"][0]["path"].endswith("bad.jpg") and info["skipped"][0]["reason"]
@@ -167,7 +169,7 @@ def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
     assert b.metadata.training.feature_cache is True  # staged: head on cached features, then the last stages
     assert [h.get("stage") for h in r.history][-1] == 2
     before, _ = create_model("efficientnet_lite0", weights="imagenet")
-    after = b.load_torch()
+    after = load_torch(b)
     changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731
                                            after.backbone.get_submodule(name).weight.detach().numpy())
     assert changed("conv_head") and not changed("conv_stem")

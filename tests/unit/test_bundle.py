@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from covid_cxr.bundle import BundleError, BundleMetadata, check_bundle, load_bundle
 from covid_cxr.bundle.schema import json_schema
 from covid_cxr.cli import app
+from covid_cxr.models.loading import load_torch
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -119,11 +120,11 @@ def test_bundle_check_ok_line(tiny_models):
 
 
 def test_a_failed_write_publishes_nothing_and_the_next_one_does(tiny_models, tmp_path, monkeypatch):
-    import covid_cxr.bundle.writer as writer
+    import covid_cxr.publish.writer as writer
 
     b = load_bundle(tiny_models / "tiny")
     content = b.metadata.model_dump(include={"architecture", "classes", "input"})
-    model, images = b.load_torch(), np.zeros((1, 64, 64), np.float32)
+    model, images = load_torch(b), np.zeros((1, 64, 64), np.float32)
     monkeypatch.setattr(writer, "onnx_parity", lambda *a, **k: 1.0)  # a bad export
     with pytest.raises(BundleError, match="disagrees with PyTorch"):
         writer.write_bundle(tmp_path, "m", model, content, images)

@@ -12,7 +12,7 @@ from covid_cxr.data import decode_gray, discover, normalise_class
 from covid_cxr.data.decode import DecodeError, load_batch
 from covid_cxr.data.manifest import Record
 from covid_cxr.data.split import SPLITS, select, stratified_group_split
-from covid_cxr.errors import DataError, UserError
+from covid_cxr.core.errors import DataError, UserError
 from tests.unit.images import _bomb_png, _dicom_bytes, _encode
 
 

@@ -9,8 +9,8 @@ import torch
 
 from covid_cxr.data.decode import load_batch
 from covid_cxr.models import create_model
-from covid_cxr.train.extract_onnx import OnnxFeatureExtractor, backbone_path, weights_digest
-from covid_cxr.train.features import FeatureCache, extract
+from covid_cxr.features.onnx import OnnxFeatureExtractor, backbone_path, weights_digest
+from covid_cxr.features.cache import FeatureCache, extract
 
 SIZE = 64
 

@@ -391,7 +391,7 @@ def test_feature_cache_keys_live_in_the_file_and_a_mismatch_rebuilds(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from covid_cxr.train.features import FeatureCache, extract
+    from covid_cxr.features.cache import FeatureCache, extract
 
     items = feature_items(tmp_path)
     cache = FeatureCache(tmp_path / "c.safetensors")
@@ -411,7 +411,7 @@ def test_feature_cache_keys_live_in_the_file_and_a_mismatch_rebuilds(tmp_path):
 def test_feature_cache_rows_that_do_not_match_their_images_are_caught(tmp_path):
     import torch
 
-    from covid_cxr.train.features import FeatureCache, extract, spot_check
+    from covid_cxr.features.cache import FeatureCache, extract, spot_check
 
     items = feature_items(tmp_path)
     cache = FeatureCache(tmp_path / "c.safetensors")
@@ -426,8 +426,8 @@ def test_feature_cache_rows_that_do_not_match_their_images_are_caught(tmp_path):
 def test_truncated_cache_and_checkpoint_are_user_errors(tmp_path):
     import torch
 
-    from covid_cxr.errors import UserError
-    from covid_cxr.train.features import FeatureCache, extract
+    from covid_cxr.core.errors import UserError
+    from covid_cxr.features.cache import FeatureCache, extract
     from covid_cxr.train.fit import check_checkpoint
 
     extract(MeanFeatures(), feature_items(tmp_path), 16, FeatureCache(tmp_path / "c.safetensors"), progress=False)

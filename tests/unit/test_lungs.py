@@ -55,8 +55,8 @@ def lung_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lung_models(tmp_path_factory, lung_data):
-    from covid_cxr.lungs.config import LungConfig
-    from covid_cxr.lungs.train import train_lungs
+    from covid_cxr.core.lung_config import LungConfig
+    from covid_cxr.train.lungs import train_lungs
 
     out = tmp_path_factory.mktemp("lung-models")
     cfg = LungConfig(weights="none", image_size=S, epochs=1, batch_size=4, progress=False, frozen_stages=0,
@@ -66,7 +66,7 @@ def lung_models(tmp_path_factory, lung_data):
 
 
 def test_group_split_keeps_duplicates_together_and_every_source_everywhere(lung_data):
-    from covid_cxr.lungs.data import group_split, load_pairs
+    from covid_cxr.data.lung_masks import group_split, load_pairs
 
     pairs = load_pairs(lung_data, 32)
     split = group_split(pairs, (0.6, 0.2, 0.2), seed=1)
@@ -197,8 +197,8 @@ def test_upload_api_adds_lung_fields_and_skips_the_lung_bundle(tiny_models, lung
 def test_lung_crop_needs_a_lung_model_and_changes_the_run():
     from pydantic import ValidationError
 
-    from covid_cxr.train.config import TrainConfig
-    from covid_cxr.train.features import cache_key
+    from covid_cxr.core.config import TrainConfig
+    from covid_cxr.features.cache import cache_key
 
     with pytest.raises(ValidationError, match="--lung-crop needs --lungs"):
         TrainConfig(lung_crop="box")
@@ -228,7 +228,7 @@ def band_lungs(tmp_path_factory, lung_models):
     happens (the 1-epoch fixture's masks do not). Its record is lung_models' own."""
     import torch
 
-    from covid_cxr.bundle import write_bundle
+    from covid_cxr.publish.writer import write_bundle
 
     class Band(torch.nn.Module):
         def forward(self, x):  # N x H x W x 1 in [0, 1] -> lung probability, same shape
@@ -302,9 +302,9 @@ def test_source_balance_draws_the_small_source_more_often(tmp_path):
     """source_balance 1: every source equally often per epoch; 0: shuffled, each pair once."""
     from collections import Counter
 
-    from covid_cxr.lungs.config import LungConfig
-    from covid_cxr.lungs.data import LungPairs
-    from covid_cxr.lungs.train import source_weights, train_loader
+    from covid_cxr.core.lung_config import LungConfig
+    from covid_cxr.data.lung_masks import LungPairs
+    from covid_cxr.train.lungs import source_weights, train_loader
 
     sources = ["q"] * 600 + ["c"] * 300 + ["v"] * 100
     n = len(sources)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from covid_cxr.bundle import load_bundle
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.config import TrainConfig
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -21,6 +21,7 @@ from covid_cxr.serve.testing import running_server
 from covid_cxr.trust.bootstrap import bootstrap_ci
 from covid_cxr.trust.calibration import ece, fit_temperature, nll, softmax
 from covid_cxr.trust.ood import OODStats
+from covid_cxr.models.loading import load_torch
 
 runner = CliRunner()
 
@@ -47,7 +48,7 @@ def test_ood_outputs_in_onnx_match_numpy(tiny_models, tiny_data):
     assert gate.method == "mahalanobis-stages" and len(stats.indices) >= 2  # pooled + intermediate stages
     assert [s.name for s in gate.stages] == ["pooled", "blocks.0", "blocks.1", "blocks.2", "blocks.4"]  # timm's stages
     np.testing.assert_allclose([s.scale for s in gate.stages], [s.scale for s in stats.stages])
-    model = b.load_torch()
+    model = load_torch(b)
     with torch.no_grad():
         feats = StageStats(model, stats.indices)(torch.from_numpy(x)[:, None]).numpy()
         logits = model(torch.from_numpy(x)[:, None]).numpy()
@@ -78,7 +79,7 @@ def test_stage_statistics_by_onnxruntime_equal_torch_and_are_cached(tiny_models,
     b = load_bundle(tiny_models / "tiny")
     cfg = b.metadata.training.config.model_copy(update={"progress": False})
     prepared = prepare(tiny_data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
-    model = b.load_torch()
+    model = load_torch(b)
     got = {e: stage_features(model, prepared, cfg.model_copy(update={"extractor": e}), tmp_path / e, threads=1)
            for e in ("torch", "onnxruntime")}
     assert list(got["torch"].indices) == [0, 1, 2, 3] and got["torch"].layout[-1][2] == got["torch"].splits["val"].shape[1]
@@ -146,16 +147,18 @@ def _strip_trust(bundle_dir):
     (bundle_dir / "trust.safetensors").unlink()
 
 
-def test_predict_json_fields(tiny_models, tiny_data, bundle_copy):
+def test_predict_json_fields(tiny_models, tiny_data, bundle_copy, tmp_path):
     paths, _ = _images(tiny_data, 2)
-    r = runner.invoke(app, ["predict", *map(str, paths), "--model", str(tiny_models / "tiny"), "--json"])
+    out = tmp_path / "pred.json"
+    r = runner.invoke(app, ["predict", *map(str, paths), "--model", str(tiny_models / "tiny"), "--json", str(out)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)["results"]
+    res = json.loads(out.read_text())["results"]
     assert all(isinstance(x["in_distribution"], bool) and x["ood_score"] > 0 for x in res)
+    assert all((x["label"] is None) == (not x["in_distribution"]) for x in res)  # rejected: no label
     _strip_trust(bundle_copy)
-    r = runner.invoke(app, ["predict", str(paths[0]), "--model", str(bundle_copy), "--json"])
+    r = runner.invoke(app, ["predict", str(paths[0]), "--model", str(bundle_copy), "--json", str(out)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)["results"][0]
+    res = json.loads(out.read_text())["results"][0]
     assert res["in_distribution"] is None and res["ood_score"] is None and len(res["probabilities"]) == 3
 
 
@@ -245,7 +248,7 @@ def test_staged_finetune_takes_the_gate_statistics_from_the_trunk_pass(tiny_data
     import torch
 
     from covid_cxr.data import prepare
-    from covid_cxr.train.features import FeatureCache
+    from covid_cxr.features.cache import FeatureCache
     from covid_cxr.train.fit import TrainConfig, train
     from covid_cxr.trust import fit as trust_fit
     from covid_cxr.trust import stages
@@ -260,7 +263,7 @@ def test_staged_finetune_takes_the_gate_statistics_from_the_trunk_pass(tiny_data
                       lr_find=False, progress=False, name="staged")
     b = load_bundle(train(tiny_data, tmp_path / "models", cfg, workdir=tmp_path / "work").bundle_path)
     (got,) = seen
-    model, arrays = b.load_torch(), b.trust_arrays()
+    model, arrays = load_torch(b), b.trust_arrays()
     assert list(got.indices) == [0, 1, 2, 3] and got.layout == stages.stage_layout(model, got.indices)
     prepared = prepare(tiny_data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
     (cache,) = (tmp_path / "work" / "feature-cache").glob("*-trunk6-view0-stats*.safetensors")

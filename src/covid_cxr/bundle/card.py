@@ -13,7 +13,7 @@ from pathlib import Path
 
 from covid_cxr.bundle.reader import Bundle
 from covid_cxr.bundle.schema import BundleMetadata
-from covid_cxr.utils import atomic_write_text
+from covid_cxr.core.files import atomic_write_text
 
 CARD_MD = "MODEL_CARD.md"
 CARD_HTML = "MODEL_CARD.html"

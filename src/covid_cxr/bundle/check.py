@@ -8,7 +8,7 @@ import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle, load_embedded_lungs
 from covid_cxr.bundle.schema import ONNX_INPUT, ONNX_MASK
-from covid_cxr.utils import file_sha256
+from covid_cxr.core.files import file_sha256
 
 
 def check_bundle(path: str | Path) -> Bundle:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata, upgrade
 from covid_cxr.bundle.store import FILES, versions
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 
 
 class BundleError(UserError):
@@ -28,7 +28,7 @@ class Bundle:
     metadata: BundleMetadata
     format_on_disk: int = FORMAT_VERSION  # 1: written by the first release, upgraded when read
     _session: object = field(default=None, repr=False)
-    _lungs: object = field(default=None, repr=False)
+    step_state: dict = field(default_factory=dict, repr=False)  # what a preparation step keeps open
 
     @property
     def name(self) -> str:
@@ -68,25 +68,10 @@ class Bundle:
         """N x H x W float [0, 1] at input_hw -> what model.onnx was trained on: the lung-only crop
         for a bundle trained with --lung-crop (metadata `lung_crop`), else the images as they are.
         Every reader goes through here (run_classifier, Grad-CAM), so a bundle answers alike
-        wherever it runs."""
-        crop = self.metadata.lung_crop
-        if crop is None:
-            return images
-        from covid_cxr.lungs.crop import lung_only
-
-        return lung_only(np.asarray(images, dtype=np.float32), self.lung_segmenter(), crop.mode, crop.margin,
-                         crop.dilate)
-
-    def lung_segmenter(self, threads: int = 0, spinning: bool = False):
-        """The LungSegmenter of the bundle's own lung model (`lungs/`), opened once; None for a
-        bundle without lung_crop. The server opens it first with its thread settings."""
+        wherever it runs. The step itself comes from the registry (`prepare_step`)."""
         if self.metadata.lung_crop is None:
-            return None
-        if self._lungs is None:
-            from covid_cxr.lungs.segment import LungSegmenter
-
-            self._lungs = LungSegmenter(load_embedded_lungs(self), threads, spinning)
-        return self._lungs
+            return images
+        return prepare_step("lung_crop")(self, np.asarray(images, dtype=np.float32))
 
     @property
     def temperature(self) -> float:
@@ -123,12 +108,6 @@ class Bundle:
             return decide(probs, None, None)
         return decide(probs, self.classes.index(op.class_name), op.threshold)
 
-    def load_torch(self):
-        """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
-        from covid_cxr.bundle.writer import load_torch
-
-        return load_torch(self)
-
 
 def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The bundle's preparation (`Bundle.prepare`: the lung crop, if any) and one ONNX Runtime call
@@ -140,6 +119,22 @@ def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, 
         return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
     probs, score, inside = session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})
     return probs, score, inside > 0.5
+
+
+# The registry of preparation steps a bundle's metadata can name: entry points of this group (see
+# pyproject.toml), so the reader applies the lung crop without importing the lungs package.
+PREPARE_STEPS = "covid_cxr.prepare_steps"
+
+
+def prepare_step(name: str):
+    """The step registered as `name`: a function (bundle, N x H x W float32) -> N x H x W float32."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=PREPARE_STEPS, name=name))
+    if not found:
+        raise BundleError(f"the bundle needs the preparation step {name!r}, which is not installed "
+                          f"(reinstall covid-cxr: `pip install -e .`)")
+    return found[0].load()
 
 
 def read_metadata(path: Path) -> BundleMetadata:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from covid_cxr.data import decode
-from covid_cxr.lungs.config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.lung_config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
+from covid_cxr.core.config import TrainConfig
 
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"

@@ -21,16 +21,12 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     from rich.console import Console
 
     from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.errors import UserError
     from covid_cxr.trust.audit import run_audit
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     b = open_bundle(model)
     out = out or Path("runs/audit") / f"{b.name}-v{b.version}-{data.resolve().name}"
-    try:
-        r = run_audit(b, data, out, per_class, cam_per_class, seed, lungs)
-    except UserError as exc:
-        fail(str(exc))
+    r = run_audit(b, data, out, per_class, cam_per_class, seed, lungs)
     if json_path:
         atomic_write_json(json_path, r)
     con = Console()

@@ -51,14 +51,10 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
     like any bundle)."""
     from rich.console import Console
 
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
 
-    try:
-        b = build_ensemble(members, out, name, evaluate, target_recall)
-    except UserError as exc:
-        fail(str(exc))
+    b = build_ensemble(members, out, name, evaluate, target_recall)
     m = b.metadata.test_metrics
     extra = f"; test accuracy {m.accuracy:.3f}, n={m.n}" if m else ""
     Console().print(f"bundle: {b.path} ({len(members)} members{extra})", soft_wrap=True)

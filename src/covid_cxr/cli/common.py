@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from covid_cxr.core.errors import UserError
 
 err_console = Console(stderr=True)
 
@@ -21,13 +24,51 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+class Commands(TyperGroup):
+    """The command group every sub-command runs under: a UserError raised anywhere below (bad data,
+    a broken bundle, a wrong option value found late) becomes one `error:` line and exit 2, in one
+    place rather than a try/except in each command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            fail(str(exc))
+
+
+# `--json FILE` means one thing in every command: also write the command's result as JSON to FILE.
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", metavar="FILE",
+                                                 help="Also write the result as JSON to FILE.")]
+
+
+def write_json(path: Optional[Path], obj) -> None:
+    """The --json FILE of every command: written atomically; nothing when not asked for."""
+    if path is not None:
+        from covid_cxr.core.files import atomic_write_json
+
+        atomic_write_json(path, obj)
+        err_console.print(f"json: {path}", highlight=False, soft_wrap=True)
+
+
+def need_folders(paths) -> None:
+    """Fail now, in one line, when a dataset folder given on the command line does not exist."""
+    for p in [paths] if isinstance(paths, Path) else paths:
+        if not Path(p).is_dir():
+            fail(f"dataset folder not found: {p}")
+
+
 def config_option(config: type, field: str, *names: str, with_default: bool = False, **kw):
     """A typer option whose help (and, `with_default`, default) is the config field's, so a default
-    or its description is typed once, in the config class (TrainConfig, ServeSettings, LungConfig)."""
+    or its description is typed once, in the config class (TrainConfig, ServeSettings, LungConfig).
+    Without `with_default` the option's value is None unless given and its help shows the config's
+    default: the caller passes only what the user set."""
     info = config.model_fields[field]
     decls = names or (f"--{field.replace('_', '-')}",)
     if with_default:
         return typer.Option(info.get_default(call_default_factory=False), *decls, help=info.description, **kw)
+    default = info.get_default(call_default_factory=True)
+    if default is not None and not isinstance(default, bool) and "show_default" not in kw:
+        kw["show_default"] = ",".join(map(str, default)) if isinstance(default, list) else str(default)
     return typer.Option(*decls, help=info.description or "", **kw)
 
 
@@ -36,12 +77,10 @@ def open_bundle(model: Path, check: bool = True):
 
     `check` (what `bundle check` does): also open model.onnx, compare it with the metadata and run
     one image, so a broken bundle is reported here rather than as a traceback later."""
-    from covid_cxr.bundle import BundleError, check_bundle, load_bundle
+    from covid_cxr.bundle import check_bundle, load_bundle
 
     try:
         return check_bundle(model) if check else load_bundle(model)
-    except BundleError as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(f"{model}: {exc.strerror or exc}")
 

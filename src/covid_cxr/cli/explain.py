@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from covid_cxr.data.files import collect_images, unique_stem
+from covid_cxr.models.loading import load_torch
 
 
 def resolve_class(value: Optional[str], classes: list[str]) -> Optional[int]:
@@ -53,7 +54,6 @@ def explain_command(
 
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.errors import UserError
     from covid_cxr.explain.gradcam import METHODS, Explainer
 
     console = Console()
@@ -77,11 +77,8 @@ def explain_command(
     except OSError as exc:
         fail(f"cannot create {out}: {exc}")
 
-    try:
-        explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
-        segmenter = _segmenter(lungs)
-    except UserError as exc:  # weights that do not fit the metadata, or not a lung model
-        fail(str(exc))
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
+    segmenter = _segmenter(lungs)
     rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
     explainer.close()
 
@@ -132,7 +129,7 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.data.decode import DecodeError, load_for_model
     from covid_cxr.explain.gradcam import overlay, png_bytes
-    from covid_cxr.utils import atomic_write_bytes
+    from covid_cxr.core.files import atomic_write_bytes
 
     import json
 

@@ -28,15 +28,11 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
     from rich.console import Console
 
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
     from covid_cxr.export.triton import export_triton
 
     if format not in FORMATS:
         fail(f"--format {format!r}: one of {', '.join(FORMATS)}")
-    try:
-        written = export_triton(models, out, model, all_versions, max_batch_size, backend)
-    except UserError as exc:
-        fail(str(exc))
+    written = export_triton(models, out, model, all_versions, max_batch_size, backend)
     for d in written:
         vs = sorted(p.name for p in d.iterdir() if p.is_dir())
         Console().print(f"{d}: config.pbtxt ({backend} backend), labels.txt, versions {', '.join(vs)}",

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from covid_cxr.cli.common import config_option
-from covid_cxr.lungs.config import DEFAULTS as D
+from covid_cxr.core.lung_config import DEFAULTS as D
 
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
 
 
 def _opt(field: str, *names: str):
-    from covid_cxr.lungs.config import LungConfig
+    from covid_cxr.core.lung_config import LungConfig
 
     return config_option(LungConfig, field, *names)
 
@@ -40,9 +40,9 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
 
     from covid_cxr.cli.common import quiet_libraries
     from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
-    from covid_cxr.lungs.config import LungConfig
-    from covid_cxr.lungs.train import train_lungs
+    from covid_cxr.core.errors import UserError
+    from covid_cxr.core.lung_config import LungConfig
+    from covid_cxr.train.lungs import train_lungs
 
     quiet_libraries()
     try:
@@ -82,17 +82,13 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.errors import UserError
-    from covid_cxr.lungs.evaluate import evaluate_folder
+    from covid_cxr.evaluate.lungs import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
-    try:
-        seg = LungSegmenter.from_bundle(model)
-        only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
-        m, skipped = evaluate_folder(seg, data, only=only)
-    except UserError as exc:
-        fail(str(exc))
+    seg = LungSegmenter.from_bundle(model)
+    only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
+    m, skipped = evaluate_folder(seg, data, only=only)
     for path, why in skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True, highlight=False)
     _print(m, f"{seg.bundle.name} v{seg.bundle.version} on {data}")
@@ -110,15 +106,11 @@ def segment_cmd(images: Annotated[list[Path], typer.Argument(help="Image files o
     from rich.table import Table
 
     from covid_cxr.cli.common import err_console, fail
-    from covid_cxr.errors import UserError
     from covid_cxr.data.files import collect_images
-    from covid_cxr.lungs.overlay import segment_files
+    from covid_cxr.explain.lung_overlay import segment_files
     from covid_cxr.lungs.segment import LungSegmenter
 
-    try:
-        seg = LungSegmenter.from_bundle(model)
-    except UserError as exc:
-        fail(str(exc))
+    seg = LungSegmenter.from_bundle(model)
     files, problems = collect_images(images)
     if not files:
         fail("no images to segment" + "".join(f"; {p}: {why}" for p, why in problems))

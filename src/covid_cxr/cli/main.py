@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,12 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from covid_cxr.cli.common import config_option, fail, open_bundle, quiet_libraries
+from covid_cxr.cli.common import (Commands, JsonOpt, config_option, fail, need_folders, open_bundle, quiet_libraries,
+                                  write_json)
 from covid_cxr.cli.common import err_console as console
-from covid_cxr.errors import UserError
-from covid_cxr.train.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
+from covid_cxr.core.errors import UserError
+from covid_cxr.core.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Chest X-ray classification (COVID-19 / Normal / Viral Pneumonia) by transfer learning.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect dataset folders.")
 app.add_typer(data_app, name="data")
@@ -38,33 +38,36 @@ def _opt(field: str, *names: str, **kw):
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder (any supported layout).")]
 DatasOpt = Annotated[list[Path], typer.Option("--data", help="Dataset folder (any supported layout); repeat to "
                                               "train on several (splits stratified by class and source).")]
-ArchOpt = Annotated[str, _opt("arch")]
-WeightsOpt = Annotated[str, _opt("weights")]
-BalanceOpt = Annotated[str, _opt("balance")]
+ArchOpt = Annotated[Optional[str], _opt("arch")]
+WeightsOpt = Annotated[Optional[str], _opt("weights")]
+BalanceOpt = Annotated[Optional[str], _opt("balance")]
 MaxOpt = Annotated[Optional[int], _opt("max_per_class")]
 ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated classes to use.")]
 SizeOpt = Annotated[Optional[int], _opt("image_size")]
-HiddenOpt = Annotated[str, typer.Option(help="Head hidden sizes, comma-separated ('' for none).")]
+HiddenOpt = Annotated[Optional[str], typer.Option(help=f"Head hidden sizes, comma-separated ('' for none).", show_default=",".join(map(str, D.hidden)))]
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
-PrecisionOpt = Annotated[str, _opt("precision")]
+PrecisionOpt = Annotated[Optional[str], _opt("precision")]
 TargetRecallOpt = Annotated[Optional[str], _opt("target_recall")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
-AcceleratorOpt = Annotated[str, _opt("accelerator")]
-DevicesOpt = Annotated[int, _opt("devices")]
-NodesOpt = Annotated[int, _opt("num_nodes")]
-StrategyOpt = Annotated[str, _opt("strategy")]
-LoggerOpt = Annotated[str, _opt("logger")]
+AcceleratorOpt = Annotated[Optional[str], _opt("accelerator")]
+DevicesOpt = Annotated[Optional[int], _opt("devices")]
+NodesOpt = Annotated[Optional[int], _opt("num_nodes")]
+StrategyOpt = Annotated[Optional[str], _opt("strategy")]
+LoggerOpt = Annotated[Optional[str], _opt("logger")]
 TrackingOpt = Annotated[Optional[str], _opt("tracking_uri", envvar="MLFLOW_TRACKING_URI")]
-HIDDEN_DEFAULT = ",".join(map(str, D.hidden))
 
 
 def _config(**kw) -> TrainConfig:
-    """CLI values -> TrainConfig; a value out of range is a one-line error, not a traceback."""
+    """CLI values -> TrainConfig; a value out of range is a one-line error, not a traceback. Options
+    left out arrive as None and are dropped, so `model_fields_set` is exactly what the user set
+    (a recipe yields to those, and to nothing else)."""
     from pydantic import ValidationError
 
+    kw = {k: v for k, v in kw.items() if v is not None and k in TrainConfig.model_fields}
     if "hidden" in kw:
         kw["hidden"] = [int(h) for h in str(kw["hidden"]).split(",") if h.strip()]
-    kw["classes"] = _classes(kw.get("classes"))
+    if "classes" in kw:
+        kw["classes"] = _classes(kw["classes"])
     try:
         return TrainConfig(**kw)
     except ValidationError as exc:
@@ -78,15 +81,12 @@ def _config(**kw) -> TrainConfig:
 def data_inspect(data_dir: Path, classes: ClassesOpt = None,
                  manifest: Annotated[Optional[Path], typer.Option(help="Write the manifest CSV here.")] = None,
                  near_threshold: Annotated[int, typer.Option(help="Max perceptual-hash bit distance.")] = 4,
-                 json_out: Annotated[bool, typer.Option("--json")] = False):
+                 json_path: JsonOpt = None):
     """Counts per class, skipped files with reasons, duplicate groups."""
     from collections import Counter, defaultdict
 
     from covid_cxr.data import build_manifest
-    try:
-        man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
-    except UserError as exc:
-        fail(str(exc))
+    man = build_manifest(data_dir, _classes(classes), near_threshold=near_threshold)
     dup = man.dedupe
     if manifest:
         man.write_csv(manifest)
@@ -101,9 +101,7 @@ def data_inspect(data_dir: Path, classes: ClassesOpt = None,
             "skipped": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"],
             "exact_duplicates": [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "duplicate"],
             "near_duplicate_groups": [[r.path for r in g] for g in near]}
-    if json_out:
-        out_console.print_json(json.dumps(info))
-        return
+    write_json(json_path, info)
     t = Table(title=f"{man.root} — {man.layout}")
     for col in ("class", "usable", "skipped", "exact duplicates"):
         t.add_column(col)
@@ -128,56 +126,45 @@ def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the d
     """Fetch the COVID-19 Radiography Database from Kaggle (kagglehub; its usual credentials)."""
     from covid_cxr.data.download import download
 
-    try:
-        root = download(dest, force)
-    except UserError as exc:
-        fail(str(exc))
+    root = download(dest, force)
     out_console.print(f"dataset: {root}\nnext: covid-cxr run --data '{root}' --out runs/real")
 
 
 @app.command()
 def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
-          arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
-          batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
-          seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-          image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
-          patience: Annotated[int, _opt("patience")] = D.patience,
-          finetune: Annotated[bool, _opt("finetune")] = D.finetune, precision: PrecisionOpt = D.precision,
-          classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = D.name,
-          lung_crop: Annotated[str, _opt("lung_crop")] = D.lung_crop,
-          lungs: Annotated[Optional[str], _opt("lungs")] = D.lungs,
-          target_recall: TargetRecallOpt = D.target_recall,
-          finetune_epochs: Annotated[int, _opt("finetune_epochs")] = D.finetune_epochs,
-          finetune_views: Annotated[int, _opt("finetune_views")] = D.finetune_views,
-          init_from: Annotated[Optional[str], _opt("init_from")] = D.init_from,
-          extractor: Annotated[str, _opt("extractor")] = D.extractor,
+          arch: ArchOpt = None, weights: WeightsOpt = None, epochs: Annotated[Optional[int], _opt("epochs")] = None,
+          batch_size: Annotated[Optional[int], _opt("batch_size")] = None, lr: Annotated[Optional[float], _opt("lr")] = None,
+          seed: Annotated[Optional[int], _opt("seed")] = None, balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+          image_size: SizeOpt = None, hidden: HiddenOpt = None, dropout: DropoutOpt = None,
+          patience: Annotated[Optional[int], _opt("patience")] = None,
+          finetune: Annotated[Optional[bool], _opt("finetune")] = None, precision: PrecisionOpt = None,
+          classes: ClassesOpt = None, name: Annotated[Optional[str], _opt("name")] = None,
+          lung_crop: Annotated[Optional[str], _opt("lung_crop")] = None,
+          lungs: Annotated[Optional[str], _opt("lungs")] = None,
+          target_recall: TargetRecallOpt = None,
+          finetune_epochs: Annotated[Optional[int], _opt("finetune_epochs")] = None,
+          finetune_views: Annotated[Optional[int], _opt("finetune_views")] = None,
+          init_from: Annotated[Optional[str], _opt("init_from")] = None,
+          extractor: Annotated[Optional[str], _opt("extractor")] = None,
           recipe: Annotated[Optional[str], typer.Option(help="A named recipe (train/recipes.py): study | "
                                                         "accurate; options you set win over it.")] = None,
-          resume: ResumeOpt = False, accelerator: AcceleratorOpt = D.accelerator, devices: DevicesOpt = D.devices,
-          num_nodes: NodesOpt = D.num_nodes, strategy: StrategyOpt = D.strategy, logger: LoggerOpt = D.logger,
+          resume: ResumeOpt = False, accelerator: AcceleratorOpt = None, devices: DevicesOpt = None,
+          num_nodes: NodesOpt = None, strategy: StrategyOpt = None, logger: LoggerOpt = None,
           tracking_uri: TrackingOpt = None):
     """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>.
     --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
+    cfg = _config(**locals())  # first: locals() holds exactly the options; _config keeps TrainConfig's
+    need_folders(data)  # before torch and Lightning load: a typo costs 1 s, not 20
     from covid_cxr.train.fit import train as fit
     from covid_cxr.train.recipes import train_recipe
 
     quiet_libraries()
-    cfg = _config(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                  balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
-                  dropout=dropout, patience=patience, finetune=finetune, precision=precision,
-                  classes=classes, name=name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                  strategy=strategy, logger=logger, tracking_uri=tracking_uri, lung_crop=lung_crop, lungs=lungs,
-                  target_recall=target_recall, finetune_epochs=finetune_epochs, finetune_views=finetune_views,
-                  init_from=init_from, extractor=extractor)
     source = data if len(data) > 1 else data[0]
-    try:
-        if recipe:
-            path, metrics = train_recipe(recipe, source, out, cfg, resume)
-        else:
-            r = fit(source, out, cfg, resume=resume)
-            path, metrics = r.bundle_path, r.metrics
-    except UserError as exc:
-        fail(str(exc))
+    if recipe:
+        path, metrics = train_recipe(recipe, source, out, cfg, resume)
+    else:
+        r = fit(source, out, cfg, resume=resume)
+        path, metrics = r.bundle_path, r.metrics
     if path is None:  # another process of a multi-process run: the main one reports
         return
     _print_metrics(metrics, f"{path.parent.name}: test split")
@@ -186,10 +173,10 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
 
 @app.command("lr-find")
 def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Plot PNG path.")] = Path("lr_find.png"),
-                arch: ArchOpt = D.arch, weights: WeightsOpt = D.weights,
-                batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, seed: int = D.seed,
-                balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-                image_size: SizeOpt = D.image_size, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
+                arch: ArchOpt = None, weights: WeightsOpt = None,
+                batch_size: Annotated[Optional[int], _opt("batch_size")] = None, seed: Annotated[Optional[int], _opt("seed")] = None,
+                balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+                image_size: SizeOpt = None, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
                 classes: ClassesOpt = None,
                 workdir: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/.work")):
     """LR range test: saves the loss-vs-LR plot (log scale) and prints the suggested rate."""
@@ -199,11 +186,9 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
     quiet_libraries()
     cfg = _config(arch=arch, weights=weights, batch_size=batch_size, seed=seed, balance=balance,
                   max_per_class=max_per_class, image_size=image_size, classes=classes)
-    try:
-        prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed)
-        r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
-    except UserError as exc:
-        fail(str(exc))
+    need_folders(data)
+    prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed)
+    r = lr_find(prepared, cfg, out, workdir, min_lr, max_lr, steps)
     out_console.print(f"suggested learning rate: {r.suggestion:.3g}" if r.suggestion else "no suggestion (flat curve)")
     out_console.print(f"plot: {r.plot}")
 
@@ -229,15 +214,12 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
              json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here.")] = None):
     """Evaluate a bundle on any labelled folder: per-class metrics, AUC, confusion matrix, curves."""
     from covid_cxr.evaluate.external import evaluate_folder
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     quiet_libraries()
     b = open_bundle(model)
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
-    try:
-        m = evaluate_folder(b, data, out)
-    except UserError as exc:
-        fail(str(exc))
+    m = evaluate_folder(b, data, out)
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
     for s in m["skipped"]:
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
@@ -262,10 +244,7 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
     """The study's table (Category, Model, Precision, Recall, F1, Accuracy) for every model."""
     from covid_cxr.evaluate.compare import COLUMNS, write_comparison
 
-    try:
-        rows, md, csv_path = write_comparison(models, out or models)
-    except UserError as exc:
-        fail(str(exc))
+    rows, md, csv_path = write_comparison(models, out or models)
     t = Table(title="comparison (test split)")
     for c in COLUMNS:
         t.add_column(c)
@@ -278,55 +257,73 @@ def compare(models: Annotated[Path, typer.Argument(help="Model repository")],
 @app.command()
 def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM)")],
             model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
-            json_out: Annotated[bool, typer.Option("--json")] = False,
+            json_path: JsonOpt = None,
             lungs: Annotated[Optional[Path], typer.Option("--lungs", help="Lung segmentation bundle: add its "
                                                           "sanity check (a failed one: out of distribution?)")] = None):
-    """Label and class probabilities per image (through the bundle's ONNX model)."""
-    from covid_cxr.data.decode import DecodeError, load_for_model
-
+    """Label and class probabilities per image (through the bundle's ONNX model). An image the gate
+    rejects gets no label: its probabilities stay in the table and the JSON."""
     b = open_bundle(model)
     seg = _lung_segmenter(lungs)
-    h, w = b.input_hw
-    results = []
-    for p in images:
-        try:
-            pixels = load_for_model(p, h, w)
-            probs, score, inside = b.predict_with_ood(pixels[None])
-        except DecodeError as exc:
-            results.append({"image": str(p), "error": str(exc)})
-            continue
-        results.append({"image": str(p), "label": b.classes[int(b.decide(probs)[0])],
-                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
-                        "in_distribution": None if inside is None else bool(inside[0]),
-                        "ood_score": None if score is None else float(score[0])})
-        if seg is not None:
-            from covid_cxr.lungs.segment import sanity_check
-
-            results[-1]["lung_check"] = sanity_check(seg.masks(pixels[None])[0]).as_dict()
-    if json_out:
-        out_console.print_json(json.dumps({"model": b.name, "version": b.version, "results": results}))
-    else:
-        t = Table(title=f"{b.name} v{b.version}")
-        t.add_column("image")
-        t.add_column("label")
-        for c in b.classes + (["lung check"] if seg else []):
-            t.add_column(c)
-        t.add_column("in distribution")
-        for r in results:
-            if "error" in r:
-                t.add_row(r["image"], f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1 + bool(seg)))
-            else:
-                t.add_row(r["image"], r["label"], *(f"{r['probabilities'][c]:.3f}" for c in b.classes),
-                          *([_lung_text(r["lung_check"])] if seg else []), _gate(r))
-        out_console.print(t)
-    if any("error" in r for r in results):
+    results = [_predict_one(b, p, seg) for p in images]
+    write_json(json_path, {"model": b.name, "version": b.version, "results": results})
+    out_console.print(_predict_table(b, results, seg is not None))
+    if any(r.get("error") for r in results):
         raise typer.Exit(1)
+
+
+def _predict_one(b, path: Path, seg) -> dict:
+    """One image -> its row: label (None when the gate rejects it), probabilities, gate, lung check."""
+    from covid_cxr.data.decode import DecodeError, load_for_model
+
+    try:
+        pixels = load_for_model(path, *b.input_hw)
+        probs, score, inside = b.predict_with_ood(pixels[None])
+    except DecodeError as exc:
+        return {"image": str(path), "error": str(exc)}
+    accepted = inside is None or bool(inside[0])
+    row = {"image": str(path), "label": b.classes[int(b.decide(probs)[0])] if accepted else None,
+           "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
+           "in_distribution": None if inside is None else bool(inside[0]),
+           "ood_score": None if score is None else float(score[0])}
+    if not accepted:
+        row["rejected"] = "unlike the training X-rays: no label is given"
+    if seg is not None:
+        from covid_cxr.lungs.segment import sanity_check
+
+        row["lung_check"] = sanity_check(seg.masks(pixels[None])[0]).as_dict()
+    return row
+
+
+def _predict_table(b, results: list[dict], lungs: bool) -> Table:
+    """Readable at 80 columns: file names (not paths) fold, probabilities in short columns, and the
+    gate's verdict in a word; rejected images show no label."""
+    t = Table(title=f"{b.name} v{b.version}", caption="gate: 'no' = unlike the training X-rays, no label given")
+    t.add_column("image", overflow="fold", ratio=3)
+    t.add_column("label", overflow="fold", ratio=2)
+    for c in b.classes:
+        t.add_column(_short(c), justify="right", no_wrap=True)
+    if lungs:
+        t.add_column("lungs", overflow="fold")
+    t.add_column("gate", no_wrap=True)
+    for r in results:
+        if r.get("error"):
+            t.add_row(Path(r["image"]).name, f"[red]{r['error']}[/]", *[""] * (len(b.classes) + 1 + lungs))
+            continue
+        label = r["label"] or "[red]—[/]"
+        t.add_row(Path(r["image"]).name, label, *(f"{r['probabilities'][c]:.3f}" for c in b.classes),
+                  *([_lung_text(r["lung_check"])] if lungs else []), _gate(r))
+    return t
+
+
+def _short(name: str) -> str:
+    """'Viral Pneumonia' -> 'Viral Pn.': class columns stay narrow."""
+    return name if len(name) <= 9 else name[:8].rstrip() + "."
 
 
 def _gate(r: dict) -> str:
     if r["in_distribution"] is None:
-        return "– (no gate in this bundle)"
-    return "yes" if r["in_distribution"] else "[red]NO: unlike the training X-rays; do not trust the label[/]"
+        return "–"
+    return "yes" if r["in_distribution"] else "[red]no[/]"
 
 
 def _lung_segmenter(lungs: Optional[Path]):
@@ -334,10 +331,7 @@ def _lung_segmenter(lungs: Optional[Path]):
         return None
     from covid_cxr.lungs.segment import LungSegmenter
 
-    try:
-        return LungSegmenter.from_bundle(lungs)
-    except UserError as exc:
-        fail(str(exc))
+    return LungSegmenter.from_bundle(lungs)
 
 
 def _lung_text(check: dict) -> str:
@@ -349,13 +343,13 @@ def _lung_text(check: dict) -> str:
 @app.command()
 def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/run"),
         archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = D.arch,
-        weights: WeightsOpt = D.weights, epochs: Annotated[int, _opt("epochs")] = D.epochs,
-        batch_size: Annotated[int, _opt("batch_size")] = D.batch_size, lr: Annotated[float, _opt("lr")] = D.lr,
-        seed: int = D.seed, balance: BalanceOpt = D.balance, max_per_class: MaxOpt = D.max_per_class,
-        image_size: SizeOpt = D.image_size, hidden: HiddenOpt = HIDDEN_DEFAULT, dropout: DropoutOpt = D.dropout,
-        patience: Annotated[int, _opt("patience")] = D.patience, precision: PrecisionOpt = D.precision,
-        classes: ClassesOpt = None, target_recall: TargetRecallOpt = D.target_recall, resume: ResumeOpt = False,
-        logger: LoggerOpt = D.logger, tracking_uri: TrackingOpt = None):
+        weights: WeightsOpt = None, epochs: Annotated[Optional[int], _opt("epochs")] = None,
+        batch_size: Annotated[Optional[int], _opt("batch_size")] = None, lr: Annotated[Optional[float], _opt("lr")] = None,
+        seed: Annotated[Optional[int], _opt("seed")] = None, balance: BalanceOpt = None, max_per_class: MaxOpt = None,
+        image_size: SizeOpt = None, hidden: HiddenOpt = None, dropout: DropoutOpt = None,
+        patience: Annotated[Optional[int], _opt("patience")] = None, precision: PrecisionOpt = None,
+        classes: ClassesOpt = None, target_recall: TargetRecallOpt = None, resume: ResumeOpt = False,
+        logger: LoggerOpt = None, tracking_uri: TrackingOpt = None):
     """All stages: data -> train each architecture -> evaluate -> compare -> summary report."""
     _run(data, out, archs, False, resume, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
          seed=seed, balance=balance, max_per_class=max_per_class, image_size=image_size, hidden=hidden,
@@ -369,13 +363,12 @@ def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg
     quiet_libraries()
     arch_list = [a.strip() for a in archs.split(",") if a.strip()]
     base = _config(**cfg)
+    if not synthetic:
+        need_folders(data)
     for a in arch_list:
         _config(**cfg, arch=a)  # every architecture known before anything runs
-    try:
-        s = run_pipeline(data, out, arch_list, base, synthetic=synthetic, resume=resume,
-                         log=lambda m: console.print(f"[cyan]›[/] {m}"))
-    except UserError as exc:
-        fail(str(exc))
+    s = run_pipeline(data, out, arch_list, base, synthetic=synthetic, resume=resume,
+                     log=lambda m: console.print(f"[cyan]›[/] {m}"))
     from covid_cxr.evaluate.compare import to_markdown
 
     out_console.print(to_markdown(s["comparison"]))

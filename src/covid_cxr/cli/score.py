@@ -37,15 +37,10 @@ def score(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     the label (none when the gate rejects the image) and, for unreadable images, the error."""
     from rich.console import Console
 
-    from covid_cxr.cli.common import fail
-    from covid_cxr.errors import UserError
     from covid_cxr.score import score_archive
 
     _log_progress()
-    try:
-        s = score_archive(model, data, out, threads, part_rows, ray, workers)
-    except UserError as exc:
-        fail(str(exc))
+    s = score_archive(model, data, out, threads, part_rows, ray, workers)  # a UserError: one line, exit 2
     Console().print(f"{s.scored} images scored ({s.errors} unreadable, {s.rejected} rejected by the gate), "
                     f"{s.skipped} already in {out}; {s.rate:.1f} images/s; {s.parts} new parts",
                     soft_wrap=True, highlight=False)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from covid_cxr.errors import DataNotFound
+from covid_cxr.core.errors import DataNotFound
 
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
 

@@ -58,7 +58,7 @@ class Manifest:
         return h.hexdigest()
 
     def write_csv(self, path: str | Path) -> None:
-        from covid_cxr.utils import atomic_write_csv
+        from covid_cxr.core.files import atomic_write_csv
 
         names = [f.name for f in fields(Record)]
         atomic_write_csv(path, names, ([getattr(r, n) for n in names] for r in self.records))
@@ -90,7 +90,7 @@ def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX
                    near_threshold: int = 4, progress: bool = True) -> Manifest:
     """Discover, decode and hash every file, then mark duplicates (see `dedupe.mark_duplicates`)."""
     from covid_cxr.data.dedupe import mark_duplicates
-    from covid_cxr.utils import progress_iter
+    from covid_cxr.core.files import progress_iter
 
     disc: Discovery = discover(root, classes)
     recs = [scan_file(f.path, f.relpath, f.label, max_pixels)

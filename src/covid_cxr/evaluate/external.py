@@ -3,7 +3,7 @@ bundle's ONNX model: exactly what the server would answer."""
 
 from __future__ import annotations
 
-from covid_cxr.errors import DataError
+from covid_cxr.core.errors import DataError
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
-from covid_cxr.utils import progress_iter
+from covid_cxr.core.files import progress_iter
 
 
 def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from covid_cxr.models.loading import load_torch
 from torch import nn
 
 DEFAULT_METHOD = "gradcam"
@@ -285,7 +286,7 @@ def explainer_for_bundle(bundle) -> Explainer:
             _cache.move_to_end(key)
             return found
     # outside the lock: loading takes a while. Layer and architecture come from the bundle's metadata.
-    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer,
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer,
                           temperature=bundle.temperature)
     with _cache_lock:
         found = _cache.get(key)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, load_bundle, open_checked_session
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 
 log = logging.getLogger("covid_cxr.score")
 PART_ROWS = 4096  # rows per Parquet part: what a crash can cost, and the unit of resuming

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 from covid_cxr.score.archive import BATCH
 
 log = logging.getLogger("covid_cxr.score")

@@ -39,6 +39,7 @@ from covid_cxr.bundle import (
     versions,
 )
 from covid_cxr.bundle.reader import run_classifier
+from covid_cxr.lungs.crop import bundle_segmenter
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
@@ -326,7 +327,7 @@ class ModelRepository:
         session = open_checked_session(bundle, self.settings.intra_op_threads, self.settings.ort_spinning)
         h, w = bundle.input_hw
         session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})  # warm-up
-        if bundle.lung_segmenter(self.settings.intra_op_threads, self.settings.ort_spinning) is not None:
+        if bundle_segmenter(bundle, self.settings.intra_op_threads, self.settings.ort_spinning) is not None:
             bundle.prepare(np.zeros((1, h, w), np.float32))  # opens (and warms) its lung model now
         return bundle, session
 

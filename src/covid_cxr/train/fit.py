@@ -19,17 +19,17 @@ import torch
 from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, get_spec
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.config import TrainConfig
 from covid_cxr.train.distributed import Dist, launch, strategy
 from covid_cxr.train.decisions import decision_metrics, operating_point_of
-from covid_cxr.train.features import cached_features
+from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
-from covid_cxr.utils import Stopwatch, atomic_write_json
+from covid_cxr.core.files import Stopwatch, atomic_write_json
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 PARITY_IMAGES = 8
@@ -226,7 +226,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
-    from covid_cxr.bundle import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
 
     dist = launch(cfg)  # several processes: from here on, this runs in each

@@ -11,10 +11,10 @@ import lightning as L
 from covid_cxr.data import PreparedData
 from covid_cxr.data.dataset import FeatureDataModule
 from covid_cxr.models import create_model
-from covid_cxr.train.config import TrainConfig
-from covid_cxr.train.features import cached_features
+from covid_cxr.core.config import TrainConfig
+from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule
-from covid_cxr.utils import atomic_write_bytes
+from covid_cxr.core.files import atomic_write_bytes
 
 
 @dataclass

@@ -4,7 +4,8 @@ the measurements that chose them (docs/results/NOTE.md; benchmarks/bench_accurac
 A recipe is one or more member configurations (TrainConfig fields over the defaults). One member:
 an ordinary bundle. Several: each member is trained on the same split (same seed) into the work
 folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>.
-Options given on the command line (values other than TrainConfig's defaults) win over the recipe.
+Options given on the command line (TrainConfig.model_fields_set) win over the recipe, even when a
+given value equals the default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covid_cxr.errors import ConfigError
+from covid_cxr.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,11 @@ RECIPES: dict[str, Recipe] = {
 
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
-    from covid_cxr.train.config import DEFAULTS
-
     try:
         recipe = RECIPES[name]
     except KeyError:
         raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
-    given = {k: v for k, v in base.model_dump().items() if v != getattr(DEFAULTS, k) and k != "name"}
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name"}  # what the user typed
     out = []
     for i, member in enumerate(recipe.members):
         fields = {**base.model_dump(), **recipe.common, **member, **given}  # explicit options win
@@ -73,7 +72,7 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
     if len(cfgs) == 1:
         r = train(data, models_out, cfgs[0], resume=resume)
         return r.bundle_path, r.metrics
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
     paths = [train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path for c in cfgs]

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
+from covid_cxr.models.loading import load_torch
 
 # Lung fields as two fixed ellipses (fractions of height/width): centre row, centre columns, radii.
 ELLIPSE_ROW, ELLIPSE_COLS, ELLIPSE_RY, ELLIPSE_RX = 0.48, (0.30, 0.70), 0.30, 0.16
@@ -225,7 +226,7 @@ def gradcam_probe(bundle, sample: Sample, masks: np.ndarray, per_class: int, see
     rng = np.random.default_rng(seed)
     pick = np.concatenate([rng.permutation(np.flatnonzero(sample.labels == i))[:per_class]
                            for i in range(len(bundle.classes))]).astype(int)
-    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
     try:
         maps = np.stack([e.cam for k in range(0, len(pick), 16)
                          for e in explainer.explain(sample.images[pick[k:k + 16]])])

@@ -28,7 +28,7 @@ def split_features(model, prepared, size: int, cached: dict | None = None) -> di
     import torch
 
     from covid_cxr.data.dataset import labels_of
-    from covid_cxr.train.features import extract
+    from covid_cxr.features.cache import extract
 
     out = {}
     for split in ("train", "val", "test"):

@@ -13,7 +13,7 @@ import pytest
 
 from covid_cxr.bundle import load_bundle
 from covid_cxr.data.decode import load_for_model
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 from covid_cxr.score import list_images, read_predictions, score_archive
 
 pytest.importorskip("pyarrow", reason="score writes Parquet: pip install -e '.[archive]'")

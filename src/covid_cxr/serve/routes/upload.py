@@ -63,7 +63,7 @@ async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.nda
 
 async def add_lungs(out: UploadPrediction, settings: ServeSettings, pixels: np.ndarray, cam: np.ndarray | None) -> None:
     """The lung model's check (and where Grad-CAM looks) when the server was given one."""
-    from covid_cxr.lungs.segment import lung_report
+    from covid_cxr.lungs.zones import lung_report
 
     try:
         out.lungs = LungFields(**await anyio.to_thread.run_sync(lung_report, settings.lungs, pixels, cam))

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from covid_cxr.lungs.config import LungConfig
-from covid_cxr.lungs.data import LungPairs, group_split, load_pairs
-from covid_cxr.lungs.model import MaskModel, build_unet, frozen_modules
+from covid_cxr.core.lung_config import LungConfig
+from covid_cxr.data.lung_masks import LungPairs, group_split, load_pairs
+from covid_cxr.models.lung_unet import MaskModel, build_unet, frozen_modules
 from covid_cxr.train.distributed import Dist
 from covid_cxr.train.fit import RunDir, start_run
 from covid_cxr.train.module import History
-from covid_cxr.utils import Stopwatch, atomic_write_json
+from covid_cxr.core.files import Stopwatch, atomic_write_json
 
 PARITY_IMAGES = 4
 
@@ -168,7 +168,7 @@ def torch_probabilities(model: MaskModel):
 
 def test_metrics(model: MaskModel, root: Path, test_ids: list[str], cfg: LungConfig) -> dict:
     """Dice/IoU on the test split at the images' own size (as `lungs evaluate` measures a bundle)."""
-    from covid_cxr.lungs.evaluate import evaluate_pairs
+    from covid_cxr.evaluate.lungs import evaluate_pairs
     from covid_cxr.lungs.segment import THRESHOLD, predict_probabilities, two_largest
 
     native = load_pairs(root, None, only=set(test_ids))
@@ -188,7 +188,7 @@ def describe_data(pairs: LungPairs, split: dict[str, list[int]], cfg: LungConfig
 def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, history: History, metrics: dict,
                    mean: float, std: float) -> dict:
     """The metadata a bundle's writer completes (task segmentation; see bundle.schema.Segmentation)."""
-    from covid_cxr.models.registry import get_spec
+    from covid_cxr.core.architectures import get_spec
 
     best = max(history.epochs, key=lambda h: h.get("val_dice", -1)) if history.epochs else {}
     return {
@@ -215,7 +215,7 @@ class LungResult:
 def train_lungs(data_dir: str | Path, models_out: str | Path, cfg: LungConfig, workdir: str | Path | None = None,
                 resume: bool = False) -> LungResult:
     """Train the lung segmenter and write its bundle to ``models_out/<cfg.name>/<version>``."""
-    from covid_cxr.bundle import write_bundle
+    from covid_cxr.publish.writer import write_bundle
 
     clock = Stopwatch()
     models_out = Path(models_out)

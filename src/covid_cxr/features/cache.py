@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from covid_cxr.data.decode import load_batch
-from covid_cxr.errors import UserError
-from covid_cxr.utils import progress_iter
+from covid_cxr.core.errors import UserError
+from covid_cxr.core.files import progress_iter
 
 log = logging.getLogger("covid_cxr.train")
 SPOT_CHECK = 2  # cached rows recomputed per run to prove the cache still matches its images
@@ -134,7 +134,7 @@ def _featurizer(model, size: int, engine: str, precision: str, cache_dir: Path |
     if engine == "onnxruntime" and precision == "fp32":
         import tempfile
 
-        from covid_cxr.train.extract_onnx import OnnxFeatureExtractor
+        from covid_cxr.features.onnx import OnnxFeatureExtractor
 
         return OnnxFeatureExtractor(model, size, cache_dir or Path(tempfile.mkdtemp(prefix="covid-cxr-")))
     device = torch.device(device)
@@ -188,7 +188,7 @@ def cached_features(model, prepared, cfg, source: str, cache_dir: Path,
     (sharded across processes when `dist` has several)."""
     from covid_cxr.data.dataset import labels_of
     from covid_cxr.lungs.crop import batch_transform
-    from covid_cxr.train.extract_onnx import weights_digest
+    from covid_cxr.features.onnx import weights_digest
 
     # keyed by the backbone's tensors, not the source's name: random initialisations differ per seed,
     # and a bundle continued with --init-from shares the features of the backbone it kept frozen

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from covid_cxr.models.onnx import export_graph
+
 FEATURES_INPUT = "pixels"  # N x 1 x H x W, already normalised
 FEATURES_OUTPUT = "features"  # N x F (global-average pooled)
 
@@ -48,14 +50,12 @@ def backbone_path(cache_dir: Path, arch: str, size: int, digest: str) -> Path:
 
 def export_backbone(backbone: nn.Module, path: Path, size: int) -> Path:
     """Export the pooled backbone, N x 1 x size x size -> N x F, to `path`."""
-    return export_graph(PooledBackbone(backbone), path, size)
+    return export_trunk(PooledBackbone(backbone), path, size)
 
 
-def export_graph(net: nn.Module, path: Path, size: int, outputs: tuple[str, ...] = (FEATURES_OUTPUT,)) -> Path:
+def export_trunk(net: nn.Module, path: Path, size: int, outputs: tuple[str, ...] = (FEATURES_OUTPUT,)) -> Path:
     """Export `net` (N x 1 x size x size -> one tensor per name in `outputs`) to `path`, atomically
     (temp file renamed)."""
-    from covid_cxr.bundle.writer import export_graph
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.default_rng().integers(1 << 30)}.tmp")
     net = net.eval()

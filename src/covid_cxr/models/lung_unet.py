@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from covid_cxr.lungs.config import LungConfig
-from covid_cxr.models.registry import get_spec
+from covid_cxr.core.lung_config import LungConfig
+from covid_cxr.core.architectures import get_spec
 
 ONNX_MASK = "mask"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.data.decode import DecodeError, IMAGE_SUFFIXES, load_for_model
-from covid_cxr.errors import DataError, DataNotFound
-from covid_cxr.utils import file_sha256
+from covid_cxr.core.errors import DataError, DataNotFound
+from covid_cxr.core.files import file_sha256
 
 SPLITS = ("train", "val", "test")
 

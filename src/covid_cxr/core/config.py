@@ -7,13 +7,42 @@ Torch-free, so the bundle schema (read by the ONNX-only server) can import it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from covid_cxr.core.architectures import get_spec
+from covid_cxr.core.errors import ConfigError
+
 BALANCE_CHOICES = ("undersample", "weights", "none")
 STUDY_MAX_PER_CLASS = 219  # the study: 219 images per class after undersampling
+
+# Optional tracking packages: --logger X needs module M (pip package P).
+NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}
+_SPEC = re.compile(r"^\s*(?P<cls>[^=]+?)\s*=\s*(?P<r>[0-9.]+)\s*$")
+
+
+def parse_target(spec: str) -> tuple[str, float]:
+    """'COVID-19=0.97' -> ('COVID-19', 0.97); ConfigError naming the expected form otherwise."""
+    m = _SPEC.match(spec or "")
+    if not m:
+        raise ConfigError(f"--target-recall {spec!r}: expected CLASS=RECALL, e.g. COVID-19=0.97")
+    r = float(m["r"])
+    if not 0 < r <= 1:
+        raise ConfigError(f"--target-recall {spec!r}: the recall must be in (0, 1]")
+    return m["cls"], r
+
+
+def check_available(logger: str) -> str:
+    """A one-line error now, not a traceback after feature extraction, when the package is missing."""
+    if logger in NEEDS:
+        module, package = NEEDS[logger]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--logger {logger} needs the {package} package: pip install {package}")
+    return logger
 
 
 class TrainConfig(BaseModel):
@@ -75,16 +104,12 @@ class TrainConfig(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from covid_cxr.models.registry import get_spec
-
         get_spec(v)  # ConfigError naming the choices
         return v
 
     @field_validator("logger")
     @classmethod
     def _logger_installed(cls, v: str) -> str:
-        from covid_cxr.train.tracking import check_available
-
         return check_available(v)
 
     @property
@@ -102,15 +127,11 @@ class TrainConfig(BaseModel):
     @classmethod
     def _target_form(cls, v: str | None) -> str | None:
         if v is not None:
-            from covid_cxr.evaluate.operating_point import parse_target
-
             parse_target(v)  # ConfigError naming the expected form
         return v
 
     @property
     def size(self) -> int:
-        from covid_cxr.models.registry import get_spec
-
         return self.image_size or get_spec(self.arch).input_size
 
     @property

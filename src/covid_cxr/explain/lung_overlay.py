@@ -46,7 +46,7 @@ def segment_files(seg, files: list[Path], out: Path):
     from covid_cxr.data.decode import DecodeError, decode_file
     from covid_cxr.data.files import unique_stem
     from covid_cxr.explain.gradcam import png_bytes
-    from covid_cxr.utils import atomic_write_bytes
+    from covid_cxr.core.files import atomic_write_bytes
 
     rows, skipped, used = [], [], set()
     for f in files:
@@ -72,7 +72,7 @@ def montage(tiles: list[np.ndarray], captions: list[str], path: Path, cols: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from covid_cxr.utils import atomic_write_bytes
+    from covid_cxr.core.files import atomic_write_bytes
 
     rows = (len(tiles) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(max(2.2, 8 / cols) * cols, 2.6 * rows), squeeze=False)

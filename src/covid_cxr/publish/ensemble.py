@@ -21,6 +21,7 @@ import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle
 from covid_cxr.data.decode import load_batch
+from covid_cxr.models.loading import load_torch
 
 SPLIT_KEYS = ("manifest_sha256", "seed", "balance", "max_per_class", "split_fractions")
 
@@ -141,7 +142,7 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     on their common test split when `evaluate`."""
     import tempfile
 
-    from covid_cxr.bundle.writer import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.evaluate.report import write_report
     from covid_cxr.models.classifier import EnsembleClassifier
 
@@ -151,7 +152,7 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
     content = content_for(bundles, metrics, op, trust)
-    model = EnsembleClassifier([b.load_torch() for b in bundles], content["architecture"]["cam_layer"],
+    model = EnsembleClassifier([load_torch(b) for b in bundles], content["architecture"]["cam_layer"],
                                [b.temperature for b in bundles])
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(report_dir or tmp)

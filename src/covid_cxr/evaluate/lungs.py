@@ -41,7 +41,7 @@ def evaluate_pairs(pred_masks: np.ndarray, pairs, worst: int = 8) -> dict:
 def evaluate_folder(segmenter, root, batch: int = 64, only: set[str] | None = None) -> tuple[dict, list[tuple[str, str]]]:
     """A bundle's masks against a folder laid out like lung-masks, at the images' own size.
     Pairs of another size than the first are resized to it; returns (metrics, skipped files with reasons)."""
-    from covid_cxr.lungs.data import load_pairs
+    from covid_cxr.data.lung_masks import load_pairs
 
     pairs = load_pairs(root, None, only=only)
     preds = np.concatenate([segmenter.masks(pairs.images[i:i + batch]) for i in range(0, len(pairs.ids), batch)])

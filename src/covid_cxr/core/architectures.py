@@ -6,9 +6,9 @@ and looks the same from outside: grayscale image in, class probabilities out.
 
 from __future__ import annotations
 
-from covid_cxr.errors import ConfigError
-
 from dataclasses import dataclass
+
+from covid_cxr.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
