@@ -18,8 +18,12 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
            all_versions: Annotated[bool, typer.Option(help="Every version (Triton serves all); "
                                                       "default: the newest")] = False,
            max_batch_size: Annotated[int, typer.Option(min=1, help="Triton's max_batch_size "
-                                                       "(dynamic batching up to it)")] = 64):
-    """Write REPO/<name>/config.pbtxt, labels.txt and <version>/model.onnx for Triton or KServe.
+                                                       "(dynamic batching up to it)")] = 64,
+           backend: Annotated[str, typer.Option(help="onnxruntime: Triton's onnxruntime backend (GPU Triton) | "
+                                                "python: model.py runs model.onnx on ONNX Runtime (a Triton "
+                                                "with the python backend only)")] = "onnxruntime"):
+    """Write REPO/<name>/config.pbtxt, labels.txt and <version>/model.onnx (and model.py with
+    --backend python) for Triton or KServe.
     The exported models take FP32 [N, H, W, 1] tensors; image files (BYTES) are our server's path."""
     from rich.console import Console
 
@@ -28,10 +32,11 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
 
     if format not in FORMATS:
         fail(f"--format {format!r}: one of {', '.join(FORMATS)}")
-    written = export_triton(models, out, model, all_versions, max_batch_size)
+    written = export_triton(models, out, model, all_versions, max_batch_size, backend)
     for d in written:
         vs = sorted(p.name for p in d.iterdir() if p.is_dir())
-        Console().print(f"{d}: config.pbtxt, labels.txt, versions {', '.join(vs)}", soft_wrap=True)
+        Console().print(f"{d}: config.pbtxt ({backend} backend), labels.txt, versions {', '.join(vs)}",
+                        soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -406,6 +406,8 @@ def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real datas
 def _register_plugins() -> None:
     from covid_cxr.cli.bundle import register as register_bundle
     from covid_cxr.cli.bundle import register_ensemble
+    from covid_cxr.cli.card import register as register_card
+    from covid_cxr.cli.score import register as register_score
     from covid_cxr.cli.explain import register as register_explain
     from covid_cxr.cli.export import register as register_export
     from covid_cxr.cli.lungs import register as register_lungs
@@ -414,6 +416,8 @@ def _register_plugins() -> None:
 
     register_bundle(app)
     register_ensemble(app)
+    register_card(app)
+    register_score(app)
     register_explain(app)
     register_export(app)
     register_lungs(app)

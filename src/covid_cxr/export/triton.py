@@ -3,6 +3,11 @@
     REPO/<name>/config.pbtxt            platform onnxruntime_onnx, dynamic batching, tensors from metadata.json
     REPO/<name>/labels.txt              class names, one a line, in output order (label_filename)
     REPO/<name>/<version>/model.onnx    the bundle's ONNX model, unchanged
+    REPO/<name>/<version>/model.py      --backend python only: runs model.onnx on ONNX Runtime
+
+Two variants: `onnxruntime` (the default; Triton's onnxruntime backend, e.g. GPU Triton) and `python`
+(Triton's python backend running model.onnx through ONNX Runtime: for a Triton without the onnxruntime
+backend, such as the CPU-only server in the nvidia-pytriton wheel). Same tensors, same answers.
 
 Triton, and KServe's Triton runtime, load this as it is. The exported model takes what the ONNX
 graph takes: FP32 [N, H, W, 1] in [0, 1], already resized (see the input's dims); decoding image
@@ -22,6 +27,8 @@ from covid_cxr.bundle.schema import DYNAMIC, BundleMetadata, TensorSpec
 from covid_cxr.export.tensors import triton_type
 
 PLATFORM = "onnxruntime_onnx"
+BACKENDS = ("onnxruntime", "python")
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")  # copied as <version>/model.py
 LABELS = "labels.txt"
 ENUM_FIELDS = {"data_type", "format", "kind"}  # written bare in the text format, not quoted
 
@@ -35,8 +42,9 @@ def _tensor(t: TensorSpec, batched: bool) -> dict:
 
 
 def model_config(meta: BundleMetadata, max_batch_size: int = 64, max_queue_delay_us: int = 5000,
-                 all_versions: bool = False) -> dict:
-    """Triton's ModelConfig (as a dict in its protobuf field names) for one bundle's ONNX model."""
+                 all_versions: bool = False, backend: str = "onnxruntime") -> dict:
+    """Triton's ModelConfig (as a dict in its protobuf field names) for one bundle's ONNX model, run by
+    Triton's onnxruntime backend or (`backend="python"`) by model.py on ONNX Runtime, on CPUs."""
     batched = all(t.shape[0] == DYNAMIC for t in (*meta.onnx.inputs, *meta.onnx.outputs))
     inputs = [_tensor(t, batched) for t in meta.onnx.inputs]
     for t in inputs:
@@ -46,11 +54,16 @@ def model_config(meta: BundleMetadata, max_batch_size: int = 64, max_queue_delay
     for t in outputs:
         if t["name"] == "probabilities":
             t["label_filename"] = LABELS
-    config = {"name": meta.name, "platform": PLATFORM, "max_batch_size": max_batch_size if batched else 0,
+    if backend not in BACKENDS:
+        raise BundleError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}")
+    engine = {"platform": PLATFORM} if backend == "onnxruntime" else {"backend": "python"}
+    config = {"name": meta.name, **engine, "max_batch_size": max_batch_size if batched else 0,
               "version_policy": {"all": {}} if all_versions else {"latest": {"num_versions": 1}},
               "input": inputs, "output": outputs}
     if batched:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": max_queue_delay_us}
+    if backend == "python":
+        config["instance_group"] = [{"count": 1, "kind": "KIND_CPU"}]
     return config
 
 
@@ -79,10 +92,11 @@ def to_pbtxt(msg: dict, indent: int = 0) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_versions: bool) -> None:
+def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_versions: bool,
+                 backend: str = "onnxruntime") -> None:
     newest = bundles[-1].metadata
     dest.mkdir(parents=True)
-    config = model_config(newest, max_batch_size, all_versions=all_versions)
+    config = model_config(newest, max_batch_size, all_versions=all_versions, backend=backend)
     (dest / "config.pbtxt").write_text(f"# covid-cxr export of {newest.name}, newest version "
                                        f"{newest.version}\n" + to_pbtxt(config), encoding="utf-8")
     (dest / LABELS).write_text("".join(c + "\n" for c in newest.classes), encoding="utf-8")
@@ -93,6 +107,8 @@ def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_ver
                               "export the newest version alone")
         (dest / str(b.version)).mkdir()
         shutil.copyfile(b.onnx_path, dest / str(b.version) / "model.onnx")
+        if backend == "python":
+            shutil.copyfile(PYTHON_MODEL, dest / str(b.version) / "model.py")
 
 
 def _replace(staged: Path, final: Path) -> None:
@@ -107,9 +123,11 @@ def _replace(staged: Path, final: Path) -> None:
 
 
 def export_triton(models: str | Path, out: str | Path, names: list[str] | None = None,
-                  all_versions: bool = False, max_batch_size: int = 64) -> list[Path]:
+                  all_versions: bool = False, max_batch_size: int = 64, backend: str = "onnxruntime") -> list[Path]:
     """Export each model of the repository `models` (or those in `names`) to `out`; returns the
     model folders written. Every bundle is checked first (`covid-cxr bundle check`)."""
+    if backend not in BACKENDS:
+        raise BundleError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}")
     models, out = Path(models), Path(out)
     found = sorted(p.name for p in models.iterdir() if valid_name(p.name) and versions(p)) if models.is_dir() else []
     names = names or found
@@ -127,7 +145,7 @@ def export_triton(models: str | Path, out: str | Path, names: list[str] | None =
                                   "apply before model.onnx; serve it with `covid-cxr serve` (name the others)")
         staged = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
         try:
-            _write_model(bundles, staged / "m", max_batch_size, all_versions)
+            _write_model(bundles, staged / "m", max_batch_size, all_versions, backend)
             _replace(staged / "m", out / name)
         finally:
             shutil.rmtree(staged, ignore_errors=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covid_cxr.bundle.card import write_card
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
 from covid_cxr.bundle.schema import (
     ONNX_INPUT,
@@ -95,10 +96,29 @@ def save_trust(trust, path: Path) -> None:
     path.chmod(0o644)
 
 
+def source_commit() -> str | None:
+    """The git commit of the covid-cxr source that runs ('-dirty' with uncommitted changes), or None
+    outside a git checkout (an installed wheel): what a model card's "how to reproduce" names."""
+    import subprocess
+
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
 def software_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
+    commit = source_commit()
+    if commit:
+        out["covid-cxr commit"] = commit
     for pkg in ("covid-cxr", "torch", "timm", "lightning", "onnx", "onnxruntime", "numpy"):
         try:
             out[pkg] = md.version(pkg)
@@ -176,6 +196,7 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         def write_metadata(folder: Path, version: int) -> None:
             box["meta"] = _metadata(content, name, version, onnx, clock)
             atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
+            write_card(folder, box["meta"])  # MODEL_CARD.md/.html: from metadata.json and report/ alone
 
         version = publish(staging, model_dir, write_metadata)
         return Bundle(model_dir / str(version), box["meta"])

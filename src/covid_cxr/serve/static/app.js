@@ -18,8 +18,17 @@
       const { models } = await r.json();
       modelSelect.replaceChildren(...models.map((m) => new Option(`${m.name} (v${m.versions[m.versions.length - 1]})`, m.name)));
       $("model-row").hidden = models.length < 2;
+      showCardLink();
     } catch (e) { /* the page still works with the server's default model */ }
   }
+
+  // The chosen model's card (intended use, evaluation, limitations): GET api/v1/models/{name}/card.
+  function showCardLink() {
+    const link = $("card-link"), name = modelSelect.value;
+    link.hidden = !name;
+    if (name) link.href = "api/v1/models/" + encodeURIComponent(name) + "/card";
+  }
+  modelSelect.addEventListener("change", showCardLink);
 
   // Lung fields (server started with --lungs): where Grad-CAM looks, and the mask's sanity check.
   function showLungs(lungs) {
