@@ -74,3 +74,18 @@ def test_the_page_offers_both_modes_and_shows_dicom_in_pickers(models):
     assert 'accept="image/*,.dcm,.dicom,application/dicom"' in page
     assert 'id="mode-device"' in page and "static/ondevice.js" in page
     assert js.status_code == 200 and "covidCxrOnDevice" in js.text
+
+
+def test_a_lung_crop_model_is_refused_and_an_operating_point_travels(tiny_models, with_runtime):
+    """model.onnx of a --lung-crop bundle expects lung-cropped input: the page must not run it alone."""
+    from covid_cxr.bundle.reader import Bundle
+    from covid_cxr.bundle.schema import LungCrop, OperatingPoint
+    from covid_cxr.serve.repository import LoadedModel
+
+    plain = load_bundle(tiny_models / "tiny")
+    op = OperatingPoint(class_name=plain.classes[0], threshold=0.3, target_recall=0.95, val_recall=0.96, val_images=9)
+    for crop, refused in ((None, False), (LungCrop.model_construct(mode="box"), True)):
+        meta = plain.metadata.model_copy(update={"lung_crop": crop, "operating_point": op})
+        spec = browser.describe(LoadedModel("tiny", 1, Bundle(plain.path, meta), session=None), ServeSettings())
+        assert (spec.unavailable == browser.LUNG_CROP) is refused
+        assert spec.operating_point.class_name == plain.classes[0] and spec.operating_point.threshold == 0.3

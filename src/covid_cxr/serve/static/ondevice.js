@@ -139,7 +139,7 @@
     const bytes = new Uint8Array(await file.slice(0, 132).arrayBuffer());
     if (isDicom(bytes, file.name)) {
       throw new Error("DICOM files are not read in the browser (no JS reader applies the modality and VOI " +
-        "LUTs as the server does): choose 'On the server' for .dcm files");
+        "LUTs as the server does): use server mode ('On the server') for .dcm files");
     }
     let img;
     try { img = await rgba(file); } catch (e) { throw new Error("not a PNG or JPEG image this browser can read"); }
