@@ -62,7 +62,29 @@ def _browser_answer(page, file: Path) -> dict:
                            "document.getElementById('status').classList.contains('error')", timeout=120_000)
     raw = page.locator("#result").get_attribute("data-answer")
     assert raw, page.locator("#status").inner_text()
-    return {**json.loads(raw), "shown_label": page.get_by_test_id("label").inner_text()}
+    return {**json.loads(raw), "shown_label": page.get_by_test_id("label").inner_text(),
+            "warning_shown": page.get_by_test_id("ood-warning").is_visible()}
+
+
+def _operating_point_applies(page, xray: Path, answer: dict, tmp_path: Path) -> dict:
+    """The bundle's operating point, as schema.decide applies it: the fixture model has none, so the
+    page is given one (threshold 0 on the least likely class) and must then answer that class."""
+    probs = answer["probabilities"]
+    wanted = min(probs, key=probs.get)
+    assert answer["label"] != wanted
+
+    def with_operating_point(route):
+        spec = route.fetch().json()
+        spec["operating_point"] = {"class_name": wanted, "threshold": 0.0}
+        route.fulfill(json=spec)
+
+    page.route("**/api/v1/browser/model*", with_operating_point)
+    again = tmp_path / ("again-" + xray.name)  # another name: choosing the same file again fires no change
+    again.write_bytes(xray.read_bytes())
+    try:
+        return {**_browser_answer(page, again), "wanted": wanted}
+    finally:
+        page.unroute("**/api/v1/browser/model*")
 
 
 def _refusal(page, file: Path) -> str:
@@ -87,6 +109,8 @@ def test_browser_mode_answers_as_the_server_without_sending_the_image(models_dir
             page.locator("#mode-device").check()
             assert "DICOM is not read in the browser" in page.get_by_test_id("mode-note").inner_text()
             device = {f.name: _browser_answer(page, f) for f in files}
+            xray = next(f for f in files if device[f.name].get("in_distribution") is not False)
+            forced = _operating_point_applies(page, xray, device[xray.name], tmp_path)
             (tmp_path / "x.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
             (tmp_path / "notes.png").write_bytes(b"not an image at all")
             dicom, junk = _refusal(page, tmp_path / "x.dcm"), _refusal(page, tmp_path / "notes.png")
@@ -95,6 +119,7 @@ def test_browser_mode_answers_as_the_server_without_sending_the_image(models_dir
 
     rows = _compare(server, device)
     (artifacts_dir / "browser_parity.json").write_text(json.dumps(rows, indent=1))
+    assert forced["label"] == forced["wanted"], forced
     assert "server mode" in dicom and "not a PNG or JPEG" in junk, (dicom, junk)
     outside = [u for _, u in requested if not u.startswith((base, "blob:" + base))]  # blob: the local preview
     assert not outside, outside
@@ -114,7 +139,7 @@ def _compare(server: dict[str, dict], device: dict[str, dict]) -> list[dict]:
         assert diff <= TOLERANCE, (name, s["probabilities"], d["probabilities"])
         assert d.get("in_distribution") == s.get("in_distribution"), name
         if s.get("in_distribution") is False:  # rejected: no label anywhere on the page
-            assert d["label"] is None and d["shown_label"].startswith("none"), name
+            assert d["label"] is None and d["shown_label"].startswith("none") and d["warning_shown"], name
         else:
-            assert d["label"] == s["label"] == d["shown_label"], name
+            assert d["label"] == s["label"] == d["shown_label"] and not d["warning_shown"], name
     return rows
