@@ -86,6 +86,6 @@ def test_a_lung_crop_model_is_refused_and_an_operating_point_travels(tiny_models
     op = OperatingPoint(class_name=plain.classes[0], threshold=0.3, target_recall=0.95, val_recall=0.96, val_images=9)
     for crop, refused in ((None, False), (LungCrop.model_construct(mode="box"), True)):
         meta = plain.metadata.model_copy(update={"lung_crop": crop, "operating_point": op})
-        spec = browser.describe(LoadedModel("tiny", 1, Bundle(plain.path, meta), session=None), ServeSettings())
+        spec = browser.describe(LoadedModel("tiny", 1, Bundle(plain.path, meta), session=None), ServeSettings(models=tiny_models))
         assert (spec.unavailable == browser.LUNG_CROP) is refused
         assert spec.operating_point.class_name == plain.classes[0] and spec.operating_point.threshold == 0.3
