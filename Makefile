@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast bench browser clean
+.PHONY: install demo test test-fast bench browser web-runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,10 +23,15 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q chromium) >/dev/null || echo "WARNING: could not install chromium; the web-page test will be skipped"
 
+# onnxruntime-web for the page's in-browser mode (pinned, ~15 MB, fetched with npm, not committed):
+# served by our own server so the page works offline; without npm the browser-mode test is skipped.
+web-runtime: $(STAMP)
+	$(BIN)/python scripts/fetch_onnxruntime_web.py || echo "WARNING: could not fetch onnxruntime-web; the page's in-browser mode is unavailable"
+
 demo: $(STAMP)
 	$(BIN)/covid-cxr demo $(if $(DATA),--data "$(DATA)") --out $(OUT)
 
-test: $(STAMP) browser
+test: $(STAMP) browser web-runtime
 	$(BIN)/python -m pytest -q
 
 # The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px);

@@ -31,7 +31,7 @@ def test_upload_in_browser_shows_label_bars_and_overlay(models_dir, data_dir, ar
             page.goto(base + "/")
             expect(page.get_by_text("research use only, not for clinical diagnosis").first).to_be_visible()
             picker = page.locator("input[type=file]")
-            assert picker.get_attribute("accept") == "image/*"
+            assert picker.get_attribute("accept") == "image/*,.dcm,.dicom,application/dicom"  # .dcm shown in pickers
             assert picker.get_attribute("capture") == "environment"
 
             picker.set_input_files(str(xray))

@@ -23,7 +23,7 @@ from covid_cxr.serve.limits import DecodeLimits, PixelBudget, return_large_frees
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import InvalidModelName, ModelNotFound, ModelRepository, ModelUnavailable
-from covid_cxr.serve.routes import card, oip, operations, tf_serving, upload, web
+from covid_cxr.serve.routes import browser, card, oip, operations, tf_serving, upload, web
 from covid_cxr.serve.settings import ServeSettings
 
 STATUS_OF = ((BadRequest, 400), (InvalidModelName, 400), (ModelNotFound, 404), (ModelUnavailable, 503))
@@ -53,7 +53,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s)
     add_error_handlers(app)
-    for module in (operations, tf_serving, oip, upload, card, web):
+    for module in (operations, tf_serving, oip, upload, card, browser, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
     return app
