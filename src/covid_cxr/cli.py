@@ -417,6 +417,7 @@ def _register_plugins() -> None:
     from covid_cxr.export.cli import register as register_export
     from covid_cxr.lungs.cli import register as register_lungs
     from covid_cxr.serve.cli import register as register_serve
+    from covid_cxr.site.cli import register as register_site
     from covid_cxr.trust.cli import register as register_trust
 
     register_bundle(app)
@@ -425,6 +426,7 @@ def _register_plugins() -> None:
     register_export(app)
     register_lungs(app)
     register_serve(app)
+    register_site(app)
     register_trust(app)
 
 
