@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=200)
     ap.add_argument("--per-shift", type=int, default=100)
     ap.add_argument("--report", type=Path, default=None, help="write one site check's report here")
+    ap.add_argument("--selective-only", action="store_true", help="only the test split's risk-coverage figures")
     args = ap.parse_args()
     from covid_cxr.bundle.ensemble import shared_split
 
@@ -129,6 +130,8 @@ def main() -> None:
     t0 = time.perf_counter()
     prepared = shared_split([b])
     split = {s: [prepared.manifest.root / r.path for r in prepared.splits[s]] for s in ("val", "test")}
+    if args.selective_only:
+        return selective_table(b, prepared, split["test"])
     ref = b.metadata.site_reference
     if ref is None:  # a bundle written before the reference: the same numbers, through ONNX
         ref = build_reference(measure(b, split["val"])[0], b.classes)
@@ -139,6 +142,28 @@ def main() -> None:
     real_power(b, ref, args)
     synthetic_power(b, ref, split["test"], args)
     timings(b, split, args.report)
+
+
+def selective_table(b, prepared, paths) -> None:
+    """Risk-coverage figures of the bundle on its own test split (what `evaluate` reports)."""
+    from covid_cxr.evaluate.selective import selective_metrics
+    from covid_cxr.site.images import read_images
+
+    y = np.array([b.classes.index(r.label) for r in prepared.splits["test"]])
+    h, w = b.input_hw
+    outs = [b.predict_with_ood(read_images(paths[i:i + 64], h, w)[1]) for i in range(0, len(paths), 64)]
+    probs = np.concatenate([o[0] for o in outs])
+    inside = np.concatenate([o[2] for o in outs]) if outs[0][2] is not None else None
+    s = selective_metrics(y, probs, inside)
+    print(f"## Selective prediction on the test split (n = {len(y)})\n")
+    print(f"- AURC {s['aurc']:.4f}; accuracy at full coverage {s['full_coverage_accuracy']:.3f}")
+    for c, e in s["at_coverage"].items():
+        print(f"- coverage {float(c):.0%}: accuracy {e['accuracy']:.3f} ({e['images']} images, confidence >= "
+              f"{e['min_confidence']:.3f})")
+    if s.get("gate"):
+        g = s["gate"]
+        print(f"- OOD gate accepts {g['accepted_share']:.1%}: accuracy among accepted {g['accuracy_accepted']:.3f}, "
+              f"among rejected {g['accuracy_rejected']}")
 
 
 def false_alarms(ref, test, classes, batches: int) -> None:
