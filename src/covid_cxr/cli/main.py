@@ -226,6 +226,13 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
         out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
     if m.get("ood_rate") is not None:
         out_console.print(f"out of distribution: {m['ood_rate']:.1%} of the images")
+    sel = m.get("selective") or {}
+    if sel:
+        at = ", ".join(f"{float(c):.0%} coverage {e['accuracy']:.3f}" for c, e in sel["at_coverage"].items())
+        out_console.print(f"selective prediction: AURC {sel['aurc']:.4f}; accuracy at {at}")
+    if m.get("classes_absent"):
+        out_console.print(f"absent classes: {', '.join(m['classes_absent'])} (macro-F1 over those present "
+                          f"{m['macro_f1_present']:.3f})")
     write_json(json_path, _evaluate_json(m))
     out_console.print(f"report: {out / 'metrics.md'}")
 
@@ -246,7 +253,8 @@ def _evaluate_json(m: dict) -> dict:
     """`evaluate --json`: each figure with its bootstrap 95% interval beside it ("ci")."""
     keys = ("precision", "recall", "f1", "support", "ci")
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m.get("ece"), "brier": m.get("brier"),
-            "ood_rate": m.get("ood_rate"), "n": m["n"], "ci": m.get("ci"),
+            "ood_rate": m.get("ood_rate"), "n": m["n"], "ci": m.get("ci"), "selective": m.get("selective"),
+            "classes_absent": m.get("classes_absent", []), "macro_f1_present": m.get("macro_f1_present"),
             "per_class": {c: {k: e[k] for k in keys if k in e} for c, e in m["per_class"].items()}}
 
 
@@ -413,6 +421,7 @@ def _register_plugins() -> None:
     from covid_cxr.cli.lungs import register as register_lungs
     from covid_cxr.cli.serve import register as register_serve
     from covid_cxr.cli.audit import register as register_trust
+    from covid_cxr.cli.site import register as register_site
 
     register_bundle(app)
     register_ensemble(app)
@@ -422,6 +431,7 @@ def _register_plugins() -> None:
     register_export(app)
     register_lungs(app)
     register_serve(app)
+    register_site(app)
     register_trust(app)
 
 

@@ -38,6 +38,7 @@ def serve(
     inference_workers: int = _opt("inference_workers"),
     ort_spinning: bool = _opt("ort_spinning", "--ort-spinning/--no-ort-spinning"),
     default_model: str = _opt("default_model"),
+    monitor_window: int = _opt("monitor_window"),
     lungs: Path = typer.Option(None, "--lungs", help=F["lungs"].description, exists=True, file_okay=False),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="log every request"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
@@ -53,7 +54,8 @@ def serve(
                  max_concurrency=max_concurrency, body_timeout_s=body_timeout_s, max_image_pixels=max_image_pixels,
                  decode_budget_pixels=decode_budget_pixels, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                  max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
-                 ort_spinning=ort_spinning, default_model=default_model, lungs=lungs, intra_op_threads=intra_op_threads)
+                 ort_spinning=ort_spinning, default_model=default_model, lungs=lungs, intra_op_threads=intra_op_threads,
+                 monitor_window=monitor_window)
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:

@@ -15,10 +15,11 @@ from covid_cxr.data.decode import load_batch
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.core.progress import progress_iter
+from covid_cxr.evaluate.selective import risk_coverage_png, selective_md, selective_metrics
 
 
 def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> dict:
-    man = build_manifest(data_dir, classes=bundle.classes, progress=progress)
+    man = build_manifest(data_dir, classes=bundle.classes, progress=progress, allow_missing=True)
     recs = man.ok  # skipped files are listed in the manifest and the report
     if not recs:
         raise DataError(f"no readable labelled images in {data_dir}")
@@ -32,8 +33,14 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     y = np.array([bundle.classes.index(r.label) for r in recs])
     probs = np.concatenate(probs)
     m = with_operating_point(compute_metrics(y, probs, bundle.classes), y, probs, bundle.metadata.operating_point)
+    inside = np.concatenate(inside)
     if bundle.has_ood:  # the share of the folder the model's gate calls unlike its training images
-        m["ood_rate"] = float(1 - np.concatenate(inside).mean())
+        m["ood_rate"] = float(1 - inside.mean())
+    m["selective"] = selective_metrics(y, probs, inside if bundle.has_ood else None)
+    present = [c for c in bundle.classes if m["per_class"][c]["support"]]
+    if len(present) < len(bundle.classes):  # macro-F1 over every class would count absent ones as 0
+        m["classes_absent"] = [c for c in bundle.classes if c not in present]
+        m["macro_f1_present"] = float(np.mean([m["per_class"][c]["f1"] for c in present]))
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
     m["model"] = {"name": bundle.name, "version": bundle.version}
     m["data"] = str(man.root)
@@ -42,5 +49,13 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     curves = bundle.report_dir / "curves.png"
     if curves.is_file():
         (out / "curves.png").write_bytes(curves.read_bytes())
-    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}")
+    risk_coverage_png(y, probs, out / "risk_coverage.png", f"{bundle.name} v{bundle.version} on {man.root.name}")
+    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m["selective"]))
     return m
+
+
+def absent_md(m: dict) -> str:
+    if not m.get("classes_absent"):
+        return ""
+    return (f"\n- classes absent from this folder: {', '.join(m['classes_absent'])}; macro-F1 over the classes "
+            f"present {m['macro_f1_present']:.3f}\n")

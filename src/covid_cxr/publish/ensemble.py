@@ -110,8 +110,8 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     prepared = shared_split(bundles)
     classes = bundles[0].classes
     y, p, test_scores = split_probabilities(bundles, prepared, "test")
-    val_y, val_p, val_scores = (split_probabilities(bundles, prepared, "val") if target_recall or test_scores is not None
-                                else (None, None, None))  # validation: for the operating point and the gate only
+    # validation: for the operating point, the gate and the site reference
+    val_y, val_p, val_scores = split_probabilities(bundles, prepared, "val")
     op = choose(val_y, val_p, classes, target_recall) if target_recall else None
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
     trust = ensemble_gate(bundles, val_scores, test_scores)
@@ -119,7 +119,18 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
         m["ood_rate"] = 1 - trust.info["ood"]["test_accept_rate"]
     h, w = bundles[0].input_hw
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:8]], h, w)
-    return m, op, trust, parity
+    ref = ensemble_reference(bundles, prepared, val_p, trust.ood.combine(val_scores) if trust is not None else None)
+    return m, op, trust, parity, ref
+
+
+def ensemble_reference(bundles: list[Bundle], prepared, val_p, val_ood) -> dict | None:
+    """The ensemble's `site_reference`: its validation answers and the images' statistics."""
+    from covid_cxr.site.reference import reference_from_files
+
+    h, w = bundles[0].input_hw
+    paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
+    ref = reference_from_files(paths, h, w, val_p, val_ood, list(bundles[0].classes))
+    return ref.model_dump() if ref is not None else None
 
 
 def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None, trust=None) -> dict:
@@ -147,11 +158,12 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     from covid_cxr.models.classifier import EnsembleClassifier
 
     bundles = open_members(member_paths)
-    metrics, op, trust, parity = ensemble_metrics(bundles, target_recall) if evaluate else (None,) * 4
+    metrics, op, trust, parity, ref = ensemble_metrics(bundles, target_recall) if evaluate else (None,) * 5
     if parity is None:
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
     content = content_for(bundles, metrics, op, trust)
+    content["site_reference"] = ref
     model = EnsembleClassifier([load_torch(b) for b in bundles], content["architecture"]["cam_layer"],
                                [b.temperature for b in bundles])
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,6 +43,7 @@ from covid_cxr.lungs.crop import bundle_segmenter
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
+from covid_cxr.site.monitor import MonitorCollector, ShiftMonitor
 
 log = logging.getLogger("covid_cxr.serve")
 RETRY_FAILED_S = 30.0  # a broken bundle is retried this often, not at every scan
@@ -78,6 +79,7 @@ class LoadedModel:
     batcher: MicroBatcher | None = field(default=None, repr=False)
     observe: Callable[[int, float], None] | None = field(default=None, repr=False)  # (images, seconds)
     max_batch: int = 4
+    monitor: ShiftMonitor | None = field(default=None, repr=False)  # the site monitor's window of answers
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -113,6 +115,12 @@ class LoadedModel:
         return rows[:, :c], rows[:, c], rows[:, c + 1] > 0.5
 
     async def predict_rows(self, x: np.ndarray) -> np.ndarray:
+        rows = await self._predict_rows(x)
+        if self.monitor is not None:
+            self.monitor.append(rows)  # the monitor's only work on the request path
+        return rows
+
+    async def _predict_rows(self, x: np.ndarray) -> np.ndarray:
         self.last_used = time.monotonic()
         if self.batcher is not None:
             try:
@@ -160,6 +168,11 @@ class ModelRepository:
         self._background: set[asyncio.Task] = set()
         self._reported: set[str] = set()
         self._cleaned_at = float("-inf")
+        metrics.registry.register(MonitorCollector(self.monitors))
+
+    def monitors(self) -> list[tuple[str, int, ShiftMonitor]]:
+        """(name, version, monitor) of every loaded model version that has one (Prometheus gauges)."""
+        return [(m.name, m.version, m.monitor) for m in list(self._loaded.values()) if m.monitor is not None]
 
     # ------------------------------------------------------------------ disk
 
@@ -304,6 +317,9 @@ class ModelRepository:
             self._failed.pop(key, None)
             model = LoadedModel(name, version, bundle, session, max_batch=self.settings.max_batch)
             model.observe = lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s)
+            if self.settings.monitor_window:
+                model.monitor = ShiftMonitor(bundle.metadata.site_reference, bundle.classes,
+                                             self.settings.monitor_window)
             if self.settings.batching:
                 model.batcher = MicroBatcher(model.run, self.executor, self.settings.max_batch,
                                              self.settings.max_wait_s, on_batch=model.observe,

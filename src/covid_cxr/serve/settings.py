@@ -46,6 +46,10 @@ class ServeSettings(BaseModel):
     ort_spinning: bool = Field(False, description="let ONNX Runtime's idle threads spin (busy-wait)")
     lungs: Path | None = Field(None, description="lung segmentation bundle (MODELS/lungs): the upload API adds "
                                "the lung check and where Grad-CAM looks by lung zone")
+    # 200: at that size the window's tests see a real-source site within its first 10-20 films
+    # (docs/results/site.md) and one odd film moves nothing; memory: 200 rows of 5 floats per model.
+    monitor_window: int = Field(200, ge=0, description="site monitor: latest answers per model version tested "
+                                "against the bundle's reference (0: no monitor)")
     default_model: str | None = Field(None, description="upload API's model when none is named "
                                       "(default: the only one, or the first by name)")
 

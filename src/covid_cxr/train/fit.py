@@ -236,6 +236,16 @@ def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
         say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
 
 
+def site_reference(prepared: PreparedData, cfg: TrainConfig, trust) -> dict | None:
+    """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
+    and image statistics, what `covid-cxr site check` compares a new site against."""
+    from covid_cxr.site.reference import reference_from_files
+
+    paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
+    ref = reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
+    return ref.model_dump() if ref is not None else None
+
+
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
@@ -288,6 +298,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)
     content["operating_point"] = operating_point_of(metrics)
+    content["site_reference"] = site_reference(prepared, cfg, trust)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

@@ -74,6 +74,23 @@
     }
   }
 
+  // The site monitor (metadata's site_monitor): a banner when this server's recent images differ
+  // from those the model was validated on.
+  async function showShift(name, version) {
+    const banner = $("shift-banner");
+    try {
+      const r = await fetch(`v1/models/${encodeURIComponent(name)}/versions/${version}/metadata`,
+        { headers: headers() });
+      if (!r.ok) return;
+      const mon = (await r.json()).metadata.site_monitor;
+      banner.hidden = !mon || mon.verdict !== "shift detected";
+      if (!banner.hidden) banner.textContent = `Recent images differ from those ${name} was validated on ` +
+        `(${mon.n} latest answers, p = ${mon.p_value.toPrecision(2)}): ${mon.summary} Check this site ` +
+        "(covid-cxr site check) before trusting its answers.";
+    } catch (e) { /* the monitor is advisory: the page works without it */ }
+  }
+
+
   function headers() { return apiKey() ? { Authorization: "Bearer " + apiKey() } : {}; }
 
   function chosenModel() { return !$("model-row").hidden && modelSelect.value ? modelSelect.value : null; }
@@ -174,6 +191,7 @@
     $("overlay-note").hidden = !note;
     $("overlay-note").textContent = note;
     showLungs(body.lungs);
+    showShift(body.model, body.version);
     $("result").hidden = false;
     setStatus("Done.");
   }
