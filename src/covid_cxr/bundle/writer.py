@@ -13,19 +13,24 @@ import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
 from covid_cxr.bundle.schema import (
+    CAM_FILE,
+    CAM_OUTPUT,
     ONNX_INPUT,
     ONNX_MASK,
     ONNX_OUTPUT,
     OOD_OUTPUTS,
     TRUST_FILE,
     BundleMetadata,
+    CamInfo,
     OnnxInfo,
+    cam_tensors,
     onnx_tensors,
 )
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.utils import Stopwatch, atomic_write_text
 
 MAX_PARITY_DIFF = 1e-4
+MAX_CAM_DIFF = 1e-3  # cam.onnx vs pytorch-grad-cam, maps in [0, 1] (measured: ~1e-6 on real X-rays)
 OPSET = 18
 
 
@@ -95,6 +100,38 @@ def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None, task: st
         if not score_diff <= 1e-3:
             raise BundleError(f"{onnx_path}: ood_score disagrees with PyTorch (relative {score_diff:.2e})")
     return float(np.abs(got[0] - want[0]).max())
+
+
+def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> CamInfo | None:
+    """Write folder/cam.onnx (Grad-CAM of every class as an ONNX graph, covid_cxr.explain.camgraph)
+    and check it against pytorch-grad-cam on `parity_images`, every class; None (no file) where the
+    closed form does not hold for this architecture. BundleError if the maps disagree."""
+    import onnx
+    import torch
+
+    from covid_cxr.explain.camgraph import CamGraph, cam_target, closed_form_holds
+    from covid_cxr.explain.gradcam import Explainer
+
+    h, w = parity_images.shape[1:]
+    if not closed_form_holds(model, h, w):
+        return None
+    path = folder / CAM_FILE
+    export_graph(CamGraph(model, h, w).eval(), torch.rand(2, h, w, 1), path, [ONNX_INPUT], [CAM_OUTPUT])
+    path.chmod(0o644)
+    images = np.ascontiguousarray(parity_images, dtype=np.float32)
+    got = open_session(path).run([CAM_OUTPUT], {ONNX_INPUT: images[..., None]})[0]
+    explainer = Explainer(model)
+    try:
+        want = np.stack([np.stack([e.cam for e in explainer.explain(images, c)]) for c in range(classes)], axis=1)
+    finally:
+        explainer.close()
+    diff = float(np.abs(np.clip(got, 0.0, 1.0) - want).max())
+    if not diff <= MAX_CAM_DIFF:
+        raise BundleError(f"{path}: Grad-CAM maps disagree with pytorch-grad-cam: max |d| = {diff:.2e} > {MAX_CAM_DIFF}")
+    opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    ins, outs = cam_tensors(h, w, classes)
+    return CamInfo(layer=model.spec.cam_layer, target=cam_target(model), opset=int(opsets.get("", OPSET)),
+                   inputs=ins, outputs=outs, parity_max_abs_diff=diff, parity_images=len(images))
 
 
 def save_trust(trust, path: Path) -> None:
@@ -177,6 +214,8 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
         if trust is not None:
             save_trust(trust, staging / TRUST_FILE)
+        if task == "classification":
+            content = {**content, "cam": export_cam(model, staging, parity_images, len(content["classes"]))}
         ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")),
                                  task=task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
