@@ -117,6 +117,10 @@ def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> 
         return None
     path = folder / CAM_FILE
     export_graph(CamGraph(model, h, w).eval(), torch.rand(2, h, w, 1), path, [ONNX_INPUT], [CAM_OUTPUT])
+    graph = onnx.load(str(path), load_external_data=False)
+    for d, size in zip(graph.graph.output[0].type.tensor_type.shape.dim[1:], (classes, h, w)):
+        d.dim_value = size  # the exporter leaves them unknown: state them, as metadata.json does
+    onnx.save(graph, str(path))
     path.chmod(0o644)
     images = np.ascontiguousarray(parity_images, dtype=np.float32)
     got = open_session(path).run([CAM_OUTPUT], {ONNX_INPUT: images[..., None]})[0]
@@ -128,7 +132,7 @@ def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> 
     diff = float(np.abs(np.clip(got, 0.0, 1.0) - want).max())
     if not diff <= MAX_CAM_DIFF:
         raise BundleError(f"{path}: Grad-CAM maps disagree with pytorch-grad-cam: max |d| = {diff:.2e} > {MAX_CAM_DIFF}")
-    opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    opsets = {o.domain: o.version for o in graph.opset_import}
     ins, outs = cam_tensors(h, w, classes)
     return CamInfo(layer=model.spec.cam_layer, target=cam_target(model), opset=int(opsets.get("", OPSET)),
                    inputs=ins, outputs=outs, parity_max_abs_diff=diff, parity_images=len(images))
