@@ -258,3 +258,46 @@ def load_torch(bundle: Bundle):
         raise BundleError(f"{bundle.path / 'model.safetensors'}: does not fit metadata.json's "
                           f"architecture: {str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+def smooth_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Deterministic smooth random images (noise on a coarse grid, blown up): parity inputs whose
+    Grad-CAM maps are not flat, where no X-rays are at hand."""
+    from covid_cxr.data.decode import resize
+
+    rng = np.random.default_rng(seed)
+    return np.stack([np.clip(resize(rng.random((8, 8)).astype(np.float32), h, w), 0, 1) for _ in range(n)])
+
+
+def add_cam(path: str | Path, version: int | None = None) -> Bundle:
+    """Publish the bundle's next version with cam.onnx (Grad-CAM in the graph), so a server explains
+    it without torch: the same files, copied, plus the graph from its own weights, checked against
+    pytorch-grad-cam. No retraining; the old version stays as it was."""
+    from covid_cxr.bundle.reader import load_bundle
+
+    src = load_bundle(path, version)
+    if src.metadata.task != "classification" or src.has_cam:
+        raise BundleError(f"{src.path}: " + ("already has cam.onnx" if src.has_cam else "not a classifier"))
+    model = load_torch(src)
+    model_dir = src.path.parent
+    staging = new_staging_dir(model_dir)
+    try:
+        for item in src.path.iterdir():
+            if item.name != "metadata.json":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        cam = export_cam(model, staging, smooth_images(8, *src.input_hw), len(src.classes))
+        if cam is None:
+            raise BundleError(f"{src.path}: Grad-CAM layer {src.metadata.architecture.cam_layer!r} is not the "
+                              "feature map the head pools: no closed form (explain it with `covid-cxr explain`)")
+        base = {**src.metadata.model_dump(mode="json"), "cam": cam.model_dump(mode="json")}
+        box: dict[str, BundleMetadata] = {}
+
+        def write_metadata(folder: Path, v: int) -> None:
+            box["meta"] = BundleMetadata.model_validate({**base, "version": v})
+            atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
+
+        v = publish(staging, model_dir, write_metadata)
+        return Bundle(model_dir / str(v), box["meta"])
+    except BaseException:
+        discard(staging)
+        raise

@@ -125,3 +125,26 @@ def test_cam_metadata_and_file_must_agree(bundle_copy, tiny_models):
     (bundle_copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="cam"):
         load_bundle(bundle_copy)
+
+
+def test_add_cam_publishes_the_next_version(bundle_copy):
+    from typer.testing import CliRunner
+
+    from covid_cxr.bundle.writer import add_cam
+    from covid_cxr.cli import app
+
+    meta = json.loads((bundle_copy / "metadata.json").read_text())
+    meta.pop("cam")
+    (bundle_copy / "metadata.json").write_text(json.dumps(meta))
+    (bundle_copy / "cam.onnx").unlink()
+    new = add_cam(bundle_copy.parent)
+    assert new.version == 2 and new.has_cam and new.metadata.cam.parity_max_abs_diff <= TOL
+    assert not load_bundle(bundle_copy).has_cam  # the old version is left as it was
+    x = images(2)
+    np.testing.assert_array_equal(load_bundle(new.path).predict(x), load_bundle(bundle_copy).predict(x))
+    with pytest.raises(BundleError, match="already has cam.onnx"):
+        add_cam(new.path)
+    r = CliRunner().invoke(app, ["bundle", "add-cam", str(new.path)])
+    assert r.exit_code == 2 and "error:" in r.output and "already has cam.onnx" in r.output
+    r = CliRunner().invoke(app, ["bundle", "check", str(new.path)])
+    assert r.exit_code == 0, r.output
