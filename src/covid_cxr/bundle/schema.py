@@ -263,6 +263,12 @@ class OperatingPoint(_Strict):
     val_recall: float = Field(ge=0, le=1, description="that class's recall on the validation split at the threshold")
     val_images: int = Field(ge=0)
     fitted_on: str = "validation split"
+    rule: Literal["quantile", "conformal"] = Field("quantile", description="quantile: the target met on the "
+                                                   "validation images; conformal: met on new images of the same "
+                                                   "population with probability >= confidence (Beta order statistic)")
+    confidence: float | None = Field(None, gt=0, lt=1, description="conformal: the probability wanted")
+    confidence_reached: float | None = Field(None, ge=0, le=1, description="conformal: what val_images allow "
+                                             "(below confidence when there are too few)")
 
 
 Member.model_rebuild()
