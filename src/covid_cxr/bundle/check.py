@@ -25,6 +25,10 @@ def check_bundle(path: str | Path) -> Bundle:
     out = bundle.predict(np.full((1, h, w), 0.5, np.float32))  # opens model.onnx, compares its tensors
     if not (np.isfinite(out).all() and abs(float(out.sum()) - 1.0) < 1e-3):
         raise BundleError(f"{bundle.onnx_path}: output is not a probability vector: {out.tolist()}")
+    if bundle.has_cam:  # opens cam.onnx, compares its tensors with metadata.json, runs the image
+        maps = bundle.cam_maps(np.full((1, h, w), 0.5, np.float32))
+        if maps.shape != (1, len(bundle.classes), h, w):
+            raise BundleError(f"{bundle.path / bundle.metadata.cam.file}: maps of shape {maps.shape}")
     return bundle
 
 

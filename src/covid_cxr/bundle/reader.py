@@ -13,13 +13,26 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata, upgrade
+from covid_cxr.bundle.schema import (
+    CAM_OUTPUT,
+    FORMAT_VERSION,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    OOD_OUTPUTS,
+    BundleMetadata,
+    upgrade,
+)
 from covid_cxr.bundle.store import FILES, versions
 from covid_cxr.core.errors import UserError
 
 
 class BundleError(UserError):
     """A bundle that cannot be used; str() is one line: '<file>: <what is wrong>'."""
+
+
+class NoCamGraph(BundleError):
+    """The bundle has no cam.onnx (written before Grad-CAM moved into the graph, or an architecture
+    whose Grad-CAM layer is not the pooled map): the server answers without a map and says why."""
 
 
 @dataclass(eq=False)
@@ -29,6 +42,7 @@ class Bundle:
     format_on_disk: int = FORMAT_VERSION  # 1: written by the first release, upgraded when read
     _session: object = field(default=None, repr=False)
     step_state: dict = field(default_factory=dict, repr=False)  # what a preparation step keeps open
+    _cam: object = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -59,6 +73,24 @@ class Bundle:
         if self._session is None:
             self._session = open_checked_session(self)
         return self._session
+
+    @property
+    def has_cam(self) -> bool:
+        return self.metadata.cam is not None
+
+    def cam_session(self, threads: int = 0, spinning: bool = True):
+        """ONNX Runtime session for cam.onnx (opened once, checked against the metadata);
+        NoCamGraph for a bundle without one."""
+        if self._cam is None:
+            self._cam = open_cam_session(self, threads, spinning)
+        return self._cam
+
+    def cam_maps(self, seen: np.ndarray, threads: int = 0, spinning: bool = True) -> np.ndarray:
+        """Grad-CAM maps N x classes x H x W in [0, 1] through cam.onnx (no torch) of N x H x W
+        images as model.onnx takes them (already through `prepare`)."""
+        x = np.ascontiguousarray(seen, dtype=np.float32)[..., None]
+        maps = self.cam_session(threads, spinning).run([CAM_OUTPUT], {ONNX_INPUT: x})[0]
+        return np.clip(np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """N x H x W float [0, 1] (already resized to input_hw) -> N x classes probabilities."""
@@ -193,6 +225,8 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
     for name in FILES[1:]:
         if not (path / name).is_file():
             raise BundleError(f"{path / name}: missing")
+    if meta.cam is not None and not (path / meta.cam.file).is_file():
+        raise BundleError(f"{path / meta.cam.file}: missing (metadata.json's cam names it)")
     if meta.lung_crop is not None:
         for name in FILES[:2]:
             if not (path / meta.lung_crop.folder / name).is_file():
@@ -239,6 +273,23 @@ def open_checked_session(bundle: Bundle, threads: int = 0, spinning: bool = True
     return session
 
 
+def open_cam_session(bundle: Bundle, threads: int = 0, spinning: bool = True):
+    """A session for the bundle's cam.onnx whose tensors match metadata.json's `cam`."""
+    cam = bundle.metadata.cam
+    if cam is None:
+        raise NoCamGraph(f"{bundle.name} v{bundle.version}: this bundle has no Grad-CAM output (cam.onnx); "
+                         f"add one with `covid-cxr bundle add-cam MODELS/{bundle.name}` (or write it again "
+                         "with this covid-cxr)")
+    path = bundle.path / cam.file
+    try:
+        session = open_session(path, threads, spinning)
+    except Exception as exc:  # onnxruntime raises its own exception types for broken files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{path}: ONNX Runtime cannot load it: {msg.replace(str(bundle.path), '')}") from None
+    _check_tensors(path, session, cam.inputs, cam.outputs)
+    return session
+
+
 def _shape(dims) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in dims]
 
@@ -246,14 +297,17 @@ def _shape(dims) -> list[int]:
 def check_session(bundle: Bundle, session) -> None:
     """The ONNX graph's inputs and outputs must be the metadata's (names, shapes, float32)."""
     spec = bundle.metadata.onnx
-    for kind, got, want in (("inputs", session.get_inputs(), spec.inputs), ("outputs", session.get_outputs(), spec.outputs)):
+    _check_tensors(bundle.onnx_path, session, spec.inputs, spec.outputs)
+
+
+def _check_tensors(path: Path, session, inputs, outputs) -> None:
+    for kind, got, want in (("inputs", session.get_inputs(), inputs), ("outputs", session.get_outputs(), outputs)):
         have = {t.name: t for t in got}
         for t in want:
             if t.name not in have:
-                raise BundleError(f"{bundle.onnx_path}: has {kind} {sorted(have)}; metadata.json names {t.name!r}")
+                raise BundleError(f"{path}: has {kind} {sorted(have)}; metadata.json names {t.name!r}")
             shape = _shape(have[t.name].shape)
             if shape != t.shape:
-                raise BundleError(f"{bundle.onnx_path}: {kind[:-1]} {t.name!r} has shape {shape}; "
-                                  f"metadata.json says {t.shape}")
+                raise BundleError(f"{path}: {kind[:-1]} {t.name!r} has shape {shape}; metadata.json says {t.shape}")
             if have[t.name].type != "tensor(float)":
-                raise BundleError(f"{bundle.onnx_path}: {kind[:-1]} {t.name!r} is {have[t.name].type}, expected float32")
+                raise BundleError(f"{path}: {kind[:-1]} {t.name!r} is {have[t.name].type}, expected float32")

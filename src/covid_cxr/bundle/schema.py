@@ -26,6 +26,8 @@ OOD_OUTPUTS = ("ood_score", "in_distribution")  # present when the bundle has an
 TRUST_FILE = "trust.safetensors"  # optional: temperature and OOD statistics as arrays (also inside model.onnx)
 ONNX_MASK = "mask"  # a segmentation bundle's output: N x H x W x 1 probability of the foreground (lung)
 DYNAMIC = -1  # a tensor dimension whose size is chosen per call (the batch)
+CAM_FILE = "cam.onnx"  # optional: Grad-CAM maps as an ONNX graph (`cam`), so explaining needs no torch
+CAM_OUTPUT = "cam"  # cam.onnx's output: N x classes x H x W, one map in [0, 1] per class
 LUNGS_FOLDER = "lungs"  # a --lung-crop classifier's own copy of its lung model (metadata.json, model.onnx)
 
 
@@ -89,6 +91,23 @@ class OnnxInfo(_Strict):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parity_max_abs_diff: float = Field(ge=0, description="largest |p_torch - p_onnx| on parity_images images")
+    parity_images: int = Field(ge=0)
+
+
+class CamInfo(_Strict):
+    """`cam.onnx`: the same image input as model.onnx (after `Bundle.prepare`), out one Grad-CAM map
+    per class, computed in closed form from the last feature map and the head
+    (covid_cxr.explain.camgraph) and checked against pytorch-grad-cam when the bundle was written."""
+
+    file: Literal["cam.onnx"] = CAM_FILE
+    method: Literal["gradcam"] = "gradcam"
+    layer: str = Field(description="the Grad-CAM layer(s): the feature map the head pools")
+    target: str = Field(description="the score whose gradient weighs the channels")
+    opset: PositiveInt
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parity_max_abs_diff: float = Field(ge=0, description="largest |map_onnx - map_pytorch_grad_cam| over every "
+                                       "class of parity_images images (maps in [0, 1])")
     parity_images: int = Field(ge=0)
 
 
@@ -272,6 +291,12 @@ class OperatingPoint(_Strict):
     val_recall: float = Field(ge=0, le=1, description="that class's recall on the validation split at the threshold")
     val_images: int = Field(ge=0)
     fitted_on: str = "validation split"
+    rule: Literal["quantile", "conformal"] = Field("quantile", description="quantile: the target met on the "
+                                                   "validation images; conformal: met on new images of the same "
+                                                   "population with probability >= confidence (Beta order statistic)")
+    confidence: float | None = Field(None, gt=0, lt=1, description="conformal: the probability wanted")
+    confidence_reached: float | None = Field(None, ge=0, le=1, description="conformal: what val_images allow "
+                                             "(below confidence when there are too few)")
 
 
 Member.model_rebuild()
@@ -301,6 +326,8 @@ class BundleMetadata(_Strict):
                                        "model's crop first (absent: whole images)")
     site_reference: SiteReference | None = Field(None, description="what `covid-cxr site check` and the serving "
                                                  "monitor compare a site against (absent in older bundles)")
+    cam: CamInfo | None = Field(None, description="Grad-CAM inside the bundle (cam.onnx); absent in bundles "
+                                "written before it, and where the closed form does not hold")
     software: dict[str, str] = {}
     created: datetime
 
@@ -324,6 +351,10 @@ class BundleMetadata(_Strict):
         ref = self.site_reference
         if ref is not None and not set(ref.predicted) <= set(self.classes):
             raise ValueError(f"site_reference.predicted names classes the model lacks: {sorted(ref.predicted)}")
+        if self.cam is not None and (self.task != "classification"
+                                     or [t.shape for t in self.cam.inputs] != [want_in]
+                                     or [t.shape for t in self.cam.outputs] != [self.cam_shape]):
+            raise ValueError(f"cam: a classifier's cam.onnx takes {want_in} and answers {self.cam_shape}")
         if self.operating_point is not None and self.operating_point.class_name not in self.classes:
             raise ValueError(f"operating_point.class_name {self.operating_point.class_name!r} is not a class")
         return self
@@ -346,6 +377,10 @@ class BundleMetadata(_Strict):
     def input_hw(self) -> tuple[int, int]:
         return self.input.height, self.input.width
 
+    @property
+    def cam_shape(self) -> list[int]:
+        return [DYNAMIC, len(self.classes), self.input.height, self.input.width]
+
 
 def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False, task: str = "classification"
                  ) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -357,6 +392,12 @@ def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False, tas
         outs = [TensorSpec(name=ONNX_OUTPUT, shape=[DYNAMIC, n_classes])]
         outs += [TensorSpec(name=n, shape=[DYNAMIC]) for n in OOD_OUTPUTS] if ood else []
     return [TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])], outs
+
+
+def cam_tensors(height: int, width: int, n_classes: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """cam.onnx's tensors: model.onnx's image in, one map per class out."""
+    ins = [TensorSpec(name=ONNX_INPUT, shape=[DYNAMIC, height, width, decode.CHANNELS])]
+    return ins, [TensorSpec(name=CAM_OUTPUT, shape=[DYNAMIC, n_classes, height, width])]
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

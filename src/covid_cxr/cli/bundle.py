@@ -29,6 +29,25 @@ def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest versi
                         f"from {crop.lungs_from})", soft_wrap=True)
 
 
+@bundle_app.command("add-cam")
+def add_cam(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest version) or MODELS/<name>/<version>")]):
+    """Publish the next version of a bundle written before Grad-CAM moved into the graph, with
+    cam.onnx added (checked against pytorch-grad-cam): the server then explains it without torch."""
+    from rich.console import Console
+
+    from covid_cxr.publish.writer import add_cam as add
+    from covid_cxr.cli.common import fail, open_bundle
+    from covid_cxr.core.errors import UserError
+
+    src = open_bundle(path)
+    try:
+        b = add(src.path)
+    except UserError as exc:
+        fail(str(exc))
+    Console().print(f"bundle: {b.path} ({b.name} v{b.version}: v{src.version} + cam.onnx, max |d| vs "
+                    f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})", soft_wrap=True)
+
+
 @bundle_app.command("schema")
 def schema():
     """Print the JSON Schema of metadata.json (format 2), as committed in docs/bundle.schema.json."""

@@ -54,7 +54,7 @@ def explain_command(
 
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.explain.gradcam import METHODS, Explainer
+    from covid_cxr.explain.render import METHODS
 
     console = Console()
 
@@ -77,7 +77,7 @@ def explain_command(
     except OSError as exc:
         fail(f"cannot create {out}: {exc}")
 
-    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
+    explainer = _explainer(bundle, method)
     segmenter = _segmenter(lungs)
     rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
     explainer.close()
@@ -87,6 +87,19 @@ def explain_command(
     console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
     if not rows:
         raise typer.Exit(1)
+
+
+def _explainer(bundle, method: str):
+    """Grad-CAM from the bundle's cam.onnx (ONNX Runtime, what the server answers) where it has
+    one; the other methods, and bundles written before cam.onnx, through PyTorch and grad-cam."""
+    if method == "gradcam" and bundle.has_cam:
+        from covid_cxr.explain.render import GraphExplainer
+
+        return GraphExplainer(bundle)
+    from covid_cxr.explain.gradcam import Explainer
+
+    return Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer,
+                     temperature=bundle.temperature)
 
 
 def _table(title: str, rows: list[tuple], lungs: bool):
@@ -128,7 +141,7 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
 
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.data.decode import DecodeError, load_for_model
-    from covid_cxr.explain.gradcam import overlay, png_bytes
+    from covid_cxr.explain.render import overlay, png_bytes
     from covid_cxr.core.files import atomic_write_bytes
 
     import json

@@ -83,6 +83,9 @@ class TrainConfig(BaseModel):
                             "(onnxruntime from 200 images to extract: its one-off export costs ~10 s)")
     target_recall: str | None = Field(
         None, description="operating point CLASS=RECALL (e.g. COVID-19=0.97), threshold fitted on the validation split")
+    target_confidence: float | None = Field(
+        0.9, gt=0, lt=1, description="operating point: recall >= target on new films with this probability "
+                                     "(conformal, evaluate/operating_point.py); None: met on the validation split only")
     init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
                                                      "architecture, input size, normalisation and weights")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")

@@ -17,29 +17,58 @@ import numpy as np
 from covid_cxr.core.config import parse_target  # noqa: F401  (the operating point's spec; lives with the config)
 from covid_cxr.core.errors import ConfigError
 
-def fit_threshold(y: np.ndarray, probs: np.ndarray, index: int, target: float) -> float:
-    """The largest threshold t such that at least `target` of class `index`'s images have p >= t."""
+def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float]:
+    """(k, confidence reached): the smallest k such that the k-th largest of n calibration scores,
+    taken as the threshold, gives recall >= target on the population they were drawn from with
+    probability >= confidence over the draw of the calibration set.
+
+    Why it holds (training-conditional conformal, Vovk 2012): for exchangeable continuous scores the
+    share of the population at or above the k-th largest of n is Beta(k, n + 1 - k); ties only raise
+    it. Where even k = n falls short, k = n and the confidence it reaches are returned."""
+    from scipy.stats import beta
+
+    ks = np.arange(1, n + 1)
+    reached = beta.sf(target, ks, n + 1 - ks)
+    ok = np.flatnonzero(reached >= confidence)
+    k = int(ks[ok[0]]) if len(ok) else n
+    return k, float(reached[k - 1])
+
+
+def fit_threshold(y: np.ndarray, probs: np.ndarray, index: int, target: float,
+                  confidence: float | None = None) -> float:
+    """The threshold on class `index`'s probability: without `confidence`, the largest t such that at
+    least `target` of its images here have p >= t (holds on these images only); with it, the
+    conformal one (`conformal_rank`): recall >= target on new images of the same population with
+    probability >= confidence."""
     scores = np.sort(np.asarray(probs)[np.asarray(y) == index, index])[::-1]
     if len(scores) == 0:
         raise ConfigError("--target-recall: the validation split has no image of that class")
-    k = max(1, math.ceil(target * len(scores) - 1e-9))
+    if confidence is None:
+        k = max(1, math.ceil(target * len(scores) - 1e-9))
+    else:
+        k = conformal_rank(len(scores), target, confidence)[0]
     return float(scores[k - 1])
 
 
 from covid_cxr.bundle.schema import decide  # noqa: E402  (the rule lives with the bundle's contract)
 
 
-def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str) -> dict:
-    """The bundle's `operating_point` entry, fitted on the validation split."""
+def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence: float | None = None) -> dict:
+    """The bundle's `operating_point` entry, fitted on the validation split (conformal with
+    `confidence`, see `fit_threshold`)."""
     name, target = parse_target(spec)
     if name not in classes:
         raise ConfigError(f"--target-recall: unknown class {name!r}; classes: {list(classes)}")
     i = list(classes).index(name)
-    t = fit_threshold(y_val, p_val, i, target)
+    t = fit_threshold(y_val, p_val, i, target, confidence)
     pos = np.asarray(y_val) == i
     val_recall = float((decide(p_val, i, t)[pos] == i).mean())
-    return {"class_name": name, "threshold": t, "target_recall": target, "val_recall": val_recall,
-            "val_images": int(pos.sum()), "fitted_on": "validation split"}
+    op = {"class_name": name, "threshold": t, "target_recall": target, "val_recall": val_recall,
+          "val_images": int(pos.sum()), "fitted_on": "validation split"}
+    if confidence is not None:
+        op.update(rule="conformal", confidence=confidence,
+                  confidence_reached=conformal_rank(int(pos.sum()), target, confidence)[1])
+    return op
 
 
 def op_index(op, classes) -> tuple[int | None, float | None]:

@@ -33,7 +33,14 @@ def operating_point_md(m: dict) -> str:
         return ""
     return (f"\n## At the operating point: {op['class_name']} when p >= {op['threshold']:.4f}\n\n"
             f"Fitted on the {op['fitted_on']} for recall >= {op['target_recall']} (there: {op['val_recall']:.3f}, "
-            f"{op['val_images']} images); otherwise the argmax.\n\n" + metrics_table_md(op["metrics"]))
+            f"{op['val_images']} images){_conformal_md(op)}; otherwise the argmax.\n\n" + metrics_table_md(op["metrics"]))
+
+
+def _conformal_md(op: dict) -> str:
+    if op.get("rule") != "conformal":
+        return ""
+    return (f", conformal: the target met on new films of the same population with probability "
+            f">= {op['confidence_reached']:.3f} (wanted {op['confidence']})")
 
 
 def sources_md(m: dict) -> str:

@@ -18,11 +18,9 @@ Public face:
 from __future__ import annotations
 
 import copy
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +28,18 @@ import torch
 from covid_cxr.models.loading import load_torch
 from torch import nn
 
-DEFAULT_METHOD = "gradcam"
+from covid_cxr.explain.render import (  # noqa: F401  (re-exported)
+    _METHOD_CLASSES,
+    DEFAULT_METHOD,
+    METHODS,
+    Explanation,
+    jet,
+    overlay,
+    png_bytes,
+)
+from covid_cxr.explain.render import as_batch as _as_batch
+
 SCORECAM_BATCH = 64
-# name -> class name in pytorch_grad_cam (resolved lazily: importing grad-cam pulls in cv2, sklearn)
-_METHOD_CLASSES = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "xgradcam": "XGradCAM",
-    "eigencam": "EigenCAM",
-    "layercam": "LayerCAM",
-    "hirescam": "HiResCAM",
-    "scorecam": "ScoreCAM",
-}
-METHODS: tuple[str, ...] = tuple(_METHOD_CLASSES)
 
 
 def method_class(name: str) -> type:
@@ -53,46 +50,6 @@ def method_class(name: str) -> type:
     import pytorch_grad_cam
 
     return getattr(pytorch_grad_cam, _METHOD_CLASSES[key])
-
-
-@dataclass
-class Explanation:
-    cam: np.ndarray  # float32 H x W in [0, 1], at the resolution of the pixels the model saw
-    class_index: int  # the class explained
-    probabilities: np.ndarray  # float32 (num_classes,), softmax of the model's logits
-    method: str = DEFAULT_METHOD
-
-    @property
-    def predicted_index(self) -> int:
-        return int(np.argmax(self.probabilities))
-
-    @property
-    def peak(self) -> tuple[int, int]:
-        """(row, col) of the map's maximum; where it is a plateau (the map's borders, after
-        upsampling a coarse grid), the middle of that plateau."""
-        cells = np.argwhere(self.cam >= self.cam.max() - 1e-6)
-        r, c = np.rint(cells.mean(axis=0)).astype(int)
-        return int(r), int(c)
-
-    def hotspot(self, level: float = 0.75) -> tuple[float, float]:
-        """(row, col) centre of the hottest region: the connected region where the map is at
-        least `level` x its maximum that holds the most heat, weighted by the map's values.
-
-        The map is a coarse grid (7 x 7 for a stride-32 layer at 224 px) blown up bilinearly;
-        neighbouring cells often come within a few percent of each other, so the single-pixel
-        argmax jumps between them. The hot region's centre is the stable answer to "where"."""
-        from scipy import ndimage
-
-        cam = self.cam
-        top = float(cam.max())
-        if top <= 0:
-            h, w = cam.shape
-            return (h - 1) / 2, (w - 1) / 2
-        labels, n = ndimage.label(cam >= level * top)
-        heat = ndimage.sum_labels(cam, labels, index=np.arange(1, n + 1))
-        best = int(np.argmax(heat)) + 1
-        r, c = ndimage.center_of_mass(cam, labels, best)
-        return float(r), float(c)
 
 
 # --------------------------------------------------------------------------- model preparation
@@ -132,24 +89,6 @@ def target_layer_name(model: nn.Module) -> str:
     if spec is None or not getattr(spec, "cam_layer", ""):
         raise ValueError("model has no registered Grad-CAM layer (expected a covid_cxr Classifier)")
     return spec.cam_layer
-
-
-def _as_batch(pixels: np.ndarray) -> np.ndarray:
-    arr = np.asarray(pixels)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / 65535.0
-    arr = arr.astype(np.float32, copy=False)
-    if arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[0] > 1:  # H x W x 1
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"expected a grayscale image H x W (or a batch N x H x W), got shape {np.shape(pixels)}")
-    if not np.isfinite(arr).all():
-        raise ValueError("image holds NaN or infinite values")
-    return np.clip(arr, 0.0, 1.0)
 
 
 class Explainer:
@@ -233,39 +172,6 @@ def explain_array(model: nn.Module, pixels_hw: np.ndarray, class_index: int | No
         explainer.close()
 
 
-# --------------------------------------------------------------------------- overlays
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """The classic jet colour map: float [0, 1] H x W -> float RGB H x W x 3 in [0, 1]."""
-    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # red, green, blue
-    return np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0)
-
-
-def overlay(pixels_hw: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blend the map (jet) over the grayscale X-ray: uint8 RGB H x W x 3 at the image's size.
-
-    `alpha` is the map's weight (0: the X-ray alone, 1: the map alone)."""
-    from covid_cxr.data.decode import resize
-
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    gray = _as_batch(pixels_hw)[0]
-    cam = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0.0, 1.0)
-    if cam.shape != gray.shape:
-        cam = np.clip(resize(cam, *gray.shape), 0.0, 1.0)
-    rgb = (1.0 - alpha) * gray[..., None] + alpha * jet(cam)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------- bundles (server)
 
 _CACHE_SIZE = 4
@@ -314,5 +220,10 @@ def overlay_for_bundle(bundle, pixels_hw_float01: np.ndarray, class_index: int |
     h, w = bundle.input_hw
     pixels = resize(_as_batch(pixels_hw_float01)[0], h, w)
     pixels = bundle.prepare(np.clip(pixels, 0.0, 1.0)[None])[0]  # the lung crop of a --lung-crop bundle
-    explanation = explainer_for_bundle(bundle).explain(pixels, class_index, method)[0]
+    if bundle.has_cam and method.strip().lower() == DEFAULT_METHOD:  # the graph's map: no torch model
+        from covid_cxr.explain.render import GraphExplainer
+
+        explanation = GraphExplainer(bundle).explain(pixels, class_index)[0]
+    else:
+        explanation = explainer_for_bundle(bundle).explain(pixels, class_index, method)[0]
     return png_bytes(overlay(pixels, explanation.cam, alpha)), explanation

@@ -22,6 +22,7 @@ import numpy as np
 from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle
 from covid_cxr.data.decode import load_batch
 from covid_cxr.models.loading import load_torch
+from covid_cxr.core.config import TrainConfig
 
 SPLIT_KEYS = ("manifest_sha256", "seed", "balance", "max_per_class", "split_fractions")
 
@@ -102,6 +103,9 @@ def ensemble_gate(bundles: list[Bundle], val_scores, test_scores):
     return Trust(1.0, gate, {"ood": info})  # each member's temperature is applied inside its part
 
 
+CONFIDENCE = TrainConfig.model_fields["target_confidence"].default  # the one default, TrainConfig's
+
+
 def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     """Test metrics (argmax and operating point), the fitted operating point, the gate, parity images."""
     from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
@@ -112,7 +116,7 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     y, p, test_scores = split_probabilities(bundles, prepared, "test")
     # validation: for the operating point, the gate and the site reference
     val_y, val_p, val_scores = split_probabilities(bundles, prepared, "val")
-    op = choose(val_y, val_p, classes, target_recall) if target_recall else None
+    op = choose(val_y, val_p, classes, target_recall, CONFIDENCE) if target_recall else None
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
     trust = ensemble_gate(bundles, val_scores, test_scores)
     if trust is not None:

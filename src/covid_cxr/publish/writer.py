@@ -13,20 +13,26 @@ import numpy as np
 from covid_cxr.bundle.card import write_card
 from covid_cxr.bundle.reader import Bundle, BundleError, open_session
 from covid_cxr.bundle.schema import (
+    CAM_FILE,
+    CAM_OUTPUT,
     ONNX_INPUT,
     ONNX_MASK,
     ONNX_OUTPUT,
     OOD_OUTPUTS,
     TRUST_FILE,
     BundleMetadata,
+    CamInfo,
     OnnxInfo,
+    cam_tensors,
     onnx_tensors,
 )
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.core.files import Stopwatch, atomic_write_text
+from covid_cxr.models.loading import load_torch
 from covid_cxr.models.onnx import OPSET, export_graph  # noqa: F401  (OPSET: part of the writer's face)
 
 MAX_PARITY_DIFF = 1e-4
+MAX_CAM_DIFF = 1e-3  # cam.onnx vs pytorch-grad-cam, maps in [0, 1] (measured: ~1e-6 on real X-rays)
 
 
 def exported_module(model, trust=None, task: str = "classification"):
@@ -82,6 +88,42 @@ def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None, task: st
         if not score_diff <= 1e-3:
             raise BundleError(f"{onnx_path}: ood_score disagrees with PyTorch (relative {score_diff:.2e})")
     return float(np.abs(got[0] - want[0]).max())
+
+
+def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> CamInfo | None:
+    """Write folder/cam.onnx (Grad-CAM of every class as an ONNX graph, covid_cxr.explain.camgraph)
+    and check it against pytorch-grad-cam on `parity_images`, every class; None (no file) where the
+    closed form does not hold for this architecture. BundleError if the maps disagree."""
+    import onnx
+    import torch
+
+    from covid_cxr.explain.camgraph import CamGraph, cam_target, closed_form_holds
+    from covid_cxr.explain.gradcam import Explainer
+
+    h, w = parity_images.shape[1:]
+    if not closed_form_holds(model, h, w):
+        return None
+    path = folder / CAM_FILE
+    export_graph(CamGraph(model, h, w).eval(), torch.rand(2, h, w, 1), path, [ONNX_INPUT], [CAM_OUTPUT])
+    graph = onnx.load(str(path), load_external_data=False)
+    for d, size in zip(graph.graph.output[0].type.tensor_type.shape.dim[1:], (classes, h, w)):
+        d.dim_value = size  # the exporter leaves them unknown: state them, as metadata.json does
+    onnx.save(graph, str(path))
+    path.chmod(0o644)
+    images = np.ascontiguousarray(parity_images, dtype=np.float32)
+    got = open_session(path).run([CAM_OUTPUT], {ONNX_INPUT: images[..., None]})[0]
+    explainer = Explainer(model)
+    try:
+        want = np.stack([np.stack([e.cam for e in explainer.explain(images, c)]) for c in range(classes)], axis=1)
+    finally:
+        explainer.close()
+    diff = float(np.abs(np.clip(got, 0.0, 1.0) - want).max())
+    if not diff <= MAX_CAM_DIFF:
+        raise BundleError(f"{path}: Grad-CAM maps disagree with pytorch-grad-cam: max |d| = {diff:.2e} > {MAX_CAM_DIFF}")
+    opsets = {o.domain: o.version for o in graph.opset_import}
+    ins, outs = cam_tensors(h, w, classes)
+    return CamInfo(layer=model.spec.cam_layer, target=cam_target(model), opset=int(opsets.get("", OPSET)),
+                   inputs=ins, outputs=outs, parity_max_abs_diff=diff, parity_images=len(images))
 
 
 def save_trust(trust, path: Path) -> None:
@@ -183,6 +225,8 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
         if trust is not None:
             save_trust(trust, staging / TRUST_FILE)
+        if task == "classification":
+            content = {**content, "cam": export_cam(model, staging, parity_images, len(content["classes"]))}
         ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")),
                                  task=task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
@@ -200,6 +244,49 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
 
         version = publish(staging, model_dir, write_metadata)
         return Bundle(model_dir / str(version), box["meta"])
+    except BaseException:
+        discard(staging)
+        raise
+
+
+def smooth_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Deterministic smooth random images (noise on a coarse grid, blown up): parity inputs whose
+    Grad-CAM maps are not flat, where no X-rays are at hand."""
+    from covid_cxr.data.decode import resize
+
+    rng = np.random.default_rng(seed)
+    return np.stack([np.clip(resize(rng.random((8, 8)).astype(np.float32), h, w), 0, 1) for _ in range(n)])
+
+
+def add_cam(path: str | Path, version: int | None = None) -> Bundle:
+    """Publish the bundle's next version with cam.onnx (Grad-CAM in the graph), so a server explains
+    it without torch: the same files, copied, plus the graph from its own weights, checked against
+    pytorch-grad-cam. No retraining; the old version stays as it was."""
+    from covid_cxr.bundle.reader import load_bundle
+
+    src = load_bundle(path, version)
+    if src.metadata.task != "classification" or src.has_cam:
+        raise BundleError(f"{src.path}: " + ("already has cam.onnx" if src.has_cam else "not a classifier"))
+    model = load_torch(src)
+    model_dir = src.path.parent
+    staging = new_staging_dir(model_dir)
+    try:
+        for item in src.path.iterdir():
+            if item.name != "metadata.json":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        cam = export_cam(model, staging, smooth_images(8, *src.input_hw), len(src.classes))
+        if cam is None:
+            raise BundleError(f"{src.path}: Grad-CAM layer {src.metadata.architecture.cam_layer!r} is not the "
+                              "feature map the head pools: no closed form (explain it with `covid-cxr explain`)")
+        base = {**src.metadata.model_dump(mode="json"), "cam": cam.model_dump(mode="json")}
+        box: dict[str, BundleMetadata] = {}
+
+        def write_metadata(folder: Path, v: int) -> None:
+            box["meta"] = BundleMetadata.model_validate({**base, "version": v})
+            atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
+
+        v = publish(staging, model_dir, write_metadata)
+        return Bundle(model_dir / str(v), box["meta"])
     except BaseException:
         discard(staging)
         raise

@@ -80,6 +80,7 @@ class LoadedModel:
     observe: Callable[[int, float], None] | None = field(default=None, repr=False)  # (images, seconds)
     max_batch: int = 4
     monitor: ShiftMonitor | None = field(default=None, repr=False)  # the site monitor's window of answers
+    threads: int = 0  # ONNX Runtime intra-op threads for cam.onnx (the server's setting)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -136,15 +137,16 @@ class LoadedModel:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def gradcam_png(self, pixels: np.ndarray, class_index: int) -> bytes:
-        """Grad-CAM overlay PNG (blocking; torch model loaded lazily and cached by covid_cxr.explain)."""
+        """Grad-CAM overlay PNG (blocking)."""
         return self.gradcam(pixels, class_index)[0]
 
     def gradcam(self, pixels: np.ndarray, class_index: int) -> tuple[bytes, np.ndarray]:
-        """(overlay PNG, raw map H x W in [0, 1]) at the model's input size (blocking)."""
-        from covid_cxr.explain.gradcam import overlay_for_bundle
+        """(overlay PNG, raw map H x W in [0, 1]) at the model's input size (blocking), from the
+        bundle's cam.onnx through ONNX Runtime: the server never imports torch. A bundle without
+        cam.onnx raises NoCamGraph, whose message says how to add one."""
+        from covid_cxr.explain.render import cam_overlay
 
-        png, explanation = overlay_for_bundle(self.bundle, pixels, class_index=class_index)
-        return png, explanation.cam
+        return cam_overlay(self.bundle, pixels, class_index, threads=self.threads, spinning=False)
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -315,7 +317,8 @@ class ModelRepository:
             except Exception as exc:  # any broken bundle: keep serving the others
                 raise ModelUnavailable(f"version {version}: {self._failure(key, exc)}") from exc
             self._failed.pop(key, None)
-            model = LoadedModel(name, version, bundle, session, max_batch=self.settings.max_batch)
+            model = LoadedModel(name, version, bundle, session, max_batch=self.settings.max_batch,
+                                threads=self.settings.intra_op_threads)
             model.observe = lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s)
             if self.settings.monitor_window:
                 model.monitor = ShiftMonitor(bundle.metadata.site_reference, bundle.classes,

@@ -23,7 +23,7 @@ def decision_metrics(model, inputs, prepared, cfg, trust=None) -> dict:
     op = None
     if cfg.target_recall:
         yv, pv = test_probabilities(model, prepared, cfg.size, inputs.features, split="val")
-        op = choose(yv, scale(pv), classes, cfg.target_recall)
+        op = choose(yv, scale(pv), classes, cfg.target_recall, cfg.target_confidence)
     m = with_operating_point(add_trust_metrics(y, raw, classes, trust), y, probs, op)
     per_source = by_source(y, probs, classes, [r.source for r in prepared.splits["test"]], op)
     if per_source:
