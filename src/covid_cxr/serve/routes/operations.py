@@ -25,7 +25,11 @@ async def readyz(repo: ModelRepository = Depends(get_repo)):
     loaded = repo.loaded()
     if not loaded:
         return JSONResponse({"error": "no model loaded yet"}, status_code=503)
-    return {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
+    out = {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
+    broken = repo.unavailable()
+    if broken:  # ready to serve the others; say which models are not
+        out["unavailable"] = broken
+    return out
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
