@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from covid_cxr.bundle.schema import FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, OOD_OUTPUTS, BundleMetadata, upgrade
 from covid_cxr.bundle.store import FILES, versions
 from covid_cxr.errors import UserError
+from covid_cxr.utils import file_sha256
 
 
 class BundleError(UserError):
@@ -230,13 +231,19 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
 
 def load_embedded_lungs(bundle: Bundle) -> Bundle:
     """The lung segmentation model inside a --lung-crop classifier bundle (metadata.json and
-    model.onnx only: its training weights stay with the original)."""
+    model.onnx only: its training weights stay with the original), its model.onnx verified
+    against the sha256 the classifier recorded."""
     path = bundle.path / bundle.metadata.lung_crop.folder
     meta, stored = _read_metadata(path)
     if meta.task != "segmentation":
         raise BundleError(f"{path / 'metadata.json'}: a {meta.task} model, not a lung segmentation model")
-    if not (path / meta.onnx.file).is_file():
-        raise BundleError(f"{path / meta.onnx.file}: missing")
+    onnx = path / meta.onnx.file
+    if not onnx.is_file():
+        raise BundleError(f"{onnx}: missing")
+    digest, want = file_sha256(onnx), bundle.metadata.lung_crop.onnx_sha256
+    if digest != want:  # every reader (serve, predict, evaluate, check) runs only the file it was written with
+        raise BundleError(f"{onnx}: not the lung model this bundle was written with (sha256 "
+                          f"{digest[:12]}..., metadata.json says {want[:12]}...)")
     return Bundle(path, meta, stored)
 
 
