@@ -44,7 +44,8 @@ from covid_cxr.serve.settings import ServeSettings
 
 log = logging.getLogger("covid_cxr.serve")
 RETRY_FAILED_S = 30.0  # a broken bundle is retried this often, not at every scan
-CLEAN_STAGING_S = 300.0  # how often staging folders left by killed writers are looked for
+CLEAN_STAGING_S = 300.0
+UNKNOWN_MODEL = "(unknown)"  # the one metrics label for every name that is not a model being served  # how often staging folders left by killed writers are looked for
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":]+/)+([^\s/'\":]*)")
 
 
@@ -234,6 +235,12 @@ class ModelRepository:
         if not vs:
             raise ModelNotFound(f"Servable not found for request: Latest({name})")
         return vs
+
+    def metric_label(self, name: str) -> str:
+        """The model label a request is counted under: its name if the repository holds that model
+        (as last listed; no disk read), else UNKNOWN_MODEL, so clients cannot grow /metrics with
+        names of their own ("" for requests that name no model)."""
+        return name if not name or name in self._disk else UNKNOWN_MODEL
 
     @staticmethod
     def check_name(name: str) -> None:
