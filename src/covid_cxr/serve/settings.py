@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from covid_cxr.data.decode import DEFAULT_MAX_PIXELS
@@ -18,7 +20,14 @@ class ServeSettings(BaseModel):
     models: Path = Field(description="model repository: MODELS/<name>/<version>/")
     host: str = "127.0.0.1"
     port: int = 8501
-    api_key: str | None = Field(None, description="bearer token required on predict endpoints (None: open)")
+    api_key: str | None = Field(None, description="bearer token clients must send (None: every route open)")
+    # Liveness, readiness (incl. TF Serving's per-model status and v2 model ready, which probes use),
+    # the web page and /static never need the key; what else does is chosen here.
+    api_key_scope: Literal["all", "predict"] = Field("all", description="with an API key, which routes need it: "
+                                                     "'all' (predict/infer, model lists, metadata with test metrics, "
+                                                     "Triton config) or 'predict' (only what runs a model)")
+    public_metrics: bool = Field(False, description="serve /metrics without the API key (a Prometheus on a "
+                                 "private network that scrapes without credentials)")
     max_body_bytes: int = Field(20 * MB, ge=1, description="request body limit (413 beyond it)")
     max_concurrency: int = Field(64, ge=1, description="predict requests being handled (counted once their body "
                                  "has arrived, so clients still sending cannot lock others out); beyond it 503 at once")

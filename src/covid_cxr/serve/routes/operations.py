@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from covid_cxr.serve.deps import get_metrics, get_repo
+from covid_cxr.serve.deps import get_metrics, get_repo, require_key_for_metrics
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import ErrorResponse
 from covid_cxr.serve.repository import ModelRepository
@@ -32,7 +32,7 @@ async def readyz(repo: ModelRepository = Depends(get_repo)):
     return out
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_key_for_metrics)],
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:
