@@ -34,6 +34,10 @@ class ServeSettings(BaseModel):
     # 30 s: a 20 MB body at 6 Mbit/s; an X-ray file of a few MB takes seconds even on a slow link.
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a client may take to send its request body; "
                                   "beyond it 408 and the connection is closed")
+    # 10 s: a request's headers are a few hundred bytes; even a slow phone link sends them in well under a second.
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers "
+                                    "(from connecting, or from the previous response); beyond it the connection "
+                                    "is closed")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image accepted, in pixels "
                                   "(the default takes 4,300 x 4,300 radiographs)")
     # Two largest images at once (one per core on this machine): with reduced decoding each costs
