@@ -94,7 +94,7 @@ async def _config(repo: ModelRepository, name: str, version: str | None) -> dict
     from covid_cxr.export.triton import model_config
 
     model = await repo.get(name, None if version is None else parse_version(version))
-    return model_config(model.bundle.metadata)
+    return model_config(model.bundle.metadata, name=name)  # the served name: Triton's folder name
 
 
 @router.get("/v2/models/{name}/config", dependencies=[Depends(require_key_to_read)])
