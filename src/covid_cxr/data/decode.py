@@ -105,14 +105,17 @@ def _is_dicom(data: bytes) -> bool:
 def _inflate_bounded(zipped: bytes, limit: int) -> bytes:
     """Raw deflate -> bytes, refusing (DecodeError) once more than `limit` bytes would come out:
     the memory spent is bounded by the limit, never by what the stream claims."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater, parts, size = zlib.decompressobj(-zlib.MAX_WBITS), [], 0
     try:
-        out = inflater.decompress(zipped, limit + 1)
+        while zipped and not inflater.eof:  # in 4 MiB pieces: no output buffer grown past the limit
+            parts.append(inflater.decompress(zipped, min(4 << 20, limit + 1 - size)))
+            size += len(parts[-1])
+            if size > limit:
+                raise DecodeError(f"deflated DICOM data set inflates beyond {limit} bytes (deflate bomb?)")
+            zipped = inflater.unconsumed_tail
     except zlib.error as exc:
         raise DecodeError(f"unreadable deflated DICOM: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise DecodeError(f"deflated DICOM data set inflates beyond {limit} bytes (deflate bomb?)")
-    return out
+    return b"".join(parts)
 
 
 def _undeflate_dicom(data: bytes, max_pixels: int) -> bytes:
