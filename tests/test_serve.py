@@ -413,7 +413,9 @@ def test_api_key(models_dir, xrays, monkeypatch):
         assert requests.post(url, json=body, headers=ok).status_code == 200
         r = requests.post(f"{base}/api/v1/predict", files={"file": xrays[0].open("rb")}, headers=ok)
         assert r.status_code == 200
-        assert requests.get(f"{base}/v1/models/{NAME}").status_code == 200  # status stays open
+        assert requests.get(f"{base}/v1/models/{NAME}").status_code == 200  # status stays open (readiness)
+        assert requests.get(f"{base}/v1/models/{NAME}/metadata").status_code == 401  # test metrics: key
+        assert requests.get(f"{base}/v1/models/{NAME}/metadata", headers=ok).status_code == 200
 
 
 def test_new_version_served_without_restart(bundle_dir, xrays, tmp_path):

@@ -93,7 +93,7 @@ def test_stalled_clients_hold_no_predict_slot_and_get_408(server):
 def test_non_ascii_and_huge_versions_are_400(server, version):
     r = requests.post(f"{server}/v1/models/tiny/versions/{quote(version)}:predict", json=TENSOR, headers=AUTH)
     assert r.status_code == 400 and "malformed model version" in r.json()["error"]
-    assert requests.get(f"{server}/v1/models/tiny/versions/{quote(version)}/metadata").status_code == 400
+    assert requests.get(f"{server}/v1/models/tiny/versions/{quote(version)}/metadata", headers=AUTH).status_code == 400
 
 
 def test_deep_json_is_400_and_the_connection_stays_usable(server):
@@ -190,7 +190,7 @@ def test_no_loadable_version_is_503_without_filesystem_paths(bundle_copy, tmp_pa
             assert time.monotonic() < deadline
             time.sleep(0.1)
         status = requests.get(f"{base}/v1/models/tiny")  # no key: public
-        meta = requests.get(f"{base}/v1/models/tiny/metadata")
+        meta = requests.get(f"{base}/v1/models/tiny/metadata", headers=AUTH)
         assert meta.status_code == 503 and "error" in meta.json()
         assert requests.get(f"{base}/readyz").status_code == 503
         for r in (status, meta):

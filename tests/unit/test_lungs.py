@@ -339,3 +339,26 @@ def test_fast_mask_steps_match_the_reference_ones():
             np.testing.assert_array_equal(two_largest(mask), np.isin(ref, keep))
     probs = rng.random((2, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(grow(probs, 40, 48), np.stack([resize(p, 40, 48) for p in probs]), atol=1e-5)
+
+
+def test_serve_refuses_a_lung_crop_bundle_whose_lung_model_fails_its_sha256(crop_classifier, tmp_path):
+    """Issue 17 item 9: the server verifies the embedded lung model as `bundle check` does; a
+    tampered lungs/model.onnx makes that model unavailable (503, saying why), the intact one answers."""
+    import shutil
+
+    import requests
+
+    from covid_cxr.serve.settings import ServeSettings
+    from covid_cxr.serve.testing import running_server
+
+    models = tmp_path / "models"
+    shutil.copytree(crop_classifier, models / "good" / "1")
+    shutil.copytree(crop_classifier, models / "tampered" / "1")
+    onnx = models / "tampered" / "1" / "lungs" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # still loads in ONNX Runtime; not the file recorded
+    body = {"instances": [[[0.5] * S] * S]}
+    with running_server(ServeSettings(models=models, rescan_seconds=0.2)) as base:
+        assert requests.post(f"{base}/v1/models/good:predict", json=body).status_code == 200
+        bad = requests.post(f"{base}/v1/models/tampered:predict", json=body)
+        assert bad.status_code == 503, bad.text
+        assert "not the lung model this bundle was written with" in bad.json()["error"]

@@ -24,6 +24,7 @@ from covid_cxr.bundle.schema import (
 )
 from covid_cxr.bundle.store import FILES, versions
 from covid_cxr.core.errors import UserError
+from covid_cxr.core.files import file_sha256
 
 
 class BundleError(UserError):
@@ -174,16 +175,36 @@ def read_metadata(path: Path) -> BundleMetadata:
     return _read_metadata(path)[0]
 
 
-def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
-    file = path / "metadata.json"
+# metadata.json of a real bundle is a few kB (an ensemble's, tens); anything far larger is not one,
+# and is refused before it is read into memory.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+
+
+def read_json_file(file: Path, max_bytes: int = MAX_METADATA_BYTES):
+    """A bundle's JSON file, parsed; BundleError (one line) for anything a parser can throw on a
+    hostile file: too large, not UTF-8, not JSON, nested deeper than Python's recursion limit."""
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        with open(file, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise BundleError(f"{file}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise BundleError(f"{file}: unreadable: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise BundleError(f"{file}: larger than {max_bytes} bytes; not a bundle's metadata")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise BundleError(f"{file}: unreadable: {exc}") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{file}: not valid JSON (truncated?): {exc}") from None
+    except (RecursionError, ValueError) as exc:  # 100,000 nested brackets, huge numbers
+        raise BundleError(f"{file}: not usable JSON ({type(exc).__name__}: nested too deep?)") from None
+
+
+def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
+    file = path / "metadata.json"
+    raw = read_json_file(file)
     if not isinstance(raw, dict):
         raise BundleError(f"{file}: expected a JSON object, found {type(raw).__name__}")
     fv = raw.get("format_version")
@@ -193,6 +214,8 @@ def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
         return BundleMetadata.model_validate(upgrade(raw)), fv
     except ValidationError as exc:
         raise BundleError(f"{file}: {_first_error(exc)}") from None
+    except RecursionError:
+        raise BundleError(f"{file}: nested too deep to validate") from None
     except (KeyError, TypeError, ValueError) as exc:  # a format-1 file missing what upgrade() needs
         raise BundleError(f"{file}: format-1 metadata without {exc}") from None
 
@@ -237,13 +260,19 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
 
 def load_embedded_lungs(bundle: Bundle) -> Bundle:
     """The lung segmentation model inside a --lung-crop classifier bundle (metadata.json and
-    model.onnx only: its training weights stay with the original)."""
+    model.onnx only: its training weights stay with the original), its model.onnx verified
+    against the sha256 the classifier recorded."""
     path = bundle.path / bundle.metadata.lung_crop.folder
     meta, stored = _read_metadata(path)
     if meta.task != "segmentation":
         raise BundleError(f"{path / 'metadata.json'}: a {meta.task} model, not a lung segmentation model")
-    if not (path / meta.onnx.file).is_file():
-        raise BundleError(f"{path / meta.onnx.file}: missing")
+    onnx = path / meta.onnx.file
+    if not onnx.is_file():
+        raise BundleError(f"{onnx}: missing")
+    digest, want = file_sha256(onnx), bundle.metadata.lung_crop.onnx_sha256
+    if digest != want:  # every reader (serve, predict, evaluate, check) runs only the file it was written with
+        raise BundleError(f"{onnx}: not the lung model this bundle was written with (sha256 "
+                          f"{digest[:12]}..., metadata.json says {want[:12]}...)")
     return Bundle(path, meta, stored)
 
 

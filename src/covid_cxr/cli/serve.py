@@ -24,9 +24,12 @@ def serve(
     host: str = _opt("host"),
     port: int = _opt("port"),
     api_key: str = _opt("api_key", "--api-key", envvar="COVID_CXR_API_KEY"),
+    api_key_scope: str = _opt("api_key_scope"),
+    public_metrics: bool = _opt("public_metrics", "--public-metrics/--no-public-metrics"),
     max_body_mb: float = typer.Option(F["max_body_bytes"].default / MB, help="request body limit in MB (413 beyond it)"),
     max_concurrency: int = _opt("max_concurrency"),
     body_timeout_s: float = _opt("body_timeout_s"),
+    header_timeout_s: float = _opt("header_timeout_s"),
     max_image_pixels: int = _opt("max_image_pixels"),
     decode_budget_pixels: int = _opt("decode_budget_pixels"),
     batching: bool = _opt("batching", "--batching/--no-batching"),
@@ -49,9 +52,12 @@ def serve(
 
     from covid_cxr.cli.common import fail
     from covid_cxr.serve.app import create_app
+    from covid_cxr.serve.transport import http_protocol
 
-    given = dict(models=models, host=host, port=port, api_key=api_key or None, max_body_bytes=int(max_body_mb * MB),
-                 max_concurrency=max_concurrency, body_timeout_s=body_timeout_s, max_image_pixels=max_image_pixels,
+    given = dict(models=models, host=host, port=port, api_key=api_key or None, api_key_scope=api_key_scope,
+                 public_metrics=public_metrics, max_body_bytes=int(max_body_mb * MB),
+                 max_concurrency=max_concurrency, body_timeout_s=body_timeout_s, header_timeout_s=header_timeout_s,
+                 max_image_pixels=max_image_pixels,
                  decode_budget_pixels=decode_budget_pixels, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                  max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
                  ort_spinning=ort_spinning, default_model=default_model, lungs=lungs, intra_op_threads=intra_op_threads,
@@ -62,7 +68,7 @@ def serve(
         e = exc.errors()[0]
         fail(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}")
     uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=http_protocol(settings.header_timeout_s))
 
 
 def register(app: typer.Typer) -> None:

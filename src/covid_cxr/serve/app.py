@@ -51,7 +51,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.decode_limits = DecodeLimits(settings.max_image_pixels, PixelBudget(settings.decode_budget_pixels))
     return_large_frees_to_the_os()
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s)
+                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s,
+                       model_label=repo.metric_label)
     add_error_handlers(app)
     for module in (operations, tf_serving, oip, upload, card, browser, web):
         app.include_router(module.router)

@@ -15,7 +15,6 @@ clients name files relative to the repository, never by their absolute path.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -38,7 +37,7 @@ from covid_cxr.bundle import (
     valid_name,
     versions,
 )
-from covid_cxr.bundle.reader import run_classifier
+from covid_cxr.bundle.reader import BundleError, read_json_file, run_classifier
 from covid_cxr.lungs.crop import bundle_segmenter
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
@@ -47,7 +46,8 @@ from covid_cxr.site.monitor import MonitorCollector, ShiftMonitor
 
 log = logging.getLogger("covid_cxr.serve")
 RETRY_FAILED_S = 30.0  # a broken bundle is retried this often, not at every scan
-CLEAN_STAGING_S = 300.0  # how often staging folders left by killed writers are looked for
+CLEAN_STAGING_S = 300.0
+UNKNOWN_MODEL = "(unknown)"  # the one metrics label for every name that is not a model being served  # how often staging folders left by killed writers are looked for
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":]+/)+([^\s/'\":]*)")
 
 
@@ -195,10 +195,11 @@ class ModelRepository:
             stamp = meta.stat().st_mtime_ns
             known = self._tasks.get(meta)
             if known is None or known[0] != stamp:
-                known = (stamp, json.loads(meta.read_text(encoding="utf-8")).get("task"))
+                raw = read_json_file(meta)
+                known = (stamp, raw.get("task") if isinstance(raw, dict) else None)
                 self._tasks[meta] = known
-        except (OSError, ValueError, AttributeError):
-            return False  # unreadable: loading reports it
+        except (OSError, BundleError):
+            return False  # unreadable: loading reports it, for this model only
         return known[1] == "segmentation"
 
     def _read_disk(self) -> dict[str, list[int]]:
@@ -219,10 +220,11 @@ class ModelRepository:
                 continue
             try:
                 vs = versions(p)
-            except OSError as exc:  # this model only: the others are still served
-                self._report(p.name, f"ignoring model folder {p}: {exc}")
-                vs = self._disk.get(p.name, [])
-            if vs and not self._is_segmentation(p / str(vs[-1])):  # a lung model helps; it is not served
+                segmentation = bool(vs) and self._is_segmentation(p / str(vs[-1]))
+            except Exception as exc:  # this model only: the others are still served
+                self._report(p.name, f"ignoring model folder {p}: {type(exc).__name__}: {exc}")
+                vs, segmentation = self._disk.get(p.name, []), False
+            if vs and not segmentation:  # a lung model helps; it is not served
                 found[p.name] = vs
         return found
 
@@ -250,6 +252,12 @@ class ModelRepository:
             raise ModelNotFound(f"Servable not found for request: Latest({name})")
         return vs
 
+    def metric_label(self, name: str) -> str:
+        """The model label a request is counted under: its name if the repository holds that model
+        (as last listed; no disk read), else UNKNOWN_MODEL, so clients cannot grow /metrics with
+        names of their own ("" for requests that name no model)."""
+        return name if not name or name in self._disk else UNKNOWN_MODEL
+
     @staticmethod
     def check_name(name: str) -> None:
         if not valid_name(name):
@@ -259,6 +267,12 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
+
+    def unavailable(self) -> dict[str, str]:
+        """Models on disk with no version loaded and a load failure on record: name -> why."""
+        serving = {m.name for m in self._loaded.values()}
+        return {name: err for (name, _), (_, err) in sorted(self._failed.items())
+                if name in self._disk and name not in serving}
 
     def status(self, name: str) -> list[tuple[int, str, str]]:
         """(version, state, error) per version on disk, newest first, in TF Serving's terms."""

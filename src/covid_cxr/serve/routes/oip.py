@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from covid_cxr import __version__
 from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT
 from covid_cxr.serve.batching import split
-from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import (ModelName, VersionText, get_limits, get_repo, get_settings, parse_version,
+                                  require_api_key, require_key_to_read)
 from covid_cxr.serve.oip import HEADER_LENGTH, encode_response, image_batch, parse_infer, tensor_metadata
 from covid_cxr.serve.protocol import ERRORS, BadRequest
 from covid_cxr.serve.repository import LoadedModel, ModelRepository
@@ -78,12 +79,12 @@ async def _metadata(repo: ModelRepository, name: str, version: str | None) -> di
                            "image_bytes": "the 'image' input also takes BYTES [N]: encoded PNG/JPEG/DICOM files"}}
 
 
-@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}", dependencies=[Depends(require_key_to_read)])
 async def model_metadata(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", dependencies=[Depends(require_key_to_read)])
 async def version_metadata(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, version)
 
@@ -93,15 +94,15 @@ async def _config(repo: ModelRepository, name: str, version: str | None) -> dict
     from covid_cxr.export.triton import model_config
 
     model = await repo.get(name, None if version is None else parse_version(version))
-    return model_config(model.bundle.metadata)
+    return model_config(model.bundle.metadata, name=name)  # the served name: Triton's folder name
 
 
-@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/config", dependencies=[Depends(require_key_to_read)])
 async def model_config(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}/config")
+@router.get("/v2/models/{name}/versions/{version}/config", dependencies=[Depends(require_key_to_read)])
 async def version_config(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, version)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
-from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import (ModelName, VersionText, get_limits, get_repo, get_settings, parse_version,
+                                  require_api_key, require_key_to_read)
 from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.protocol import (
     ERRORS,
@@ -69,13 +70,15 @@ async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFM
         metadata={"signature_def": signature_def(h, w, len(meta.classes), with_ood=meta.has_ood), **extra})
 
 
-@router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse)
+@router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse,
+            dependencies=[Depends(require_key_to_read)])
 async def model_metadata(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, None)
 
 
-@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse)
+@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse,
+            dependencies=[Depends(require_key_to_read)])
 async def version_metadata(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, parse_version(version))

@@ -10,7 +10,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key
+from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key, require_key_to_read
 from covid_cxr.serve.protocol import (
     ERRORS,
     BadRequest,
@@ -29,7 +29,7 @@ OOD_WARNING = ("This image does not look like the chest X-rays the model was tra
                "part, a screenshot, noise?). The model cannot judge it: no diagnosis is given.")
 
 
-@router.get("/api/v1/models", response_model=ModelList)
+@router.get("/api/v1/models", response_model=ModelList, dependencies=[Depends(require_key_to_read)])
 async def list_models(repo: ModelRepository = Depends(get_repo)):
     out = []
     loaded = {(m.name, m.version): m for m in repo.loaded()}

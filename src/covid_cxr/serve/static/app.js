@@ -14,7 +14,8 @@
 
   async function loadModels() {
     try {
-      const r = await fetch("api/v1/models");
+      const r = await fetch("api/v1/models", { headers: apiKey() ? { Authorization: "Bearer " + apiKey() } : {} });
+      if (r.status === 401) $("key-row").hidden = false;  // the list needs the key: ask for it
       if (!r.ok) return;
       const { models } = await r.json();
       modelSelect.replaceChildren(...models.map((m) => new Option(`${m.name} (v${m.versions[m.versions.length - 1]})`, m.name)));
@@ -208,6 +209,6 @@
   });
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", showMode);
   showMode();
-  $("apikey").addEventListener("change", (e) => sessionStorage.setItem("covid-cxr-api-key", e.target.value));
+  $("apikey").addEventListener("change", (e) => { sessionStorage.setItem("covid-cxr-api-key", e.target.value); loadModels(); });
   loadModels();
 })();
