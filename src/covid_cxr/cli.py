@@ -304,14 +304,11 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
     for p in images:
         try:
             pixels = load_for_model(p, h, w)
-            probs, score, inside = b.predict_with_ood(pixels[None])
+            ans = b.answer(pixels[None])  # Bundle.prepare, the ONNX runner, the operating point, the gate
         except DecodeError as exc:
             results.append({"image": str(p), "error": str(exc)})
             continue
-        results.append({"image": str(p), "label": b.classes[int(b.decide(probs)[0])],
-                        "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
-                        "in_distribution": None if inside is None else bool(inside[0]),
-                        "ood_score": None if score is None else float(score[0])})
+        results.append({"image": str(p), **ans.row(0, b.classes)})
         if seg is not None:
             from covid_cxr.lungs.segment import sanity_check
 
@@ -337,9 +334,10 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
 
 
 def _gate(r: dict) -> str:
-    if r["in_distribution"] is None:
-        return "– (no gate in this bundle)"
-    return "yes" if r["in_distribution"] else "[red]NO: unlike the training X-rays; do not trust the label[/]"
+    from covid_cxr.explain.run import gate_verdict  # the words explain prints too
+
+    text = gate_verdict(r["in_distribution"])
+    return f"[red]{text}[/]" if r["in_distribution"] is False else text
 
 
 def _lung_segmenter(lungs: Optional[Path]):
