@@ -236,10 +236,10 @@ def as_numbers(value: list, what: str = "instances") -> np.ndarray:
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise BadRequest(f"{what} must be rectangular arrays of numbers "
                          "(ragged or mixed nesting found)") from None
-    if arr.dtype.kind not in "fiu" or _holds_bool(value, arr.ndim):
-        kind = {"U": "strings", "S": "strings", "b": "booleans"}.get(arr.dtype.kind, "booleans" if arr.dtype.kind
-                                                                     in "fiu" else "non-numeric values")
-        raise BadRequest(f"{what} must hold numbers, found {kind}")
+    kind = "b" if arr.dtype.kind in "fiu" and _holds_bool(value, arr.ndim) else arr.dtype.kind
+    if kind not in "fiu":
+        found = {"U": "strings", "S": "strings", "b": "booleans"}.get(kind, "non-numeric values")
+        raise BadRequest(f"{what} must hold numbers, found {found}")
     with np.errstate(over="ignore"):
         return arr.astype(np.float32, copy=False)
 

@@ -2,9 +2,9 @@
 
 Server and model health and metadata, and infer with named outputs. The outputs are the bundle's
 ONNX outputs as metadata.json lists them (`probabilities`, and any a bundle adds), so every model
-answers with what its graph computes. Every request goes through the
-same path as TF Serving's predict (`Bundle.prepare`, the micro-batcher and its inference worker),
-whichever outputs it asks for, so both protocols give the same numbers and share the worker.
+answers with what its graph computes. Every request, whichever outputs it asks for, goes the way
+TF Serving's predict goes (`Bundle.prepare`, the micro-batcher and its inference worker), so both
+protocols give the same numbers, are counted alike and share the worker.
 """
 
 from __future__ import annotations
