@@ -36,6 +36,25 @@ class NoCamGraph(BundleError):
     whose Grad-CAM layer is not the pooled map): the server answers without a map and says why."""
 
 
+@dataclass(frozen=True)
+class Answers:
+    """What a bundle answers for N images, whichever door they came in by (server, predict,
+    evaluate, explain, audit): one place turns the runner's arrays into labels and the gate's verdict."""
+
+    probabilities: np.ndarray  # N x classes, calibrated (model.onnx applies the temperature)
+    labels: np.ndarray  # N class indices: the operating point if the bundle has one, else the argmax
+    ood_score: np.ndarray | None = None  # N, None for a bundle without an out-of-distribution gate
+    in_distribution: np.ndarray | None = None  # N bool, None without a gate
+
+    def row(self, i: int, classes: list[str]) -> dict:
+        """Image i as predict --json and the upload API report it."""
+        inside = None if self.in_distribution is None else bool(self.in_distribution[i])
+        return {"label": None if inside is False else classes[int(self.labels[i])],  # rejected: no label
+                "probabilities": {c: float(p) for c, p in zip(classes, self.probabilities[i])},
+                "in_distribution": inside,
+                "ood_score": None if self.ood_score is None else float(self.ood_score[i])}
+
+
 @dataclass(eq=False)
 class Bundle:
     path: Path
@@ -121,6 +140,15 @@ class Bundle:
         """(probabilities N x C, ood_score N or None, in_distribution N bool or None): None for
         bundles without an out-of-distribution gate."""
         return run_classifier(self, self.session(), np.asarray(images, dtype=np.float32)[..., None])
+
+    def answer(self, images: np.ndarray) -> Answers:
+        """N x H x W float [0, 1] at input_hw -> probabilities, decided labels and the gate's verdict."""
+        return self.answers(*self.predict_with_ood(images))
+
+    def answers(self, probs: np.ndarray, score: np.ndarray | None = None,
+                inside: np.ndarray | None = None) -> Answers:
+        """The runner's arrays -> Answers (the server calls this on what its batcher returned)."""
+        return Answers(probs, self.decide(probs), score, None if inside is None else np.asarray(inside, bool))
 
     def trust_arrays(self) -> dict[str, np.ndarray] | None:
         """trust.safetensors' tensors: temperature and the gate's (read them with trust.ood.OODStats.from_arrays);

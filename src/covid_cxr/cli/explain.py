@@ -80,7 +80,6 @@ def explain_command(
     explainer = _explainer(bundle, method)
     segmenter = _segmenter(lungs)
     rows, skipped = _explain_files(explainer, bundle, files, class_index, method, alpha, out, progress, segmenter)
-    explainer.close()
 
     console.print(_table(f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}", rows,
                          segmenter is not None))
@@ -107,7 +106,7 @@ def _table(title: str, rows: list[tuple], lungs: bool):
 
     t = Table(title=title)
     t.add_column("image", overflow="fold")
-    for col in ("predicted (p)", "explained class", "probability") + (("where (lungs)",) if lungs else ()):
+    for col in ("predicted (p)", "in distribution", "explained class", "probability") + (("where (lungs)",) if lungs else ()):
         t.add_column(col)
     for r in rows:
         t.add_row(*r)
@@ -136,15 +135,14 @@ def where_in_lungs(segmenter, pixels, cam) -> tuple[str, dict]:
 
 def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[int], method: str, alpha: float,
                    out: Path, progress: bool, segmenter=None) -> tuple[list[tuple], list[tuple[Path, str]]]:
-    """Explain each file, writing <stem>_cam.npy/.png atomically; unreadable files are skipped."""
+    """Explain each file (`explain.run.explain_image`: the bundle's own answer, as predict gives it)
+    and write its files; unreadable files are skipped."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from covid_cxr.cli.common import err_console as err
     from covid_cxr.data.decode import DecodeError, load_for_model
-    from covid_cxr.explain.render import overlay, png_bytes
-    from covid_cxr.core.files import atomic_write_bytes
-
-    import json
+    from covid_cxr.explain.run import explain_image, write_explained
 
     classes, (h, w) = bundle.classes, bundle.input_hw
     rows, skipped, used = [], [], set()
@@ -155,33 +153,20 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
         for f in files:
             bar.advance(task)
             try:
-                pixels = bundle.prepare(load_for_model(f, h, w)[None])[0]  # what the model sees
+                pixels = load_for_model(f, h, w)
             except DecodeError as exc:
                 skipped.append((f, str(exc)))
                 err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)
                 continue
-            e = explainer.explain(pixels, class_index, method)[0]
-            stem = unique_stem(f, used)
-            atomic_write_bytes(out / f"{stem}_cam.npy", _npy_bytes(e.cam))
-            atomic_write_bytes(out / f"{stem}_cam.png", png_bytes(overlay(pixels, e.cam, alpha)))
-            pred = e.predicted_index
-            rows.append((str(f), f"{classes[pred]} ({e.probabilities[pred]:.3f})", classes[e.class_index],
-                         f"{e.probabilities[e.class_index]:.3f}"))
-            if segmenter is not None:
-                text, info = where_in_lungs(segmenter, pixels, e.cam)
-                atomic_write_bytes(out / f"{stem}_lungs.json", (json.dumps(info, indent=2) + "\n").encode())
-                rows[-1] += (text,)
+            e = explain_image(bundle, explainer, pixels, class_index, method)
+            r = e.row(classes)
+            text, info = where_in_lungs(segmenter, e.pixels, e.cam) if segmenter is not None else (None, None)
+            write_explained(e, out, unique_stem(f, used), alpha, info)
+            gate = escape(r["gate"]) if r["in_distribution"] is not False else f"[red]{escape(r['gate'])}[/]"
+            label = "—" if r["label"] is None else f"{r['label']} ({r['probabilities'][r['label']]:.3f})"
+            rows.append((escape(str(f)), label, gate,
+                         r["explained_class"], f"{r['explained_probability']:.3f}") + ((text,) if text else ()))
     return rows, skipped
-
-
-def _npy_bytes(arr) -> bytes:
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
 
 
 def register(app: typer.Typer) -> None:

@@ -298,15 +298,11 @@ def _predict_one(b, path: Path, seg) -> dict:
 
     try:
         pixels = load_for_model(path, *b.input_hw)
-        probs, score, inside = b.predict_with_ood(pixels[None])
+        answers = b.answer(pixels[None])  # Bundle.prepare, the ONNX runner, the operating point, the gate
     except DecodeError as exc:
         return {"image": str(path), "error": str(exc)}
-    accepted = inside is None or bool(inside[0])
-    row = {"image": str(path), "label": b.classes[int(b.decide(probs)[0])] if accepted else None,
-           "probabilities": {c: float(v) for c, v in zip(b.classes, probs[0])},
-           "in_distribution": None if inside is None else bool(inside[0]),
-           "ood_score": None if score is None else float(score[0])}
-    if not accepted:
+    row = {"image": str(path), **answers.row(0, b.classes)}
+    if row["in_distribution"] is False:
         row["rejected"] = "unlike the training X-rays: no label is given"
     if seg is not None:
         from covid_cxr.lungs.segment import sanity_check

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from covid_cxr.models.loading import load_torch
 from torch import nn
+
+from covid_cxr.models.loading import load_torch
 
 from covid_cxr.explain.render import (  # noqa: F401  (re-exported)
     _METHOD_CLASSES,

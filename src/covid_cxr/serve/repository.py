@@ -30,6 +30,7 @@ import numpy as np
 from covid_cxr.bundle import (
     ONNX_INPUT,
     ONNX_OUTPUT,
+    OOD_OUTPUTS,
     Bundle,
     clean_stale,
     load_bundle,
@@ -37,7 +38,7 @@ from covid_cxr.bundle import (
     valid_name,
     versions,
 )
-from covid_cxr.bundle.reader import BundleError, read_json_file, run_classifier
+from covid_cxr.bundle.reader import Answers, BundleError, read_json_file, run_classifier
 from covid_cxr.lungs.crop import bundle_segmenter
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
@@ -114,6 +115,18 @@ class LoadedModel:
         if rows.shape[1] == c:
             return rows, None, None
         return rows[:, :c], rows[:, c], rows[:, c + 1] > 0.5
+
+    async def answer(self, x: np.ndarray) -> Answers:
+        """Probabilities, the bundle's decided labels and the gate's verdict (the upload API's answer)."""
+        return self.bundle.answers(*await self.predict_with_ood(x))
+
+    async def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every ONNX output by name (what the Open Inference Protocol answers), through the same
+        batcher as `predict`: in_distribution as model.onnx gives it (float 0 / 1)."""
+        probs, score, inside = await self.predict_with_ood(x)
+        if score is None:
+            return {ONNX_OUTPUT: probs}
+        return dict(zip((ONNX_OUTPUT, *OOD_OUTPUTS), (probs, score, inside.astype(probs.dtype))))
 
     async def predict_rows(self, x: np.ndarray) -> np.ndarray:
         rows = await self._predict_rows(x)

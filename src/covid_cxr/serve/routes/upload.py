@@ -88,13 +88,13 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     async with loaded.preparing():
         pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file",
                                                 get_limits(request))
-    probs, score, inside = await loaded.predict_with_ood(pixels[None, :, :, None])
-    probs = probs[0]
-    idx = int(loaded.bundle.decide(probs[None])[0])  # the bundle's operating point, else the argmax
-    out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
-                           model=loaded.name, version=loaded.version, latency_ms=0.0)
-    if inside is not None:
-        out.in_distribution, out.ood_score = bool(inside[0]), float(score[0])
+    ans = await loaded.answer(pixels[None, :, :, None])  # the bundle's operating point, else the argmax
+    idx = int(ans.labels[0])
+    row = ans.row(0, loaded.classes)
+    out = UploadPrediction(label=row["label"], probabilities=row["probabilities"], model=loaded.name,
+                           version=loaded.version, latency_ms=0.0)
+    if row["in_distribution"] is not None:
+        out.in_distribution, out.ood_score = row["in_distribution"], row["ood_score"]
         out.warning = None if out.in_distribution else OOD_WARNING
     cam = await add_gradcam(out, loaded, pixels, idx) if gradcam else None
     if settings.lungs is not None:
