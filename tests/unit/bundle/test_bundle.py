@@ -15,7 +15,7 @@ from covid_cxr.bundle import BundleError, BundleMetadata, check_bundle, load_bun
 from covid_cxr.bundle.schema import json_schema
 from covid_cxr.cli import app
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIXTURES = Path(__file__).parent / "fixtures"
 runner = CliRunner()
 
