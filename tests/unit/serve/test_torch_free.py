@@ -29,9 +29,10 @@ import httpx
 from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.serve.testing import running_server
 with running_server(ServeSettings(models=Path(sys.argv[2]))) as base:
-    r = httpx.post(base + "/api/v1/predict?model=tiny", timeout=60,
-                   files={"file": ("x.png", Path(sys.argv[3]).read_bytes(), "image/png")})
-print(json.dumps({"status": r.status_code, "body": r.json(),
+    files = {"file": ("x.png", Path(sys.argv[3]).read_bytes(), "image/png")}
+    r = httpx.post(base + "/api/v1/predict?model=tiny", timeout=60, files=files)
+    cam = httpx.post(base + "/api/v1/predict?model=tiny&gradcam=true", timeout=60, files=files)
+print(json.dumps({"status": r.status_code, "body": r.json(), "cam": [cam.status_code, cam.json()],
                   "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in BLOCK)}))
 """
 
@@ -48,6 +49,9 @@ def test_the_server_loads_a_bundle_and_predicts_with_torch_refused(tiny_models, 
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == 200 and out["body"]["label"] in {"COVID-19", "Normal", "Viral Pneumonia"}, out
     assert out["loaded"] == []
+    # Grad-CAM needs torch ([explain]): without it the prediction stands and says why the picture is missing.
+    status, body = out["cam"]
+    assert status == 200 and body["label"] and "gradcam_png" not in body and "unavailable" in body["gradcam_error"]
 
 
 @pytest.mark.parametrize("module", ["covid_cxr.train.fit", "covid_cxr.explain.gradcam"])
