@@ -10,7 +10,7 @@ Targets (issue 8): photos, noise, blank and non-chest rejected >= 99 %; test spl
 
 `--refit DIR` first writes the first bundle again with the current trust layer (same weights, same
 split: its training config) to DIR/<name>, and measures it beside the original: the before/after
-table of docs/results/issue8_ood.md. `--dev` measures the dev sets instead, on which the gate's
+table of docs/results/trust.md. `--dev` measures the dev sets instead, on which the gate's
 stages and combination were chosen (never on the test sets above): noise with another seed, blank
 levels, gradient angles and contrasts not in the test set, and the *validation* split's X-rays
 rotated, inverted and cropped (there is no second offline source of photos or non-chest images).

@@ -27,7 +27,7 @@ def _classes(classes: Optional[str]) -> Optional[list[str]]:
 
 
 # Options shared by train / lr-find / run (typer needs them spelled out per command); every default
-# and help text comes from TrainConfig, so none is typed twice (tests/unit/test_config.py checks).
+# and help text comes from TrainConfig, so none is typed twice (tests/unit/train/test_config.py checks).
 D = DEFAULTS
 
 

@@ -30,7 +30,7 @@ class LungConfig(BaseModel):
     18 % of an epoch's draws (each v7 pair about twice an epoch) while quex keeps half of them.
     Full balance (1.0) would show each v7 pair ~4 times an epoch (over-fitting 175 pairs) and halve
     quex's exposure, whose Dice target has the least headroom.
-    `epochs` 12 with `max_minutes` 18: the measured 20-minute run (docs/results/lungs/README.md: 6
+    `epochs` 12 with `max_minutes` 18: the measured 20-minute run (docs/results/lungs.md: 6
     epochs fitted in 18 minutes on a busy machine, held-out Dice 0.958 / 0.960 / 0.930 for quex /
     crdvp / v7); a quieter machine gets further through the schedule in the same time."""
 

@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 def stage_indices(backbone: nn.Module) -> tuple[int, ...]:
     """Every timm feature_info stage but the deepest: that one is the final features (or their
-    input), already covered by the pooled block. Chosen on a dev set (docs/results/issue8_ood.md)."""
+    input), already covered by the pooled block. Chosen on a dev set (docs/results/trust.md)."""
     return tuple(range(len(backbone.feature_info) - 1))
 
 

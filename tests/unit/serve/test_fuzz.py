@@ -63,15 +63,30 @@ def _check_pixels(x: np.ndarray) -> None:
     assert x.dtype == np.float32 and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
 
 
-@FUZZ
-@given(any_bytes)
-def test_decoder_raises_only_decode_error(data):
-    try:
-        dec = decode_gray(data, max_pixels=LIMITS.max_pixels)
-    except DecodeError:
-        return
-    _check_pixels(dec.pixels)
-    _check_pixels(load_for_model(data, H, W, LIMITS.max_pixels))
+def test_decoder_raises_only_decode_error():
+    """Every draw either decodes to valid pixels or raises DecodeError; and the run must include
+    both, or it proved nothing (a decoder that refuses everything would pass the first half)."""
+    outcomes = {"decoded": 0, "refused": 0}
+
+    @FUZZ
+    @given(any_bytes)
+    def check(data):
+        try:
+            dec = decode_gray(data, max_pixels=LIMITS.max_pixels)
+        except DecodeError:
+            outcomes["refused"] += 1
+            return
+        _check_pixels(dec.pixels)
+        _check_pixels(load_for_model(data, H, W, LIMITS.max_pixels))
+        outcomes["decoded"] += 1
+
+    check()
+    assert outcomes["decoded"] >= EXAMPLES // 20 and outcomes["refused"] >= EXAMPLES // 20, outcomes
+
+
+@pytest.mark.parametrize("seed", range(len(SEEDS)), ids=["png-L", "png-RGBA", "png-P", "jpeg-RGB", "png-I16", "dicom"])
+def test_every_unmutated_seed_decodes(seed):
+    _check_pixels(load_for_model(SEEDS[seed], H, W, LIMITS.max_pixels))
 
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30),
@@ -105,15 +120,24 @@ def predict_bodies(draw) -> bytes:
                           st.binary(max_size=256), st.just(("[" * draw(st.integers(1, 3000))).encode())))
 
 
-@FUZZ
-@given(predict_bodies())
-def test_predict_parser_raises_only_bad_request(body):
-    try:
-        x, columnar = parse_predict(body, H, W, max_instances=8, limits=LIMITS)
-    except BadRequest:
-        return
-    assert isinstance(columnar, bool) and x.shape[1:] == (H, W, 1) and 1 <= len(x) <= 8
-    _check_pixels(x)
+def test_predict_parser_raises_only_bad_request():
+    """Every body either parses to valid instances or raises BadRequest, and some of each were drawn."""
+    outcomes = {"parsed": 0, "refused": 0}
+
+    @FUZZ
+    @given(predict_bodies())
+    def check(body):
+        try:
+            x, columnar = parse_predict(body, H, W, max_instances=8, limits=LIMITS)
+        except BadRequest:
+            outcomes["refused"] += 1
+            return
+        assert isinstance(columnar, bool) and x.shape[1:] == (H, W, 1) and 1 <= len(x) <= 8
+        _check_pixels(x)
+        outcomes["parsed"] += 1
+
+    check()
+    assert outcomes["parsed"] >= 1 and outcomes["refused"] >= EXAMPLES // 20, outcomes
 
 
 @pytest.mark.parametrize("depth", [10, 999, 1000, 100_000])

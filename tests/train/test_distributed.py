@@ -1,7 +1,7 @@
 """Training on 2 processes through Lightning (DDP, gloo on this CPU): the sharded feature
 extraction gives the cached features of 1 process, and a fine-tuning run under DDP writes a bundle.
 
-Small on purpose (generated 64 px images, random weights, 1 epoch); timings at scale are in
+Small on purpose (generated 64 px images, random weights, 1 epoch); timings at scale are measured by
 benchmarks/bench_distributed.py.
 """
 

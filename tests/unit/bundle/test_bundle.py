@@ -16,7 +16,7 @@ from covid_cxr.bundle.schema import json_schema
 from covid_cxr.cli import app
 from covid_cxr.models.loading import load_torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIXTURES = Path(__file__).parent / "fixtures"
 runner = CliRunner()
 

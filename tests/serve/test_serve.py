@@ -468,3 +468,26 @@ def test_cli_registers_serve_command():
     for option in ("--models", "--host", "--port", "--api-key", "--max-body-mb", "--max-concurrency",
                    "--no-batching", "--max-batch", "--max-wait-ms"):
         assert option in out.output, option
+
+
+# The fixture model (40 images per class) must accept most real X-rays it never saw and refuse the
+# same X-rays inverted: a gate that rejects everything, or nothing, fails here. Measured on this
+# fixture: see the figures printed by the test (-s); the floors sit below them with room for seeds.
+GATE_ACCEPTS_REAL = 0.75
+GATE_ACCEPTS_INVERTED = 0.10
+
+
+def test_the_gate_accepts_unseen_real_xrays_and_refuses_them_inverted(bundle_dir, data_dir):
+    from covid_cxr.data.decode import load_batch
+
+    b = load_bundle(bundle_dir)
+    val_rate = b.metadata.trust.ood.val_accept_rate
+    assert 0.85 <= val_rate <= 1.0, val_rate  # the threshold accepts 95 % of the validation split
+    # the last 20 files of each class: the fixture drew 40 of ~1,400 per class, so almost all unseen
+    files = [f for d in sorted(p for p in data_dir.iterdir() if p.is_dir()) for f in sorted(d.glob("*.png"))[-20:]]
+    x = load_batch(files, *b.input_hw)
+    _, _, inside = b.predict_with_ood(x)
+    _, _, inside_inverted = b.predict_with_ood(1.0 - x)
+    print(f"gate: val {val_rate:.3f}, real {inside.mean():.3f}, inverted {inside_inverted.mean():.3f} (n = {len(files)})")
+    assert inside.mean() >= GATE_ACCEPTS_REAL, inside.mean()
+    assert inside_inverted.mean() <= GATE_ACCEPTS_INVERTED, inside_inverted.mean()
