@@ -67,8 +67,22 @@ def serve(
     except ValidationError as exc:
         e = exc.errors()[0]
         fail(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}")
+    _log_to_stderr(log_level)
     uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
                 timeout_graceful_shutdown=5, http=http_protocol(settings.header_timeout_s))
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own lines (models loaded and unloaded, folders skipped) beside uvicorn's, in
+    uvicorn's format: without a handler they would be dropped below WARNING."""
+    import logging
+
+    log = logging.getLogger("covid_cxr")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level.upper())
 
 
 def register(app: typer.Typer) -> None:
