@@ -27,7 +27,7 @@ install-serve:
 lock: $(STAMP)
 	$(BIN)/pip install -q 'uv>=0.5'
 	$(BIN)/uv pip compile pyproject.toml --extra all --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --no-header --annotation-style line -q -o requirements.lock
+		--python-platform x86_64-manylinux_2_35 --no-header --annotation-style line -q -o requirements.lock
 
 # Debian's chromium for the web-page test (installed once). In CI (CI set) a failed install fails
 # the target, and tests/serve/test_web.py fails rather than skips without the browser.
