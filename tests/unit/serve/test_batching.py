@@ -50,17 +50,21 @@ def test_unbatched_model_also_splits(tiny_models):
 
 
 def test_oip_named_outputs_are_split_too(tiny_models):
+    """v2 infer takes every output from LoadedModel.outputs, the path predict takes (issue 17), so
+    its ONNX calls are split at max_batch as well."""
     from covid_cxr.bundle import load_bundle
     from covid_cxr.serve.repository import LoadedModel
-    from covid_cxr.serve.routes.oip import _outputs
 
     sizes = []
 
     class Session:
         def run(self, names, feeds):
-            sizes.append(len(feeds["image"]))
-            return [np.zeros((len(feeds["image"]), 3), np.float32) for _ in names]
+            n = len(feeds["image"])
+            sizes.append(n)
+            return [np.full((n, 3), 1 / 3, np.float32) if name == "probabilities" else np.ones(n, np.float32)
+                    for name in names]
 
     m = LoadedModel("tiny", 1, load_bundle(tiny_models / "tiny"), Session(), max_batch=4)
-    out = asyncio.run(_outputs(m, np.zeros((6, 64, 64, 1), np.float32), ["probabilities", "other"]))
-    assert sizes == [4, 2] and out["other"].shape == (6, 3)
+    out = asyncio.run(m.outputs(np.zeros((6, 64, 64, 1), np.float32)))
+    assert sizes == [4, 2] and list(out) == ["probabilities", "ood_score", "in_distribution"]
+    assert out["probabilities"].shape == (6, 3) and out["in_distribution"].tolist() == [1.0] * 6
