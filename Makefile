@@ -6,27 +6,45 @@ STAMP := $(VENV)/.installed
 DATA ?=
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast bench browser clean
+.PHONY: install install-serve lock demo test test-fast bench browser web-runtime clean
 
-$(STAMP): pyproject.toml
+# Everything (extras serve, train, explain, test) at the exact versions of requirements.lock;
+# torch==2.14.1/torchvision==0.29.1 are pinned there (pip takes them from this machine's disk).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision first, pinned: pip takes them from this machine's disk.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[all]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Debian's chromium for the web-page test (installed once; skipped if already there).
+# The torch-free server alone (what deploy/Dockerfile installs), in its own venv.
+install-serve:
+	test -x .venv-serve/bin/python || $(PY) -m venv .venv-serve
+	.venv-serve/bin/pip install -q -c requirements.lock '.[serve]'
+
+# Re-pin requirements.lock from pyproject's ranges (keeps existing pins; add --upgrade to move them).
+lock: $(STAMP)
+	$(BIN)/pip install -q 'uv>=0.5'
+	$(BIN)/uv pip compile pyproject.toml --extra all --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_35 --no-header --annotation-style line -q -o requirements.lock
+
+# Debian's chromium for the web-page test (installed once). In CI (CI set) a failed install fails
+# the target, and tests/serve/test_web.py fails rather than skips without the browser.
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q chromium) >/dev/null || echo "WARNING: could not install chromium; the web-page test will be skipped"
+		apt-get install -y -q chromium) >/dev/null || { echo "could not install chromium"; \
+		if [ -n "$$CI" ]; then exit 1; else echo "WARNING: the web-page test will be skipped"; fi; }
+
+# onnxruntime-web for the page's in-browser mode (pinned, ~15 MB, fetched with npm, not committed):
+# served by our own server so the page works offline; without npm the browser-mode test is skipped.
+web-runtime: $(STAMP)
+	$(BIN)/python scripts/fetch_onnxruntime_web.py || echo "WARNING: could not fetch onnxruntime-web; the page's in-browser mode is unavailable"
 
 demo: $(STAMP)
 	$(BIN)/covid-cxr demo $(if $(DATA),--data "$(DATA)") --out $(OUT)
 
-test: $(STAMP) browser
+test: $(STAMP) browser web-runtime
 	$(BIN)/python -m pytest -q
 
 # The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px);

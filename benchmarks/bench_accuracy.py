@@ -90,7 +90,7 @@ def run_one(name: str, data: Path, out: Path) -> dict:
 
 
 def run_ensemble(name: str, out: Path, done: dict) -> dict:
-    from covid_cxr.bundle.ensemble import build_ensemble
+    from covid_cxr.publish.ensemble import build_ensemble
 
     members = ENSEMBLES[name]
     t = time.perf_counter()

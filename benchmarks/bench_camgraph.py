@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from covid_cxr.models.loading import load_torch
 
 
 def xrays(data: Path, n: int) -> list[Path]:
@@ -36,7 +37,7 @@ def parity(models: Path, data: Path, n: int) -> None:
 
     bundle = load_bundle(models)
     x = np.stack([bundle.prepare(load_for_model(f, *bundle.input_hw)[None])[0] for f in xrays(data, n)])
-    graph, torch_cam = GraphExplainer(bundle), Explainer(bundle.load_torch(), temperature=bundle.temperature)
+    graph, torch_cam = GraphExplainer(bundle), Explainer(load_torch(bundle), temperature=bundle.temperature)
     diffs, peaks, t_graph, t_torch = [], [], 0.0, 0.0
     for c in range(len(bundle.classes)):
         t0 = time.perf_counter()

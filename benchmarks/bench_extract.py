@@ -21,7 +21,8 @@ import torch
 
 from covid_cxr.data.decode import load_batch
 from covid_cxr.models import create_model, get_spec
-from covid_cxr.train.extract_onnx import OnnxFeatureExtractor
+from covid_cxr.features.onnx import OnnxFeatureExtractor
+from covid_cxr.models.loading import load_torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid19-radiography"
@@ -86,7 +87,7 @@ def changed_predictions(model_dir: Path) -> None:
     d = b.metadata.training.data
     prepared = prepare(d.dataset_root, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
     assert abs(prepared.mean - b.metadata.input.normalisation.mean) < 1e-9, "not the bundle's split"
-    model = b.load_torch()
+    model = load_torch(b)
     size = b.input_hw[0]
     paths = [prepared.manifest.root / r.path for r in prepared.splits["test"]]
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from covid_cxr.models.loading import load_torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid19-radiography"
@@ -31,7 +32,7 @@ def where_it_looks(bundle_path: Path, prepared, mode: str, lungs: Path) -> tuple
     from covid_cxr.lungs.zones import cam_zones
 
     b = load_bundle(bundle_path)
-    explainer = Explainer(b.load_torch(), layer=b.metadata.architecture.cam_layer)
+    explainer = Explainer(load_torch(b), layer=b.metadata.architecture.cam_layer)
     seg, crop = segmenter_for(lungs), batch_transform(mode, str(lungs))
     recs = prepared.splits["test"]
     h, w = b.input_hw
@@ -52,7 +53,7 @@ def where_it_looks(bundle_path: Path, prepared, mode: str, lungs: Path) -> tuple
 
 def zone_montage(rows: list, classes: list[str], path: Path) -> list[dict]:
     from covid_cxr.explain.gradcam import overlay
-    from covid_cxr.lungs.overlay import montage
+    from covid_cxr.explain.lung_overlay import montage
 
     picks = []
     for c in classes:
@@ -69,7 +70,7 @@ def trained(a, cfg, prepared) -> tuple[Path, dict, dict]:
     """Train the mode's model, or with --reuse take the newest bundle of that name if its config
     matches (a run trained beforehand with `covid-cxr train ... --name lite0-<mode>`)."""
     from covid_cxr.bundle import BundleError, load_bundle
-    from covid_cxr.train.config import TrainConfig
+    from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.fit import train
 
     cfg = TrainConfig.model_validate({**cfg.model_dump(), "progress": False})
@@ -87,8 +88,8 @@ def trained(a, cfg, prepared) -> tuple[Path, dict, dict]:
 
 def main() -> None:
     from covid_cxr.data import prepare
-    from covid_cxr.train.config import STUDY_MAX_PER_CLASS, TrainConfig
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.config import STUDY_MAX_PER_CLASS, TrainConfig
+    from covid_cxr.core.files import atomic_write_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--lungs", type=Path, required=True)

@@ -38,7 +38,7 @@ BASE = {"frozen_stages": 3, "decoder_channels": [64, 48, 32, 16, 8], "channels_l
 
 
 def build(cfg):
-    from covid_cxr.lungs.model import MaskModel, build_unet, frozen_modules
+    from covid_cxr.models.lung_unet import MaskModel, build_unet, frozen_modules
 
     net, _ = build_unet(cfg)
     model = MaskModel(net, 0.5, 0.25)
@@ -50,7 +50,7 @@ def build(cfg):
 
 def step_ms(cfg, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
     """ms per image of one training step (after one warm-up step), and of a validation forward."""
-    from covid_cxr.lungs.train import soft_dice
+    from covid_cxr.train.lungs import soft_dice
 
     model, frozen = build(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -83,7 +83,7 @@ def step_ms(cfg, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
 
 
 def augment_ms(pairs, n: int = 64) -> float:
-    from covid_cxr.lungs.train import PairDataset
+    from covid_cxr.train.lungs import PairDataset
 
     ds = PairDataset(pairs, True)
     ds[0]
@@ -94,8 +94,8 @@ def augment_ms(pairs, n: int = 64) -> float:
 
 
 def main() -> None:
-    from covid_cxr.lungs.config import LungConfig
-    from covid_cxr.lungs.data import load_pairs
+    from covid_cxr.core.lung_config import LungConfig
+    from covid_cxr.data.lung_masks import load_pairs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)

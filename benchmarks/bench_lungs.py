@@ -86,9 +86,9 @@ def latency_only(model: Path, data: Path, out: Path) -> None:
     """--latency-only: the step breakdown and the session settings, with the load average around them."""
     import os
 
-    from covid_cxr.lungs.data import load_pairs
+    from covid_cxr.data.lung_masks import load_pairs
     from covid_cxr.lungs.segment import LungSegmenter
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     image = load_pairs(data, None, max_images=3).images[0]
     seg = LungSegmenter.from_bundle(model)
@@ -111,11 +111,11 @@ def pick(pairs, metrics, rng) -> list[int]:
 
 
 def main() -> None:
-    from covid_cxr.lungs.evaluate import dice_iou, evaluate_pairs
-    from covid_cxr.lungs.data import load_pairs
-    from covid_cxr.lungs.overlay import mask_overlay, montage
+    from covid_cxr.evaluate.lungs import dice_iou, evaluate_pairs
+    from covid_cxr.data.lung_masks import load_pairs
+    from covid_cxr.explain.lung_overlay import mask_overlay, montage
     from covid_cxr.lungs.segment import LungSegmenter, sanity_check
-    from covid_cxr.utils import atomic_write_json
+    from covid_cxr.core.files import atomic_write_json
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)

@@ -10,7 +10,7 @@ Targets (issue 8): photos, noise, blank and non-chest rejected >= 99 %; test spl
 
 `--refit DIR` first writes the first bundle again with the current trust layer (same weights, same
 split: its training config) to DIR/<name>, and measures it beside the original: the before/after
-table of docs/results/issue8_ood.md. `--dev` measures the dev sets instead, on which the gate's
+table of docs/results/trust.md. `--dev` measures the dev sets instead, on which the gate's
 stages and combination were chosen (never on the test sets above): noise with another seed, blank
 levels, gradient angles and contrasts not in the test set, and the *validation* split's X-rays
 rotated, inverted and cropped (there is no second offline source of photos or non-chest images).
@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from covid_cxr.models.loading import load_torch
 from PIL import Image, ImageFilter
 
 SIZE = 224  # main() sets it to the bundles' input size
@@ -145,18 +146,18 @@ def training_split(bundle, data: Path, workdir: Path):
     """The bundle's split (its training config) and every split's pooled features from the training
     run's feature cache (no backbone pass)."""
     from covid_cxr.data import prepare
-    from covid_cxr.train.features import cached_features
+    from covid_cxr.features.cache import cached_features
 
     cfg = bundle.metadata.training.config.model_copy(update={"progress": False})
     prepared = prepare(data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
-    model = bundle.load_torch()
+    model = load_torch(bundle)
     feats = cached_features(model, prepared, cfg, bundle.metadata.architecture.weights, workdir / "feature-cache")
     return cfg, prepared, model, {s: (f.numpy(), y.numpy()) for s, (f, y) in feats.items()}
 
 
 def refit(bundle, model, cfg, prepared, feats, out: Path, threads: int):
     """The bundle written again to out/<name> with the current trust layer: same weights, same split."""
-    from covid_cxr.bundle import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.trust.fit import fit_trust
     from covid_cxr.trust.stages import stage_features
 
@@ -178,7 +179,7 @@ def gate_rates(bundle, sets: dict[str, np.ndarray], workdir: Path, threads: int)
 
     session = open_checked_session(bundle, threads)
     gate = gate_from_arrays(bundle.trust_arrays())
-    model = bundle.load_torch()
+    model = load_torch(bundle)
     parts = list(zip(model.members, gate.members)) if isinstance(gate, EnsembleOOD) else [(model, gate)]
     tag = f"{bundle.metadata.name}-{bundle.metadata.version}"
     runners = [stage_runner(m, g.indices, bundle.input_hw[0], workdir / f"stages-{tag}-{k}-{len(g.indices)}.onnx", threads)

@@ -1,6 +1,6 @@
 """Load benchmark of `covid-cxr serve`: latency and throughput, micro-batching on vs off.
 
-Starts the real server (`python -m covid_cxr.serve`, uvicorn) on loopback twice, once with
+Starts the real server (`python -m covid_cxr serve`, uvicorn) on loopback twice, once with
 micro-batching and once without, and sends the same bounded load to each: one real 256x256 PNG
 X-ray per request (multipart upload to /api/v1/predict, or with --path tfs a TF Serving predict
 with one {"b64": ...} instance). Reports p50/p99 latency at concurrency 1, images/second at
@@ -162,7 +162,7 @@ class Server:
         from covid_cxr.serve.testing import free_port
 
         self.port = free_port()
-        cmd = [sys.executable, "-m", "covid_cxr.serve", "--models", str(models), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "covid_cxr", "serve", "--models", str(models), "--port", str(self.port),
                "--log-level", "warning", "--batching" if batching else "--no-batching", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from covid_cxr.models.loading import load_torch
 from bench_ood import SIZE, dev_sets, split_images
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     b = load_bundle(args.model)
     cfg = b.metadata.training.config
     prepared = prepare(args.data, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed, progress=False)
-    layout, train, sets = stage_stats(b.load_torch(), prepared, args.threads)
+    layout, train, sets = stage_stats(load_torch(b), prepared, args.threads)
     names = [n for n, _, _ in layout]  # pooled, then the stages, the deepest last
     candidates = [([n], "sum") for n in names] + [(names[:-1], c) for c in ("max", "sum")] + [(names, c) for c in ("max", "sum")]
     print("| blocks | combine | " + " | ".join(sets) + " |\n|---|---|" + "---|" * len(sets))

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from covid_cxr.bundle import load_bundle
-from covid_cxr.bundle.ensemble import shared_split, split_probabilities
+from covid_cxr.publish.ensemble import shared_split, split_probabilities
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.operating_point import choose
 from covid_cxr.evaluate.report import metrics_table_md, operating_point_md

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle import load_bundle
-from covid_cxr.bundle.ensemble import shared_split, split_probabilities
+from covid_cxr.publish.ensemble import shared_split, split_probabilities
 from covid_cxr.bundle.schema import decide
 from covid_cxr.evaluate.operating_point import fit_threshold, parse_target
 

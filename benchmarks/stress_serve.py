@@ -1,6 +1,6 @@
 """Stress test of `covid-cxr serve` as a hostile or unlucky client would drive it (issue 7).
 
-Starts the real server (`python -m covid_cxr.serve`, uvicorn) on loopback and runs three scenarios:
+Starts the real server (`python -m covid_cxr serve`, uvicorn) on loopback and runs three scenarios:
 
 1. mixed load: good predicts interleaved with bad requests (deep JSON, non-ASCII and huge versions,
    odd names, bad base64, wrong shapes, out-of-range values, garbage, two-file and empty uploads,
@@ -13,8 +13,14 @@ Starts the real server (`python -m covid_cxr.serve`, uvicorn) on loopback and ru
    4,300 x 4,300 PNGs (the largest real radiographs: decoded), then one request holding 16 of them,
    then, on a second server allowing 50 MP (the old cap), the 7,000 x 7,000 ones decoded; peak RSS
    (VmHWM, reset before each part) and RSS once the server has settled.
+4. hostile mix (issue 17): good TF predicts, v2 infer (BYTES, no `outputs`) and DICOM uploads while
+   two progressive-JPEG scan bombs and three 1 GiB DICOM deflate bombs are always in flight, 64
+   clients trickle partial headers, and a model folder whose metadata.json holds 100,000 nested
+   brackets appears in the repository; p50/p99 of the good requests, peak and settled RSS.
+5. /metrics size and scrape time after 10,000 GETs of random model names.
+6. one Grad-CAM upload, then the settled RSS.
 
-    python benchmarks/stress_serve.py [--models MODELS] [--requests 2000] [--concurrency 32]
+    python benchmarks/stress_serve.py [--models MODELS] [--requests 2000] [--concurrency 32] [--parts 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +44,7 @@ from bench_serve import DATA, Server, default_models, memory, model_name
 TARGET_PEAK = 1.5 * 2**30
 TARGET_SETTLED = 600 * 2**20
 BODY_TIMEOUT_S = 5.0
+HEADER_TIMEOUT_S = 2.0
 
 
 # ---------------------------------------------------------------------------------- HTTP client
@@ -244,36 +253,76 @@ def report(tally: Tally, total: int, concurrency: int, slow: dict, large: list[d
     return all(checks.values())
 
 
+def hostile(models: Path, model: str, png: bytes, requests: int) -> dict[str, bool]:
+    """Parts 4-6 on a copy of the model's folder (part 4 adds a broken model folder to it)."""
+    from stress_hostile import gradcam_settle, hostile_mix, metrics_flood, report_hostile
+
+    with tempfile.TemporaryDirectory(prefix="stress-hostile-") as tmp:
+        repo = Path(tmp) / "models"
+        shutil.copytree(models / model, repo / model)
+        server = Server(repo, True, ["--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s",
+                                     str(BODY_TIMEOUT_S), "--rescan-seconds", "1"])
+        try:
+            pid = server.proc.pid
+            mix = asyncio.run(hostile_mix(server.port, pid, repo, model, png, requests, 8))
+            time.sleep(3)
+            settled = memory(pid)["VmRSS"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=10) as r:
+                ready = json.loads(r.read())
+            flood = asyncio.run(metrics_flood(server.port))
+            cam = asyncio.run(gradcam_settle(server.port, pid, model, png))
+        finally:
+            server.stop()
+    return report_hostile(mix, flood, cam, ready, settled)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, help="model repository (default: train a small one on the real data)")
     p.add_argument("--data", type=Path, default=DATA, help="real X-rays (class folders of PNGs)")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--hostile-requests", type=int, default=600, help="good requests in part 4")
+    p.add_argument("--parts", default="1,2,3,4", help="which parts to run: 1-3 (issue 7), 4 (issue 17: 4-6)")
     args = p.parse_args(argv)
+    parts = {int(x) for x in args.parts.split(",")}
+    ok = True
     with tempfile.TemporaryDirectory(prefix="stress-serve-") as tmp:
         models = args.models or default_models(args.data, Path(tmp))
         model = model_name(models)
         png = sorted((args.data / "COVID").glob("*.png"))[0].read_bytes()
-        server = Server(models, True, ["--body-timeout-s", str(BODY_TIMEOUT_S)])
-        try:
-            print(f"server pid {server.proc.pid}, model {model}; RSS at start "
-                  f"{memory(server.proc.pid)['VmRSS'] / 2**20:.0f} MiB", flush=True)
-            tally = asyncio.run(mixed_load(server.port, request_mix(server.port, model, png), args.requests,
-                                           args.concurrency))
-            good = request_mix(server.port, model, png)[0][1]
-            slow = asyncio.run(slow_clients(server.port, model, good))
-            large = large_images(server, model)
-        finally:
-            server.stop()
-        # The same 7,000 x 7,000 PNGs decoded, not refused: the old 50 MP cap, to show what reduced
-        # decoding and the decode budget do on their own.
-        server = Server(models, True, ["--max-image-pixels", "50000000"])
-        try:
-            large += large_images(server, model, ((7000, 1),), " with --max-image-pixels 50000000")
-        finally:
-            server.stop()
-    return 0 if report(tally, args.requests, args.concurrency, slow, large) else 1
+        if parts & {1, 2, 3}:
+            ok = first_round(models, model, png, args)
+        if 4 in parts:
+            checks = hostile(models, model, png, args.hostile_requests)
+            print()
+            for name, met in checks.items():
+                print(f"target {name}: {'met' if met else 'NOT met'}")
+            ok = ok and all(checks.values())
+    return 0 if ok else 1
+
+
+def first_round(models: Path, model: str, png: bytes, args) -> bool:
+    """Parts 1-3 (issue 7)."""
+    server = Server(models, True, ["--body-timeout-s", str(BODY_TIMEOUT_S)])
+    try:
+        print(f"server pid {server.proc.pid}, model {model}; RSS at start "
+              f"{memory(server.proc.pid)['VmRSS'] / 2**20:.0f} MiB", flush=True)
+        tally = asyncio.run(mixed_load(server.port, request_mix(server.port, model, png), args.requests,
+                                       args.concurrency))
+        good = request_mix(server.port, model, png)[0][1]
+        slow = asyncio.run(slow_clients(server.port, model, good))
+        large = large_images(server, model)
+    finally:
+        server.stop()
+    # The same 7,000 x 7,000 PNGs decoded, not refused: the old 50 MP cap, to show what reduced
+    # decoding and the decode budget do on their own.
+    server = Server(models, True, ["--max-image-pixels", "50000000"])
+    try:
+        large += large_images(server, model, ((7000, 1),), " with --max-image-pixels 50000000")
+    finally:
+        server.stop()
+    return report(tally, args.requests, args.concurrency, slow, large)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def val_row(paths: str, positive: str) -> dict:
     from sklearn.metrics import log_loss, roc_auc_score
 
     from covid_cxr.bundle import load_bundle
-    from covid_cxr.bundle.ensemble import shared_split, split_probabilities
+    from covid_cxr.publish.ensemble import shared_split, split_probabilities
     from covid_cxr.evaluate.metrics import compute_metrics
 
     members = [load_bundle(Path(p)) for p in paths.split(",")]

@@ -15,7 +15,7 @@ from covid_cxr.data.split import SPLITS
 from covid_cxr.evaluate.compare import to_markdown, write_comparison
 from covid_cxr.evaluate.report import metrics_table_md
 from covid_cxr.train.fit import TrainConfig, TrainResult, train
-from covid_cxr.utils import atomic_write_csv, atomic_write_json, atomic_write_text
+from covid_cxr.core.files import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
 def write_splits(prepared, path: Path) -> None:

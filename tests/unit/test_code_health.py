@@ -77,7 +77,7 @@ def test_reading_a_bundle_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, covid_cxr.bundle, covid_cxr.serve.app, covid_cxr.train.config, covid_cxr.evaluate.report; "
+    code = ("import sys, covid_cxr.bundle, covid_cxr.serve.app, covid_cxr.core.config, covid_cxr.evaluate.report; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr

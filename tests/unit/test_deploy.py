@@ -1,6 +1,7 @@
 """deploy/: what can be checked without docker or a cluster. The YAML parses as KServe
 InferenceServices; image, ports, user and probe paths agree between the Dockerfile and the
-manifests; the commands they run are valid `covid-cxr serve` invocations and the probed paths exist."""
+manifests; the commands they run or name are valid `covid-cxr` invocations and the probed paths
+exist; the serving image installs the torch-free `[serve]` extra, and that extra names no torch."""
 
 from __future__ import annotations
 
@@ -36,12 +37,22 @@ def _manifest(name: str) -> dict:
     return doc
 
 
-def _serve_args(argv: list[str]) -> dict:
-    """Parse a `covid-cxr serve ...` command line as the CLI would (no server started)."""
-    assert argv[:2] == ["covid-cxr", "serve"], argv
-    cmd = typer.main.get_command(app).commands["serve"]
+def _args(argv: list[str], command: str = "serve") -> dict:
+    """Parse a `covid-cxr COMMAND ...` command line as the CLI would (nothing run)."""
+    assert argv[:2] == ["covid-cxr", command], argv
+    cmd = typer.main.get_command(app).commands[command]
     argv = [a if a not in ("/models", "/mnt/models") else str(DEPLOY) for a in argv[2:]]  # must exist here
-    return cmd.make_context("serve", argv).params
+    return cmd.make_context(command, argv).params
+
+
+def _serve_args(argv: list[str]) -> dict:
+    return _args(argv, "serve")
+
+
+def _pip_installs(runs: list[str]) -> list[list[str]]:
+    """The argument lists of every `pip install` in the Dockerfile's RUN lines."""
+    words = [shlex.split(part) for run in runs for part in run.split("&&")]
+    return [w[w.index("install") + 1:] for w in words if w and w[0].endswith("pip") and "install" in w]
 
 
 def _routes() -> set[str]:
@@ -80,6 +91,19 @@ def test_triton_runtime_serves_the_exported_repository():
     m = _manifest("triton-runtime.yaml")["spec"]["predictor"]["model"]
     assert m["modelFormat"]["name"] == "triton" and m["protocolVersion"] == "v2"
     assert m["storageUri"].endswith("/triton-repo") and m["runtime"] == "kserve-tritonserver"
-    assert "covid-cxr export --format triton" in (DEPLOY / "kserve" / "triton-runtime.yaml").read_text()
-    assert shlex.split("covid-cxr export --format triton --models M --out R")[1] in \
-        typer.main.get_command(app).commands
+    text = (DEPLOY / "kserve" / "triton-runtime.yaml").read_text().replace("\n#", " ")
+    (command,) = re.findall(r"`(covid-cxr export [^`]+)`", text)  # the command the manifest names
+    params = _args([a if a not in ("MODELS",) else "/models" for a in shlex.split(command)], "export")
+    assert params["format"] == "triton" and params["out"].name == "REPO"
+    with pytest.raises(Exception, match="No such option"):  # the parser refuses what export does not take
+        _args(shlex.split(command) + ["--no-such-option"], "export")
+
+
+def test_the_serving_image_installs_the_torch_free_serve_extra():
+    installs = _pip_installs(_dockerfile()["RUN"])
+    assert any(".[serve]" in args and "requirements.lock" in args for args in installs), installs
+    assert not any(a.split("=")[0].split("[")[0] in ("torch", "torchvision") for args in installs for a in args)
+    extras = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in extras["serve"]}
+    assert "onnxruntime" in names and not names & {"torch", "torchvision", "lightning", "timm", "grad-cam"}
+    assert {"torch", "lightning"} <= {re.split(r"[<>=\[ ]", d)[0].lower() for d in extras["train"]}

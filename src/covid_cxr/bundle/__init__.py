@@ -3,7 +3,8 @@
     MODELS/<name>/<version>/  model.safetensors  model.onnx  metadata.json  report/
 
 schema (the typed metadata.json), store (names, versions, atomic publishing), reader (numpy + ONNX
-Runtime only), check (`covid-cxr bundle check`), writer (torch: export and write).
+Runtime only), check (`covid-cxr bundle check`). The writer (torch: export and write) is imported on its own,
+`covid_cxr.publish.writer`, by training code only.
 """
 
 from covid_cxr.bundle.check import check_bundle
@@ -13,11 +14,5 @@ from covid_cxr.bundle.store import clean_stale, parse_version, valid_name, versi
 
 __all__ = ["FORMAT_VERSION", "ONNX_INPUT", "ONNX_OUTPUT", "OOD_OUTPUTS", "Bundle", "BundleError", "BundleMetadata",
            "check_bundle", "clean_stale", "load_bundle", "open_checked_session", "open_session", "parse_version",
-           "read_metadata", "valid_name", "versions", "write_bundle"]
+           "read_metadata", "valid_name", "versions"]
 
-
-def write_bundle(*args, **kwargs):
-    """See `covid_cxr.bundle.writer.write_bundle` (imported on use: it needs torch)."""
-    from covid_cxr.bundle.writer import write_bundle as write
-
-    return write(*args, **kwargs)

@@ -23,7 +23,8 @@ from covid_cxr.bundle.schema import (
     upgrade,
 )
 from covid_cxr.bundle.store import FILES, versions
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
+from covid_cxr.core.files import file_sha256
 
 
 class BundleError(UserError):
@@ -35,13 +36,32 @@ class NoCamGraph(BundleError):
     whose Grad-CAM layer is not the pooled map): the server answers without a map and says why."""
 
 
+@dataclass(frozen=True)
+class Answers:
+    """What a bundle answers for N images, whichever door they came in by (server, predict,
+    evaluate, explain, audit): one place turns the runner's arrays into labels and the gate's verdict."""
+
+    probabilities: np.ndarray  # N x classes, calibrated (model.onnx applies the temperature)
+    labels: np.ndarray  # N class indices: the operating point if the bundle has one, else the argmax
+    ood_score: np.ndarray | None = None  # N, None for a bundle without an out-of-distribution gate
+    in_distribution: np.ndarray | None = None  # N bool, None without a gate
+
+    def row(self, i: int, classes: list[str]) -> dict:
+        """Image i as predict --json and the upload API report it."""
+        inside = None if self.in_distribution is None else bool(self.in_distribution[i])
+        return {"label": None if inside is False else classes[int(self.labels[i])],  # rejected: no label
+                "probabilities": {c: float(p) for c, p in zip(classes, self.probabilities[i])},
+                "in_distribution": inside,
+                "ood_score": None if self.ood_score is None else float(self.ood_score[i])}
+
+
 @dataclass(eq=False)
 class Bundle:
     path: Path
     metadata: BundleMetadata
     format_on_disk: int = FORMAT_VERSION  # 1: written by the first release, upgraded when read
     _session: object = field(default=None, repr=False)
-    _lungs: object = field(default=None, repr=False)
+    step_state: dict = field(default_factory=dict, repr=False)  # what a preparation step keeps open
     _cam: object = field(default=None, repr=False)
 
     @property
@@ -100,25 +120,10 @@ class Bundle:
         """N x H x W float [0, 1] at input_hw -> what model.onnx was trained on: the lung-only crop
         for a bundle trained with --lung-crop (metadata `lung_crop`), else the images as they are.
         Every reader goes through here (run_classifier, Grad-CAM), so a bundle answers alike
-        wherever it runs."""
-        crop = self.metadata.lung_crop
-        if crop is None:
-            return images
-        from covid_cxr.lungs.crop import lung_only
-
-        return lung_only(np.asarray(images, dtype=np.float32), self.lung_segmenter(), crop.mode, crop.margin,
-                         crop.dilate)
-
-    def lung_segmenter(self, threads: int = 0, spinning: bool = False):
-        """The LungSegmenter of the bundle's own lung model (`lungs/`), opened once; None for a
-        bundle without lung_crop. The server opens it first with its thread settings."""
+        wherever it runs. The step itself comes from the registry (`prepare_step`)."""
         if self.metadata.lung_crop is None:
-            return None
-        if self._lungs is None:
-            from covid_cxr.lungs.segment import LungSegmenter
-
-            self._lungs = LungSegmenter(load_embedded_lungs(self), threads, spinning)
-        return self._lungs
+            return images
+        return prepare_step("lung_crop")(self, np.asarray(images, dtype=np.float32))
 
     @property
     def temperature(self) -> float:
@@ -135,6 +140,15 @@ class Bundle:
         """(probabilities N x C, ood_score N or None, in_distribution N bool or None): None for
         bundles without an out-of-distribution gate."""
         return run_classifier(self, self.session(), np.asarray(images, dtype=np.float32)[..., None])
+
+    def answer(self, images: np.ndarray) -> Answers:
+        """N x H x W float [0, 1] at input_hw -> probabilities, decided labels and the gate's verdict."""
+        return self.answers(*self.predict_with_ood(images))
+
+    def answers(self, probs: np.ndarray, score: np.ndarray | None = None,
+                inside: np.ndarray | None = None) -> Answers:
+        """The runner's arrays -> Answers (the server calls this on what its batcher returned)."""
+        return Answers(probs, self.decide(probs), score, None if inside is None else np.asarray(inside, bool))
 
     def trust_arrays(self) -> dict[str, np.ndarray] | None:
         """trust.safetensors' tensors: temperature and the gate's (read them with trust.ood.OODStats.from_arrays);
@@ -155,12 +169,6 @@ class Bundle:
             return decide(probs, None, None)
         return decide(probs, self.classes.index(op.class_name), op.threshold)
 
-    def load_torch(self):
-        """The classifier in PyTorch (Grad-CAM, checks), built from the metadata alone."""
-        from covid_cxr.bundle.writer import load_torch
-
-        return load_torch(self)
-
 
 def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The bundle's preparation (`Bundle.prepare`: the lung crop, if any) and one ONNX Runtime call
@@ -174,21 +182,57 @@ def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, 
     return probs, score, inside > 0.5
 
 
+# The registry of preparation steps a bundle's metadata can name: entry points of this group (see
+# pyproject.toml), so the reader applies the lung crop without importing the lungs package.
+PREPARE_STEPS = "covid_cxr.prepare_steps"
+
+
+def prepare_step(name: str):
+    """The step registered as `name`: a function (bundle, N x H x W float32) -> N x H x W float32."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=PREPARE_STEPS, name=name))
+    if not found:
+        raise BundleError(f"the bundle needs the preparation step {name!r}, which is not installed "
+                          f"(reinstall covid-cxr: `pip install -e .`)")
+    return found[0].load()
+
+
 def read_metadata(path: Path) -> BundleMetadata:
     """Parse and validate `path/metadata.json` (format 1 is upgraded); BundleError otherwise."""
     return _read_metadata(path)[0]
 
 
-def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
-    file = path / "metadata.json"
+# metadata.json of a real bundle is a few kB (an ensemble's, tens); anything far larger is not one,
+# and is refused before it is read into memory.
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+
+
+def read_json_file(file: Path, max_bytes: int = MAX_METADATA_BYTES):
+    """A bundle's JSON file, parsed; BundleError (one line) for anything a parser can throw on a
+    hostile file: too large, not UTF-8, not JSON, nested deeper than Python's recursion limit."""
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        with open(file, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise BundleError(f"{file}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise BundleError(f"{file}: unreadable: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise BundleError(f"{file}: larger than {max_bytes} bytes; not a bundle's metadata")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise BundleError(f"{file}: unreadable: {exc}") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{file}: not valid JSON (truncated?): {exc}") from None
+    except (RecursionError, ValueError) as exc:  # 100,000 nested brackets, huge numbers
+        raise BundleError(f"{file}: not usable JSON ({type(exc).__name__}: nested too deep?)") from None
+
+
+def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
+    file = path / "metadata.json"
+    raw = read_json_file(file)
     if not isinstance(raw, dict):
         raise BundleError(f"{file}: expected a JSON object, found {type(raw).__name__}")
     fv = raw.get("format_version")
@@ -198,6 +242,8 @@ def _read_metadata(path: Path) -> tuple[BundleMetadata, int]:
         return BundleMetadata.model_validate(upgrade(raw)), fv
     except ValidationError as exc:
         raise BundleError(f"{file}: {_first_error(exc)}") from None
+    except RecursionError:
+        raise BundleError(f"{file}: nested too deep to validate") from None
     except (KeyError, TypeError, ValueError) as exc:  # a format-1 file missing what upgrade() needs
         raise BundleError(f"{file}: format-1 metadata without {exc}") from None
 
@@ -242,13 +288,19 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
 
 def load_embedded_lungs(bundle: Bundle) -> Bundle:
     """The lung segmentation model inside a --lung-crop classifier bundle (metadata.json and
-    model.onnx only: its training weights stay with the original)."""
+    model.onnx only: its training weights stay with the original), its model.onnx verified
+    against the sha256 the classifier recorded."""
     path = bundle.path / bundle.metadata.lung_crop.folder
     meta, stored = _read_metadata(path)
     if meta.task != "segmentation":
         raise BundleError(f"{path / 'metadata.json'}: a {meta.task} model, not a lung segmentation model")
-    if not (path / meta.onnx.file).is_file():
-        raise BundleError(f"{path / meta.onnx.file}: missing")
+    onnx = path / meta.onnx.file
+    if not onnx.is_file():
+        raise BundleError(f"{onnx}: missing")
+    digest, want = file_sha256(onnx), bundle.metadata.lung_crop.onnx_sha256
+    if digest != want:  # every reader (serve, predict, evaluate, check) runs only the file it was written with
+        raise BundleError(f"{onnx}: not the lung model this bundle was written with (sha256 "
+                          f"{digest[:12]}..., metadata.json says {want[:12]}...)")
     return Bundle(path, meta, stored)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from covid_cxr.data import decode
-from covid_cxr.lungs.config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.lung_config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
+from covid_cxr.core.config import TrainConfig
 
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"
@@ -198,6 +198,34 @@ class TrustInfo(_Strict):
 
     calibration: Calibration | None = None
     ood: OODGate | None = None
+class ImageReference(_Strict):
+    """Cheap statistics of the reference images, one value per image (rounded): the file's own side
+    and aspect, and brightness, contrast, sharpness and border brightness at the model's input size."""
+
+    side: list[float] = Field(description="the file's shorter side, pixels")
+    aspect: list[float] = Field(description="the file's width / height")
+    brightness: list[float] = Field(description="mean pixel value in [0, 1]")
+    contrast: list[float] = Field(description="standard deviation of the pixel values")
+    sharpness: list[float] = Field(description="mean absolute difference of neighbouring pixels")
+    border: list[float] = Field(description="mean pixel value of the outer 8 % frame (padding, crops)")
+    histogram: list[float] = Field(description="mean intensity histogram, 16 equal bins over [0, 1]")
+    bit_depth: dict[str, int] = Field(description="bits per sample -> images")
+    dicom: dict[str, dict[str, int]] = Field({}, description="DICOM Modality, Manufacturer, ViewPosition and "
+                                             "PatientAge (decades) -> images, where the files are DICOM")
+
+
+class SiteReference(_Strict):
+    """What a new site is compared against (`covid-cxr site check`, the serving monitor): the
+    validation split's answers and image statistics, as samples (no images, no patient data)."""
+
+    computed_on: str = "val split"
+    n: int = Field(ge=1, description="images in the reference")
+    ood_score: list[float] | None = Field(None, description="the gate's ood_score per image (absent without a gate)")
+    confidence: list[float] = Field(description="the largest class probability per image")
+    predicted: dict[str, int] = Field(description="predicted class -> images")
+    images: ImageReference | None = None
+
+
 class SegmentationHistory(_Strict):
     epochs_run: int = Field(ge=0)
     best_epoch: int = Field(ge=0)
@@ -296,6 +324,8 @@ class BundleMetadata(_Strict):
     segmentation: Segmentation | None = None
     lung_crop: LungCrop | None = Field(None, description="lung-only input: the classifier needs its lung "
                                        "model's crop first (absent: whole images)")
+    site_reference: SiteReference | None = Field(None, description="what `covid-cxr site check` and the serving "
+                                                 "monitor compare a site against (absent in older bundles)")
     cam: CamInfo | None = Field(None, description="Grad-CAM inside the bundle (cam.onnx); absent in bundles "
                                 "written before it, and where the closed form does not hold")
     software: dict[str, str] = {}
@@ -318,6 +348,9 @@ class BundleMetadata(_Strict):
             raise ValueError(f"trust.ood is set: onnx outputs {list(OOD_OUTPUTS)} must have shape [{DYNAMIC}]")
         if self.lung_crop is not None and self.task != "classification":
             raise ValueError("lung_crop belongs to classifiers only")
+        ref = self.site_reference
+        if ref is not None and not set(ref.predicted) <= set(self.classes):
+            raise ValueError(f"site_reference.predicted names classes the model lacks: {sorted(ref.predicted)}")
         if self.cam is not None and (self.task != "classification"
                                      or [t.shape for t in self.cam.inputs] != [want_in]
                                      or [t.shape for t in self.cam.outputs] != [self.cam_shape]):

@@ -18,6 +18,7 @@ import io
 import os
 import stat
 import warnings
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +32,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 20_000_000
 REDUCING_GAP = 3.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+# A progressive JPEG decodes its whole frame once per scan: real ones have about 10 scans (baseline:
+# 1), a hostile one 10,000 (a 428 kB file held two decode slots 43 s). Counted before decoding.
+MAX_JPEG_SCANS = 100
+# Huffman-coded JPEG spends at least one bit per 8x8 block of its largest component in its DC scan;
+# a file with less entropy-coded data than one bit per 16 blocks (a margin for subsampling) cannot
+# hold the picture its header claims: libjpeg would fill the rest with grey and answer anyway.
+MIN_BLOCKS_PER_BIT = 16
+_ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Deflated DICOM (1.2.840.10008.1.2.1.99) is inflated by us, at most this many bytes per allowed
+# pixel (16-bit RGBA plus headers fit), so a 1 MB file cannot become 1 GiB before any cap applies.
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+DEFLATE_BYTES_PER_PIXEL = 4
+DEFLATE_SLACK = 1 << 20
 
 # What a model's input is, as the bundle's metadata describes it (read from here, never restated).
 CHANNELS = 1
@@ -87,9 +102,49 @@ def _is_dicom(data: bytes) -> bool:
     return (len(data) > 132 and data[128:132] == b"DICM") or data[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+def _inflate_bounded(zipped: bytes, limit: int) -> bytes:
+    """Raw deflate -> bytes, refusing (DecodeError) once more than `limit` bytes would come out:
+    the memory spent is bounded by the limit, never by what the stream claims."""
+    inflater, parts, size = zlib.decompressobj(-zlib.MAX_WBITS), [], 0
+    try:
+        while zipped and not inflater.eof:  # in 4 MiB pieces: no output buffer grown past the limit
+            parts.append(inflater.decompress(zipped, min(4 << 20, limit + 1 - size)))
+            size += len(parts[-1])
+            if size > limit:
+                raise DecodeError(f"deflated DICOM data set inflates beyond {limit} bytes (deflate bomb?)")
+            zipped = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DecodeError(f"unreadable deflated DICOM: {exc}") from None
+    return b"".join(parts)
+
+
+def _undeflate_dicom(data: bytes, max_pixels: int) -> bytes:
+    """A deflated-transfer-syntax file rewritten as explicit VR little endian, inflated under a cap
+    derived from the pixel cap (pydicom would inflate it whole, unbounded); other files unchanged."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        preamble = read_preamble(fp, force=data[128:132] != b"DICM")
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DecodeError(f"unreadable DICOM: {str(exc)[:200]}") from None
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_DICOM:
+        return data
+    body = _inflate_bounded(data[fp.tell():], max_pixels * DEFLATE_BYTES_PER_PIXEL + DEFLATE_SLACK)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    write_file_meta_info(out, meta, enforce_standard=False)
+    return (preamble or b"\0" * 128) + b"DICM" + out.getvalue() + body
+
+
 def _read_dicom(data: bytes, max_pixels: int):
     import pydicom
 
+    data = _undeflate_dicom(data, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -137,6 +192,53 @@ def _decode_dicom(data: bytes, max_pixels: int, target, admit: Admit) -> Decoded
 
 # ---------------------------------------------------------------------------------- PNG / JPEG
 
+def _entropy_end(data: bytes, i: int) -> int:
+    """Where a scan's entropy-coded data starting at i ends: the next marker that is not a
+    stuffed 0xFF00 or a restart marker."""
+    n = len(data)
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0 or i + 1 >= n:
+            return n
+        nxt = data[i + 1]
+        if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+            i += 2
+        elif nxt == 0xFF:
+            i += 1  # fill byte before a marker
+        else:
+            return i
+
+
+def jpeg_scans(data: bytes) -> tuple[int, int, bool]:
+    """(scans, entropy-coded bytes, arithmetic-coded?) of a JPEG's first frame, from its marker
+    segments alone (up to the first EOI: an MPO's later frames and EXIF thumbnails are not read).
+    Refuses more than MAX_JPEG_SCANS scans as soon as it counts them."""
+    i, n, scans, entropy, arithmetic = 2, len(data), 0, 0, False
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        arithmetic |= marker in _ARITHMETIC_SOF
+        if marker == 0xDA:  # SOS: its entropy-coded data follows the header
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise DecodeError(f"JPEG with more than {MAX_JPEG_SCANS} scans (progressive scan bomb?)")
+            end = _entropy_end(data, i)
+            entropy, i = entropy + end - i, end
+    return scans, entropy, arithmetic
+
+
+def _check_jpeg(data: bytes, width: int, height: int) -> None:
+    """Before decoding: a sane number of scans, and enough coded data for the size it claims."""
+    scans, entropy, arithmetic = jpeg_scans(data)
+    blocks = -(-width // 8) * -(-height // 8)
+    if not arithmetic and entropy * 8 * MIN_BLOCKS_PER_BIT < blocks:
+        raise DecodeError(f"truncated JPEG: {entropy} bytes of image data cannot hold {width}x{height} pixels")
+
 def _open_pil(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only: format and size are checked before any pixel is decoded."""
     try:
@@ -152,14 +254,16 @@ def _open_pil(data: bytes, max_pixels: int) -> Image.Image:
     w, h = img.size
     if w * h > max_pixels:
         raise DecodeError(f"too many pixels: {w}x{h} > {max_pixels}")
-    if img.format not in ("PNG", "JPEG"):
+    if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: a phone's JPEG with extra frames (first decoded)
         raise DecodeError(f"unsupported image format {img.format or '?'}")
+    if img.format != "PNG":
+        _check_jpeg(data, w, h)
     return img
 
 
 def _load_reduced(img: Image.Image, target) -> Image.Image:
     """Decode (a JPEG at reduced scale when it can), box-reduce, then turn as EXIF says."""
-    if target is not None and img.format == "JPEG":
+    if target is not None and img.format in ("JPEG", "MPO"):
         gap = int(REDUCING_GAP * max(target))
         img.draft("L", (gap, gap))  # libjpeg scales by 1/2..1/8, never below the size asked
     try:
@@ -195,7 +299,7 @@ def _decode_pil(data: bytes, max_pixels: int, target, admit: Admit) -> Decoded:
     w, h = img.size
     with admit(w * h):
         arr = _to_float(_load_reduced(img, target))
-    return Decoded(arr, img.format, w, h)
+    return Decoded(arr, "JPEG" if img.format == "MPO" else img.format, w, h)
 
 
 # ---------------------------------------------------------------------------------- entry points

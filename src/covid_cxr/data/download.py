@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 
 DATASET = "tawsifurrahman/covid19-radiography-database"
 CONNECT_TIMEOUT_S = 5.0

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from covid_cxr.errors import DataNotFound
+from covid_cxr.core.errors import DataNotFound
 
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
 
@@ -69,8 +69,10 @@ def _class_files(class_dir: Path) -> tuple[str, list[Path]]:
     return layout, files
 
 
-def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Discovery:
-    """List every file under each requested class folder (none silently dropped: decoding decides)."""
+def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = None,
+             allow_missing: bool = False) -> Discovery:
+    """List every file under each requested class folder (none silently dropped: decoding decides).
+    `allow_missing`: some classes may lack a folder (an all-COVID external set), not all of them."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataNotFound(f"dataset folder not found: {root}")
@@ -101,7 +103,7 @@ def discover(root: str | Path, classes: tuple[str, ...] | list[str] | None = Non
         layouts.add(layout)
         files += [LabelledFile(p, p.relative_to(root).as_posix(), label) for p in paths]
     missing = [c for c in wanted if c not in found]
-    if missing:
+    if missing and (not allow_missing or not found):
         raise DataNotFound(
             f"no folder for class(es) {missing} under {base}; found folders: "
             f"{sorted(d.name for d in base.iterdir() if d.is_dir())}"

@@ -58,7 +58,7 @@ class Manifest:
         return h.hexdigest()
 
     def write_csv(self, path: str | Path) -> None:
-        from covid_cxr.utils import atomic_write_csv
+        from covid_cxr.core.files import atomic_write_csv
 
         names = [f.name for f in fields(Record)]
         atomic_write_csv(path, names, ([getattr(r, n) for n in names] for r in self.records))
@@ -87,12 +87,13 @@ def scan_file(path: Path, relpath: str, label: str, max_pixels: int = DEFAULT_MA
 
 
 def build_manifest(root: str | Path, classes=None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   near_threshold: int = 4, progress: bool = True) -> Manifest:
-    """Discover, decode and hash every file, then mark duplicates (see `dedupe.mark_duplicates`)."""
+                   near_threshold: int = 4, progress: bool = True, allow_missing: bool = False) -> Manifest:
+    """Discover, decode and hash every file, then mark duplicates (see `dedupe.mark_duplicates`).
+    `allow_missing`: a folder may lack some of `classes` (evaluation of an external set)."""
     from covid_cxr.data.dedupe import mark_duplicates
-    from covid_cxr.utils import progress_iter
+    from covid_cxr.core.progress import progress_iter
 
-    disc: Discovery = discover(root, classes)
+    disc: Discovery = discover(root, classes, allow_missing)
     recs = [scan_file(f.path, f.relpath, f.label, max_pixels)
             for f in progress_iter(disc.files, "scanning images", enabled=progress)]
     classes_out = tuple(normalise_class(c) for c in (classes or CLASS_NAMES))

@@ -9,8 +9,8 @@ from pathlib import Path
 from covid_cxr.data.manifest import Manifest, Record
 from covid_cxr.data.split import SPLITS, select, stratified_group_split
 from covid_cxr.data.stats import mean_std
-from covid_cxr.errors import DataError
-from covid_cxr.train.config import BALANCE_CHOICES
+from covid_cxr.core.errors import DataError
+from covid_cxr.core.config import BALANCE_CHOICES
 
 
 

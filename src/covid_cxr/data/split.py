@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covid_cxr.errors import DataError
+from covid_cxr.core.errors import DataError
 
 SPLITS = ("train", "val", "test")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from covid_cxr.errors import DataError
+from covid_cxr.core.errors import DataError
 
 
 def mean_std(records) -> tuple[float, float]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from covid_cxr.bundle import load_bundle, versions
-from covid_cxr.errors import DataNotFound
-from covid_cxr.utils import atomic_write_csv, atomic_write_text
+from covid_cxr.core.errors import DataNotFound
+from covid_cxr.core.files import atomic_write_csv, atomic_write_text
 
 COLUMNS = ("Category", "Model", "Precision", "Recall", "F1", "Accuracy")
 

@@ -3,7 +3,7 @@ bundle's ONNX model: exactly what the server would answer."""
 
 from __future__ import annotations
 
-from covid_cxr.errors import DataError
+from covid_cxr.core.errors import DataError
 
 from pathlib import Path
 
@@ -12,35 +12,66 @@ import numpy as np
 from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
+from covid_cxr.core.errors import DataError
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
-from covid_cxr.utils import progress_iter
+from covid_cxr.core.progress import progress_iter
+from covid_cxr.evaluate.selective import risk_coverage_png, selective_md, selective_metrics
 
 
 def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> dict:
-    man = build_manifest(data_dir, classes=bundle.classes, progress=progress)
+    man = build_manifest(data_dir, classes=bundle.classes, progress=progress, allow_missing=True)
     recs = man.ok  # skipped files are listed in the manifest and the report
     if not recs:
         raise DataError(f"no readable labelled images in {data_dir}")
     h, w = bundle.input_hw
-    probs, inside = [], []
+    answers = []
     for i in progress_iter(range(0, len(recs), 32), "evaluating", enabled=progress):
-        x = load_batch([man.root / r.path for r in recs[i:i + 32]], h, w)
-        p, _, ok = bundle.predict_with_ood(x)
-        probs.append(p)
-        inside.append(ok if ok is not None else np.ones(len(p), bool))
+        answers.append(bundle.answer(load_batch([man.root / r.path for r in recs[i:i + 32]], h, w)))
     y = np.array([bundle.classes.index(r.label) for r in recs])
-    probs = np.concatenate(probs)
+    probs = np.concatenate([a.probabilities for a in answers])
+    inside = [a.in_distribution if a.in_distribution is not None else np.ones(len(a.labels), bool) for a in answers]
     m = with_operating_point(compute_metrics(y, probs, bundle.classes), y, probs, bundle.metadata.operating_point)
+    inside = np.concatenate(inside)
     if bundle.has_ood:  # the share of the folder the model's gate calls unlike its training images
-        m["ood_rate"] = float(1 - np.concatenate(inside).mean())
+        m["ood_rate"] = float(1 - inside.mean())
+    m["selective"] = selective_metrics(y, probs, inside if bundle.has_ood else None)
+    present = [c for c in bundle.classes if m["per_class"][c]["support"]]
+    if len(present) < len(bundle.classes):  # macro-F1 over every class would count absent ones as 0
+        m["classes_absent"] = [c for c in bundle.classes if c not in present]
+        m["macro_f1_present"] = float(np.mean([m["per_class"][c]["f1"] for c in present]))
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
     m["model"] = {"name": bundle.name, "version": bundle.version}
     m["data"] = str(man.root)
     out.mkdir(parents=True, exist_ok=True)
     man.write_csv(out / "manifest.csv")
+    write_predictions(out / "predictions.csv", bundle, [r.path for r in recs], answers)
     curves = bundle.report_dir / "curves.png"
     if curves.is_file():
         (out / "curves.png").write_bytes(curves.read_bytes())
-    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}")
+    risk_coverage_png(y, probs, out / "risk_coverage.png", f"{bundle.name} v{bundle.version} on {man.root.name}")
+    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m["selective"]))
     return m
+
+
+def absent_md(m: dict) -> str:
+    if not m.get("classes_absent"):
+        return ""
+    return (f"\n- classes absent from this folder: {', '.join(m['classes_absent'])}; macro-F1 over the classes "
+            f"present {m['macro_f1_present']:.3f}\n")
+
+
+def write_predictions(path: Path, bundle: Bundle, images: list[str], answers: list) -> None:
+    """One row per image: what `predict --json` answers for it (label by the operating point, every
+    probability, the gate), so a report can be checked image by image."""
+    from covid_cxr.core.files import atomic_write_csv
+
+    rows = []
+    for a in answers:
+        for i in range(len(a.labels)):
+            r = a.row(i, bundle.classes)
+            rows.append([r["label"], *(repr(v) for v in r["probabilities"].values()),
+                         "" if r["in_distribution"] is None else r["in_distribution"],
+                         "" if r["ood_score"] is None else repr(r["ood_score"])])
+    atomic_write_csv(path, ["image", "label", *bundle.classes, "in_distribution", "ood_score"],
+                     ([img, *row] for img, row in zip(images, rows)))

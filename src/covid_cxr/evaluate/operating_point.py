@@ -14,21 +14,8 @@ import re
 
 import numpy as np
 
-from covid_cxr.errors import ConfigError
-
-_SPEC = re.compile(r"^\s*(?P<cls>[^=]+?)\s*=\s*(?P<r>[0-9.]+)\s*$")
-
-
-def parse_target(spec: str) -> tuple[str, float]:
-    """'COVID-19=0.97' -> ('COVID-19', 0.97); ConfigError naming the expected form otherwise."""
-    m = _SPEC.match(spec or "")
-    if not m:
-        raise ConfigError(f"--target-recall {spec!r}: expected CLASS=RECALL, e.g. COVID-19=0.97")
-    r = float(m["r"])
-    if not 0 < r <= 1:
-        raise ConfigError(f"--target-recall {spec!r}: the recall must be in (0, 1]")
-    return m["cls"], r
-
+from covid_cxr.core.config import parse_target  # noqa: F401  (the operating point's spec; lives with the config)
+from covid_cxr.core.errors import ConfigError
 
 def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float]:
     """(k, confidence reached): the smallest k such that the k-th largest of n calibration scores,

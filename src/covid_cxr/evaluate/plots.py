@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from covid_cxr.utils import atomic_write_bytes  # noqa: E402
-
-
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+from covid_cxr.core.figures import plt, save_png
 
 
 def confusion_matrix_png(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
@@ -33,7 +20,7 @@ def confusion_matrix_png(cm: list[list[int]], classes: list[str], path: Path, ti
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
     ax.set_title(title or "confusion matrix (test split)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def curves_png(history: list[dict], path: Path, title: str = "") -> None:
@@ -50,4 +37,4 @@ def curves_png(history: list[dict], path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "training curves")
-    _save(fig, path)
+    save_png(fig, path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from covid_cxr.evaluate.plots import confusion_matrix_png
-from covid_cxr.trust.report import ci_text, trust_md
-from covid_cxr.utils import atomic_write_json, atomic_write_text
+from covid_cxr.evaluate.trust_report import ci_text, trust_md
+from covid_cxr.core.files import atomic_write_json, atomic_write_text
 
 KEY_CLASS = "COVID-19"
 

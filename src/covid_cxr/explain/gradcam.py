@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from covid_cxr.models.loading import load_torch
+
 from covid_cxr.explain.render import (  # noqa: F401  (re-exported)
     _METHOD_CLASSES,
     DEFAULT_METHOD,
@@ -191,7 +193,7 @@ def explainer_for_bundle(bundle) -> Explainer:
             _cache.move_to_end(key)
             return found
     # outside the lock: loading takes a while. Layer and architecture come from the bundle's metadata.
-    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer,
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer,
                           temperature=bundle.temperature)
     with _cache_lock:
         found = _cache.get(key)

@@ -2,7 +2,12 @@
 
     REPO/<name>/config.pbtxt            platform onnxruntime_onnx, dynamic batching, tensors from metadata.json
     REPO/<name>/labels.txt              class names, one a line, in output order (label_filename)
-    REPO/<name>/<version>/model.onnx    the bundle's ONNX model, unchanged
+    REPO/<name>/<version>/model.onnx    the bundle's ONNX model, unchanged (with its external data files, if any)
+    REPO/<name>/<version>/model.py      --backend python only: runs model.onnx on ONNX Runtime
+
+Two variants: `onnxruntime` (the default; Triton's onnxruntime backend, e.g. GPU Triton) and `python`
+(Triton's python backend running model.onnx through ONNX Runtime: for a Triton without the onnxruntime
+backend, such as the CPU-only server in the nvidia-pytriton wheel). Same tensors, same answers.
 
 Triton, and KServe's Triton runtime, load this as it is. The exported model takes what the ONNX
 graph takes: FP32 [N, H, W, 1] in [0, 1], already resized (see the input's dims); decoding image
@@ -22,6 +27,8 @@ from covid_cxr.bundle.schema import DYNAMIC, BundleMetadata, TensorSpec
 from covid_cxr.export.tensors import triton_type
 
 PLATFORM = "onnxruntime_onnx"
+BACKENDS = ("onnxruntime", "python")
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")  # copied as <version>/model.py
 LABELS = "labels.txt"
 ENUM_FIELDS = {"data_type", "format", "kind"}  # written bare in the text format, not quoted
 
@@ -35,8 +42,10 @@ def _tensor(t: TensorSpec, batched: bool) -> dict:
 
 
 def model_config(meta: BundleMetadata, max_batch_size: int = 64, max_queue_delay_us: int = 5000,
-                 all_versions: bool = False) -> dict:
-    """Triton's ModelConfig (as a dict in its protobuf field names) for one bundle's ONNX model."""
+                 all_versions: bool = False, backend: str = "onnxruntime", name: str | None = None) -> dict:
+    """Triton's ModelConfig (as a dict in its protobuf field names) for one bundle's ONNX model, run by
+    Triton's onnxruntime backend or (`backend="python"`) by model.py on ONNX Runtime, on CPUs.
+    `name`: the model folder's name, which Triton requires `name` to equal (default: metadata's)."""
     batched = all(t.shape[0] == DYNAMIC for t in (*meta.onnx.inputs, *meta.onnx.outputs))
     inputs = [_tensor(t, batched) for t in meta.onnx.inputs]
     for t in inputs:
@@ -46,11 +55,16 @@ def model_config(meta: BundleMetadata, max_batch_size: int = 64, max_queue_delay
     for t in outputs:
         if t["name"] == "probabilities":
             t["label_filename"] = LABELS
-    config = {"name": meta.name, "platform": PLATFORM, "max_batch_size": max_batch_size if batched else 0,
+    if backend not in BACKENDS:
+        raise BundleError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}")
+    engine = {"platform": PLATFORM} if backend == "onnxruntime" else {"backend": "python"}
+    config = {"name": name or meta.name, **engine, "max_batch_size": max_batch_size if batched else 0,
               "version_policy": {"all": {}} if all_versions else {"latest": {"num_versions": 1}},
               "input": inputs, "output": outputs}
     if batched:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": max_queue_delay_us}
+    if backend == "python":
+        config["instance_group"] = [{"count": 1, "kind": "KIND_CPU"}]
     return config
 
 
@@ -79,12 +93,42 @@ def to_pbtxt(msg: dict, indent: int = 0) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_versions: bool) -> None:
+def external_data(onnx_path: Path) -> list[str]:
+    """Files an ONNX model keeps its tensors in beside it (ONNX external data: `weights.bin`), as
+    relative paths; BundleError for a location outside the model's folder."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found = []
+    for t in _tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            rel = Path(loc)
+            if not loc or rel.is_absolute() or ".." in rel.parts or not (onnx_path.parent / rel).is_file():
+                raise BundleError(f"{onnx_path}: external data {loc!r} is not a file inside the bundle")
+            found.append(rel.as_posix())
+    return sorted(set(found))
+
+
+def _tensors(graph):
+    """Every tensor of a graph: initializers, and those in node attributes and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
+
+
+def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_versions: bool,
+                 backend: str = "onnxruntime") -> None:
     newest = bundles[-1].metadata
     dest.mkdir(parents=True)
-    config = model_config(newest, max_batch_size, all_versions=all_versions)
-    (dest / "config.pbtxt").write_text(f"# covid-cxr export of {newest.name}, newest version "
-                                       f"{newest.version}\n" + to_pbtxt(config), encoding="utf-8")
+    config = model_config(newest, max_batch_size, all_versions=all_versions, backend=backend, name=dest.name)
+    (dest / "config.pbtxt").write_text(f"# covid-cxr export of {dest.name} ({newest.name} in its metadata), "
+                                       f"newest version {newest.version}\n" + to_pbtxt(config), encoding="utf-8")
     (dest / LABELS).write_text("".join(c + "\n" for c in newest.classes), encoding="utf-8")
     for b in bundles:
         same = (b.classes, b.metadata.onnx.inputs, b.metadata.onnx.outputs)
@@ -93,13 +137,18 @@ def _write_model(bundles: list[Bundle], dest: Path, max_batch_size: int, all_ver
                               "export the newest version alone")
         (dest / str(b.version)).mkdir()
         shutil.copyfile(b.onnx_path, dest / str(b.version) / "model.onnx")
+        if backend == "python":
+            shutil.copyfile(PYTHON_MODEL, dest / str(b.version) / "model.py")
+        for rel in external_data(b.onnx_path):  # Triton reads them beside model.onnx
+            (dest / str(b.version) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(b.onnx_path.parent / rel, dest / str(b.version) / rel)
 
 
 def _replace(staged: Path, final: Path) -> None:
     """Put a fully written model folder in place (the old one, if any, goes after)."""
     old = None
     if final.exists():
-        old = final.with_name(f".old-{final.name}-{staged.name}")
+        old = final.with_name(f".old-{final.name}-{staged.parent.name}")
         final.rename(old)
     staged.rename(final)
     if old is not None:
@@ -107,9 +156,11 @@ def _replace(staged: Path, final: Path) -> None:
 
 
 def export_triton(models: str | Path, out: str | Path, names: list[str] | None = None,
-                  all_versions: bool = False, max_batch_size: int = 64) -> list[Path]:
+                  all_versions: bool = False, max_batch_size: int = 64, backend: str = "onnxruntime") -> list[Path]:
     """Export each model of the repository `models` (or those in `names`) to `out`; returns the
     model folders written. Every bundle is checked first (`covid-cxr bundle check`)."""
+    if backend not in BACKENDS:
+        raise BundleError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}")
     models, out = Path(models), Path(out)
     found = sorted(p.name for p in models.iterdir() if valid_name(p.name) and versions(p)) if models.is_dir() else []
     names = names or found
@@ -127,8 +178,8 @@ def export_triton(models: str | Path, out: str | Path, names: list[str] | None =
                                   "apply before model.onnx; serve it with `covid-cxr serve` (name the others)")
         staged = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
         try:
-            _write_model(bundles, staged / "m", max_batch_size, all_versions)
-            _replace(staged / "m", out / name)
+            _write_model(bundles, staged / name, max_batch_size, all_versions, backend)  # named as Triton will see it
+            _replace(staged / name, out / name)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         written.append(out / name)

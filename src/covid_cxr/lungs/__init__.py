@@ -4,8 +4,9 @@ more out-of-distribution signal.
 
     LungSegmenter.from_bundle(MODELS/lungs).masks(images_float01_NxHxW) -> bool N x H x W
 
-The reader side (segment, zones, config) needs numpy + ONNX Runtime only; training needs torch.
-Names load on first use so importing this package stays cheap.
+This package is the runtime side (numpy + ONNX Runtime only): segment, crop, zones. Training the
+U-Net lives in train/lungs.py (model: models/lung_unet.py, data: data/lung_masks.py, Dice/IoU:
+evaluate/lungs.py), so the server can read a lung model without torch. Names load on first use.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LungConfig": "covid_cxr.lungs.config",
     "LungSegmenter": "covid_cxr.lungs.segment",
     "Sanity": "covid_cxr.lungs.segment",
     "sanity_check": "covid_cxr.lungs.segment",
     "lung_fields": "covid_cxr.lungs.segment",
     "CamZones": "covid_cxr.lungs.zones",
     "cam_zones": "covid_cxr.lungs.zones",
-    "train_lungs": "covid_cxr.lungs.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from covid_cxr.lungs.config import CROP_DILATE as DILATE
-from covid_cxr.lungs.config import CROP_MARGIN as MARGIN
-from covid_cxr.lungs.segment import sanity_check
+from covid_cxr.core.lung_config import CROP_DILATE as DILATE
+from covid_cxr.core.lung_config import CROP_MARGIN as MARGIN
+from covid_cxr.bundle.reader import load_embedded_lungs
+from covid_cxr.lungs.segment import LungSegmenter, sanity_check
 
 MODES = ("none", "box", "mask")
 
@@ -60,3 +61,20 @@ def batch_transform(mode: str, lungs: str | None):
 
     seg = segmenter_for(lungs)
     return lambda batch: lung_only(batch, seg, mode)
+
+
+def bundle_segmenter(bundle, threads: int = 0, spinning: bool = False):
+    """The LungSegmenter of a --lung-crop bundle's own lung model (`lungs/`), opened once and kept
+    on the bundle; None for a bundle without lung_crop. The server opens it first with its
+    thread settings."""
+    if bundle.metadata.lung_crop is None:
+        return None
+    if "lungs" not in bundle.step_state:
+        bundle.step_state["lungs"] = LungSegmenter(load_embedded_lungs(bundle), threads, spinning)
+    return bundle.step_state["lungs"]
+
+
+def crop_step(bundle, images: np.ndarray) -> np.ndarray:
+    """The `lung_crop` preparation step (registered in pyproject.toml): the crop metadata records."""
+    crop = bundle.metadata.lung_crop
+    return lung_only(images, bundle_segmenter(bundle), crop.mode, crop.margin, crop.dilate)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.lungs.config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE
+from covid_cxr.core.lung_config import MAX_AREA, MIN_AREA, MIN_BLOB_SHARE
 
 ONNX_MASK = "mask"
 THRESHOLD = 0.5
@@ -187,17 +187,3 @@ def segmenter_for(path: str | Path) -> LungSegmenter:
     if key not in _cache:
         _cache[key] = LungSegmenter.from_bundle(key)
     return _cache[key]
-
-
-def lung_report(path: str | Path, pixels: np.ndarray, cam: np.ndarray | None = None) -> dict:
-    """What the upload API adds: the mask's sanity check and, given a Grad-CAM map, where it looks
-    (fields of serve.protocol.LungFields)."""
-    from covid_cxr.lungs.zones import cam_zones
-
-    mask = segmenter_for(path).masks(np.asarray(pixels)[None])[0]
-    s = sanity_check(mask)
-    out = {"check_ok": s.ok, "problems": s.problems, "area": round(s.area, 4)}
-    if cam is not None:
-        z = cam_zones(cam, mask)
-        out.update(inside_share=round(z.inside, 4), strongest_zone=z.strongest, summary=z.summary)
-    return out

@@ -10,8 +10,12 @@ rib ends); it names a region, it does not measure one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from covid_cxr.data.decode import resize
+from covid_cxr.lungs.segment import blobs, sanity_check, segmenter_for
 
 SIDES = ("right", "left")  # patient's right = image left
 LEVELS = ("upper", "middle", "lower")
@@ -22,8 +26,6 @@ def lungs_by_side(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(patient's right lung, patient's left lung) as bool masks. The two largest blobs, the one
     on the image's left being the right lung; with one blob (lungs touching, or one lung found),
     the mask is cut at its own horizontal centre."""
-    from covid_cxr.lungs.segment import blobs
-
     mask = np.asarray(mask, dtype=bool)
     labels, order = blobs(mask)
     if len(order) >= 2:
@@ -68,8 +70,6 @@ class CamZones:
 
 def cam_zones(cam: np.ndarray, mask: np.ndarray) -> CamZones:
     """The map's mass inside the lungs and per zone (the map is resized to the mask if needed)."""
-    from covid_cxr.data.decode import resize
-
     cam = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, None)
     if cam.shape != mask.shape:
         cam = np.clip(resize(cam, *mask.shape), 0, None)
@@ -81,3 +81,15 @@ def cam_zones(cam: np.ndarray, mask: np.ndarray) -> CamZones:
     inside = float(cam[labels >= 0].sum()) / total
     strongest = max(zones, key=zones.get) if (labels >= 0).any() else None
     return CamZones(inside, zones, strongest)
+
+
+def lung_report(path: str | Path, pixels: np.ndarray, cam: np.ndarray | None = None) -> dict:
+    """What the upload API adds: the mask's sanity check and, given a Grad-CAM map, where it looks
+    (fields of serve.protocol.LungFields)."""
+    mask = segmenter_for(path).masks(np.asarray(pixels)[None])[0]
+    s = sanity_check(mask)
+    out = {"check_ok": s.ok, "problems": s.problems, "area": round(s.area, 4)}
+    if cam is not None:
+        z = cam_zones(cam, mask)
+        out.update(inside_share=round(z.inside, 4), strongest_zone=z.strongest, summary=z.summary)
+    return out

@@ -1,9 +1,9 @@
 """Architectures and weight sources behind one face: `create_model(arch, weights=...)`.
 
-The registry is torch-free; the torch parts load on first use, so `covid_cxr.models.registry` can
+The registry is torch-free; the torch parts load on first use, so `covid_cxr.core.architectures` can
 be read by the ONNX-only server and the bundle schema without importing torch."""
 
-from covid_cxr.models.registry import REGISTRY, ArchSpec, get_spec, list_archs
+from covid_cxr.core.architectures import REGISTRY, ArchSpec, get_spec, list_archs
 
 _LAZY = {"Classifier": "classifier", "Head": "classifier", "ProbabilityModel": "classifier",
          "create_model": "classifier", "classifier_from_metadata": "classifier",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from covid_cxr.models.registry import ArchSpec, get_spec
+from covid_cxr.core.architectures import ArchSpec, get_spec
 
 
 class Head(nn.Module):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from covid_cxr.errors import UserError
-from covid_cxr.models.registry import ArchSpec
+from covid_cxr.core.errors import UserError
+from covid_cxr.core.architectures import ArchSpec
 
 
 class WeightsUnavailable(UserError, RuntimeError):

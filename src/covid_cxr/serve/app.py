@@ -23,7 +23,7 @@ from covid_cxr.serve.limits import DecodeLimits, PixelBudget, return_large_frees
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import BadRequest
 from covid_cxr.serve.repository import InvalidModelName, ModelNotFound, ModelRepository, ModelUnavailable
-from covid_cxr.serve.routes import oip, operations, tf_serving, upload, web
+from covid_cxr.serve.routes import browser, card, oip, operations, tf_serving, upload, web
 from covid_cxr.serve.settings import ServeSettings
 
 STATUS_OF = ((BadRequest, 400), (InvalidModelName, 400), (ModelNotFound, 404), (ModelUnavailable, 503))
@@ -51,9 +51,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.decode_limits = DecodeLimits(settings.max_image_pixels, PixelBudget(settings.decode_budget_pixels))
     return_large_frees_to_the_os()
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s)
+                       max_concurrency=settings.max_concurrency, body_timeout_s=settings.body_timeout_s,
+                       model_label=repo.metric_label)
     add_error_handlers(app)
-    for module in (operations, tf_serving, oip, upload, web):
+    for module in (operations, tf_serving, oip, upload, card, browser, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
     return app

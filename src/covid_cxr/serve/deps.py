@@ -45,13 +45,26 @@ def get_metrics(request: Request) -> Metrics:
 
 
 def require_api_key(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
-    """Bearer-token check for predict endpoints (no-op when the server has no key). The scheme is
+    """Bearer-token check (no-op when the server has no key). The scheme is
     case-insensitive (RFC 6750 via RFC 7235: 'bearer' is as good as 'Bearer'); the token is not."""
     if not settings.api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
         raise Unauthorized()
+
+
+def require_key_to_read(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
+    """The key check for what describes the models (lists, metadata with test metrics, Triton
+    config): needed unless `api_key_scope` is 'predict'."""
+    if settings.api_key_scope == "all":
+        require_api_key(request, settings)
+
+
+def require_key_for_metrics(request: Request, settings: ServeSettings = Depends(get_settings)) -> None:
+    """/metrics shows every model's traffic: the key unless `public_metrics` or scope 'predict'."""
+    if settings.api_key_scope == "all" and not settings.public_metrics:
+        require_api_key(request, settings)
 
 
 def parse_version(version: str) -> int:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from covid_cxr.serve.metrics import Metrics
 
@@ -58,9 +59,10 @@ async def send_json(send, status: int, payload: dict, headers: list | None = Non
 
 class Guard:
     def __init__(self, app, metrics: Metrics, max_body_bytes: int, max_concurrency: int,
-                 body_timeout_s: float = 30.0):
+                 body_timeout_s: float = 30.0, model_label: Callable[[str], str] = lambda name: name):
         self.app = app
         self.metrics = metrics
+        self.model_label = model_label  # a client's model name -> a bounded metrics label
         self.max_body = max_body_bytes
         self.max_concurrency = max_concurrency
         self.body_timeout = body_timeout_s
@@ -82,7 +84,8 @@ class Guard:
         try:
             await self._handle(scope, receive, send_status, status)
         finally:
-            self.metrics.observe_request(endpoint_of(scope["path"]), state.get("model", ""), status[0] or 500,
+            self.metrics.observe_request(endpoint_of(scope["path"]), self.model_label(state.get("model", "")),
+                                         status[0] or 500,
                                          time.perf_counter() - t0)
 
     async def _handle(self, scope, receive, send, status: list[int]) -> None:

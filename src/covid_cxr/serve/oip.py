@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from covid_cxr.bundle import ONNX_INPUT
 from covid_cxr.export.tensors import oip_datatype
 from covid_cxr.serve.limits import DecodeLimits
-from covid_cxr.serve.protocol import BadRequest, check_values, decode_image
+from covid_cxr.serve.protocol import BadRequest, as_numbers, check_values, decode_image, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -69,10 +69,11 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedRequest:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
     if not 0 < n <= len(body):
         raise BadRequest(f"{HEADER_LENGTH} {n} is outside the body ({len(body)} bytes)")
+    obj = parse_json(body[:n])  # BadRequest for bad or too deeply nested JSON, as TF Serving's parser
     try:
-        req = InferRequest.model_validate(json.loads(body[:n]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = exc.errors()[0] if isinstance(exc, ValidationError) else exc
+        req = InferRequest.model_validate(obj)
+    except (ValueError, RecursionError) as exc:
+        msg = exc.errors()[0] if isinstance(exc, ValidationError) else "nested too deeply"
         raise BadRequest(f"malformed inference request: {msg}") from None
     blobs = _binary_inputs(req.inputs, body[n:])
     names = [i.name for i in req.inputs]
@@ -129,10 +130,9 @@ def _fp32_elements(t: InferInput, raw: bytes | None) -> np.ndarray:
         if len(raw) != 4 * count:
             raise BadRequest(f"input {t.name!r}: {len(raw)} bytes of binary data for {count} FP32 values")
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
-    try:
-        x = np.asarray(t.data, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise BadRequest(f"input {t.name!r}: 'data' must hold numbers") from None
+    if not isinstance(t.data, list):
+        raise BadRequest(f"input {t.name!r}: 'data' must be a list of numbers")
+    x = as_numbers(t.data, f"input {t.name!r}: 'data'").reshape(-1)
     if x.size != count:
         raise BadRequest(f"input {t.name!r}: {x.size} values in 'data' for shape {t.shape}")
     return x

@@ -100,7 +100,8 @@ class LungFields(BaseModel):
 
 
 class UploadPrediction(BaseModel):
-    label: str
+    label: str | None = Field(description="the diagnosis label; null when the gate rejects the image (no "
+                              "label is given for an image unlike the training X-rays: see warning)")
     in_distribution: bool | None = Field(None, description="false: the image is unlike the training X-rays "
                                          "(a photo, noise, another body part...); do not trust the label. "
                                          "Absent for bundles without an out-of-distribution gate")
@@ -215,30 +216,39 @@ def _columnar_items(inputs: Any) -> list:
 def to_batch(items: list, height: int, width: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Instances -> float32 N x H x W x 1, checking shape, finiteness and range."""
     if all(isinstance(i, list) for i in items):  # the common case: one numpy conversion for all
-        return check_values(_shape_batch(_numeric(items), height, width))
+        return check_values(_shape_batch(as_numbers(items), height, width))
     out = []
     for k, item in enumerate(items):
         if isinstance(item, dict):
             out.append(decode_b64(item, height, width, k, limits)[..., None])
         elif isinstance(item, list):
-            out.append(_shape_batch(_numeric([item]), height, width, k)[0])
+            out.append(_shape_batch(as_numbers([item]), height, width, k)[0])
         else:
             raise BadRequest(f"instance {k}: expected a tensor (nested list) or {{'b64': ...}}, "
                              f"got {type(item).__name__}")
     return check_values(np.stack(out))
 
 
-def _numeric(value: list) -> np.ndarray:
+def as_numbers(value: list, what: str = "instances") -> np.ndarray:
+    """Nested lists of JSON numbers -> float32; strings and booleans are refused, as TF Serving
+    refuses them (numpy would read "0.5" as text and quietly turn true into 1 beside numbers)."""
     try:
         arr = np.asarray(value)
-    except (ValueError, TypeError, OverflowError):
-        raise BadRequest("instances must be rectangular arrays of numbers "
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise BadRequest(f"{what} must be rectangular arrays of numbers "
                          "(ragged or mixed nesting found)") from None
-    if arr.dtype.kind not in "fiu":
-        raise BadRequest(f"instances must hold numbers, found {arr.dtype.kind!r} values "
-                         f"({'strings' if arr.dtype.kind in 'US' else 'non-numeric'})")
+    kind = "b" if arr.dtype.kind in "fiu" and _holds_bool(value, arr.ndim) else arr.dtype.kind
+    if kind not in "fiu":
+        found = {"U": "strings", "S": "strings", "b": "booleans"}.get(kind, "non-numeric values")
+        raise BadRequest(f"{what} must hold numbers, found {found}")
     with np.errstate(over="ignore"):
         return arr.astype(np.float32, copy=False)
+
+
+def _holds_bool(value: list, ndim: int) -> bool:
+    """Whether a rectangular nested list has a boolean among its numbers (one pass in C)."""
+    leaves = value if ndim == 1 else np.asarray(value, dtype=object).ravel()
+    return bool in set(map(type, leaves))
 
 
 def _shape_batch(arr: np.ndarray, h: int, w: int, index: int | None = None) -> np.ndarray:

@@ -15,7 +15,6 @@ clients name files relative to the repository, never by their absolute path.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from covid_cxr.bundle import (
     ONNX_INPUT,
     ONNX_OUTPUT,
+    OOD_OUTPUTS,
     Bundle,
     clean_stale,
     load_bundle,
@@ -38,14 +38,17 @@ from covid_cxr.bundle import (
     valid_name,
     versions,
 )
-from covid_cxr.bundle.reader import run_classifier
+from covid_cxr.bundle.reader import Answers, BundleError, read_json_file, run_classifier
+from covid_cxr.lungs.crop import bundle_segmenter
 from covid_cxr.serve.batching import BatcherClosed, MicroBatcher, split
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.settings import ServeSettings
+from covid_cxr.site.monitor import MonitorCollector, ShiftMonitor
 
 log = logging.getLogger("covid_cxr.serve")
 RETRY_FAILED_S = 30.0  # a broken bundle is retried this often, not at every scan
-CLEAN_STAGING_S = 300.0  # how often staging folders left by killed writers are looked for
+CLEAN_STAGING_S = 300.0
+UNKNOWN_MODEL = "(unknown)"  # the one metrics label for every name that is not a model being served  # how often staging folders left by killed writers are looked for
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":]+/)+([^\s/'\":]*)")
 
 
@@ -77,6 +80,7 @@ class LoadedModel:
     batcher: MicroBatcher | None = field(default=None, repr=False)
     observe: Callable[[int, float], None] | None = field(default=None, repr=False)  # (images, seconds)
     max_batch: int = 4
+    monitor: ShiftMonitor | None = field(default=None, repr=False)  # the site monitor's window of answers
     threads: int = 0  # ONNX Runtime intra-op threads for cam.onnx (the server's setting)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -112,7 +116,25 @@ class LoadedModel:
             return rows, None, None
         return rows[:, :c], rows[:, c], rows[:, c + 1] > 0.5
 
+    async def answer(self, x: np.ndarray) -> Answers:
+        """Probabilities, the bundle's decided labels and the gate's verdict (the upload API's answer)."""
+        return self.bundle.answers(*await self.predict_with_ood(x))
+
+    async def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every ONNX output by name (what the Open Inference Protocol answers), through the same
+        batcher as `predict`: in_distribution as model.onnx gives it (float 0 / 1)."""
+        probs, score, inside = await self.predict_with_ood(x)
+        if score is None:
+            return {ONNX_OUTPUT: probs}
+        return dict(zip((ONNX_OUTPUT, *OOD_OUTPUTS), (probs, score, inside.astype(probs.dtype))))
+
     async def predict_rows(self, x: np.ndarray) -> np.ndarray:
+        rows = await self._predict_rows(x)
+        if self.monitor is not None:
+            self.monitor.append(rows)  # the monitor's only work on the request path
+        return rows
+
+    async def _predict_rows(self, x: np.ndarray) -> np.ndarray:
         self.last_used = time.monotonic()
         if self.batcher is not None:
             try:
@@ -161,6 +183,11 @@ class ModelRepository:
         self._background: set[asyncio.Task] = set()
         self._reported: set[str] = set()
         self._cleaned_at = float("-inf")
+        metrics.registry.register(MonitorCollector(self.monitors))
+
+    def monitors(self) -> list[tuple[str, int, ShiftMonitor]]:
+        """(name, version, monitor) of every loaded model version that has one (Prometheus gauges)."""
+        return [(m.name, m.version, m.monitor) for m in list(self._loaded.values()) if m.monitor is not None]
 
     # ------------------------------------------------------------------ disk
 
@@ -181,10 +208,11 @@ class ModelRepository:
             stamp = meta.stat().st_mtime_ns
             known = self._tasks.get(meta)
             if known is None or known[0] != stamp:
-                known = (stamp, json.loads(meta.read_text(encoding="utf-8")).get("task"))
+                raw = read_json_file(meta)
+                known = (stamp, raw.get("task") if isinstance(raw, dict) else None)
                 self._tasks[meta] = known
-        except (OSError, ValueError, AttributeError):
-            return False  # unreadable: loading reports it
+        except (OSError, BundleError):
+            return False  # unreadable: loading reports it, for this model only
         return known[1] == "segmentation"
 
     def _read_disk(self) -> dict[str, list[int]]:
@@ -205,10 +233,11 @@ class ModelRepository:
                 continue
             try:
                 vs = versions(p)
-            except OSError as exc:  # this model only: the others are still served
-                self._report(p.name, f"ignoring model folder {p}: {exc}")
-                vs = self._disk.get(p.name, [])
-            if vs and not self._is_segmentation(p / str(vs[-1])):  # a lung model helps; it is not served
+                segmentation = bool(vs) and self._is_segmentation(p / str(vs[-1]))
+            except Exception as exc:  # this model only: the others are still served
+                self._report(p.name, f"ignoring model folder {p}: {type(exc).__name__}: {exc}")
+                vs, segmentation = self._disk.get(p.name, []), False
+            if vs and not segmentation:  # a lung model helps; it is not served
                 found[p.name] = vs
         return found
 
@@ -236,6 +265,12 @@ class ModelRepository:
             raise ModelNotFound(f"Servable not found for request: Latest({name})")
         return vs
 
+    def metric_label(self, name: str) -> str:
+        """The model label a request is counted under: its name if the repository holds that model
+        (as last listed; no disk read), else UNKNOWN_MODEL, so clients cannot grow /metrics with
+        names of their own ("" for requests that name no model)."""
+        return name if not name or name in self._disk else UNKNOWN_MODEL
+
     @staticmethod
     def check_name(name: str) -> None:
         if not valid_name(name):
@@ -245,6 +280,12 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
+
+    def unavailable(self) -> dict[str, str]:
+        """Models on disk with no version loaded and a load failure on record: name -> why."""
+        serving = {m.name for m in self._loaded.values()}
+        return {name: err for (name, _), (_, err) in sorted(self._failed.items())
+                if name in self._disk and name not in serving}
 
     def status(self, name: str) -> list[tuple[int, str, str]]:
         """(version, state, error) per version on disk, newest first, in TF Serving's terms."""
@@ -306,6 +347,9 @@ class ModelRepository:
             model = LoadedModel(name, version, bundle, session, max_batch=self.settings.max_batch,
                                 threads=self.settings.intra_op_threads)
             model.observe = lambda n, s, m=model: self.metrics.observe_batch(m.name, m.version, n, s)
+            if self.settings.monitor_window:
+                model.monitor = ShiftMonitor(bundle.metadata.site_reference, bundle.classes,
+                                             self.settings.monitor_window)
             if self.settings.batching:
                 model.batcher = MicroBatcher(model.run, self.executor, self.settings.max_batch,
                                              self.settings.max_wait_s, on_batch=model.observe,
@@ -329,7 +373,7 @@ class ModelRepository:
         session = open_checked_session(bundle, self.settings.intra_op_threads, self.settings.ort_spinning)
         h, w = bundle.input_hw
         session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})  # warm-up
-        if bundle.lung_segmenter(self.settings.intra_op_threads, self.settings.ort_spinning) is not None:
+        if bundle_segmenter(bundle, self.settings.intra_op_threads, self.settings.ort_spinning) is not None:
             bundle.prepare(np.zeros((1, h, w), np.float32))  # opens (and warms) its lung model now
         return bundle, session
 

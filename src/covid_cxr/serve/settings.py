@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from covid_cxr.data.decode import DEFAULT_MAX_PIXELS
@@ -18,13 +20,24 @@ class ServeSettings(BaseModel):
     models: Path = Field(description="model repository: MODELS/<name>/<version>/")
     host: str = "127.0.0.1"
     port: int = 8501
-    api_key: str | None = Field(None, description="bearer token required on predict endpoints (None: open)")
+    api_key: str | None = Field(None, description="bearer token clients must send (None: every route open)")
+    # Liveness, readiness (incl. TF Serving's per-model status and v2 model ready, which probes use),
+    # the web page and /static never need the key; what else does is chosen here.
+    api_key_scope: Literal["all", "predict"] = Field("all", description="with an API key, which routes need it: "
+                                                     "'all' (predict/infer, model lists, metadata with test metrics, "
+                                                     "Triton config) or 'predict' (only what runs a model)")
+    public_metrics: bool = Field(False, description="serve /metrics without the API key (a Prometheus on a "
+                                 "private network that scrapes without credentials)")
     max_body_bytes: int = Field(20 * MB, ge=1, description="request body limit (413 beyond it)")
     max_concurrency: int = Field(64, ge=1, description="predict requests being handled (counted once their body "
                                  "has arrived, so clients still sending cannot lock others out); beyond it 503 at once")
     # 30 s: a 20 MB body at 6 Mbit/s; an X-ray file of a few MB takes seconds even on a slow link.
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a client may take to send its request body; "
                                   "beyond it 408 and the connection is closed")
+    # 10 s: a request's headers are a few hundred bytes; even a slow phone link sends them in well under a second.
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers "
+                                    "(from connecting, or from the previous response); beyond it the connection "
+                                    "is closed")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image accepted, in pixels "
                                   "(the default takes 4,300 x 4,300 radiographs)")
     # Two largest images at once (one per core on this machine): with reduced decoding each costs
@@ -46,6 +59,10 @@ class ServeSettings(BaseModel):
     ort_spinning: bool = Field(False, description="let ONNX Runtime's idle threads spin (busy-wait)")
     lungs: Path | None = Field(None, description="lung segmentation bundle (MODELS/lungs): the upload API adds "
                                "the lung check and where Grad-CAM looks by lung zone")
+    # 200: at that size the window's tests see a real-source site within its first 10-20 films
+    # (docs/results/site.md) and one odd film moves nothing; memory: 200 rows of 5 floats per model.
+    monitor_window: int = Field(200, ge=0, description="site monitor: latest answers per model version tested "
+                                "against the bundle's reference (0: no monitor)")
     default_model: str | None = Field(None, description="upload API's model when none is named "
                                       "(default: the only one, or the first by name)")
 

@@ -22,6 +22,7 @@ def running_server(settings: ServeSettings, ready_timeout: float = 60.0, wait_re
     import uvicorn
 
     from covid_cxr.serve.app import create_app
+    from covid_cxr.serve.transport import http_protocol
 
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -29,7 +30,7 @@ def running_server(settings: ServeSettings, ready_timeout: float = 60.0, wait_re
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, http=http_protocol(settings.header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"uvicorn-{port}")

@@ -8,7 +8,8 @@ model, on the site's own test split (and per source when the original data is mi
 
 from __future__ import annotations
 
-from covid_cxr.errors import ConfigError
+from covid_cxr.core.errors import ConfigError
+from covid_cxr.models.loading import load_torch
 
 
 def adapted_config(cfg):
@@ -38,11 +39,11 @@ def start_model(cfg, prepared):
     b = load_bundle(cfg.init_from)
     if list(b.classes) != list(prepared.classes):
         raise ConfigError(f"--init-from {b.path}: classes {b.classes} differ from the data's {list(prepared.classes)}")
-    model = b.load_torch()
+    model = load_torch(b)
     model.freeze_backbone()
     norm = b.metadata.input.normalisation
     prepared.mean, prepared.std = norm.mean, norm.std
-    from covid_cxr.train.extract_onnx import weights_digest
+    from covid_cxr.features.onnx import weights_digest
 
     # the digest keys the feature cache: two bundles of one name and version never share features
     return model, f"bundle {b.name} v{b.version} (backbone {weights_digest(model.backbone)})"
@@ -96,7 +97,7 @@ def exclude_seen(prepared, cfg) -> int:
     data together with the site's images; without this, the test split would hold the bundle's
     training images and flatter it). Returns how many moved."""
     from covid_cxr.bundle import load_bundle
-    from covid_cxr.errors import DataError
+    from covid_cxr.core.errors import DataError
 
     seen = trained_on(load_bundle(cfg.init_from))
     moved = [r for r in prepared.splits["test"] if r.sha256 in seen]

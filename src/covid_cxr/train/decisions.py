@@ -14,7 +14,7 @@ def decision_metrics(model, inputs, prepared, cfg, trust=None) -> dict:
     split's scaled probabilities."""
     from covid_cxr.train.fit import test_probabilities
     from covid_cxr.trust.fit import apply_temperature
-    from covid_cxr.trust.report import add_trust_metrics
+    from covid_cxr.evaluate.trust_report import add_trust_metrics
 
     classes = prepared.classes
     scale = (lambda p: apply_temperature(p, trust.temperature)) if trust is not None else (lambda p: p)

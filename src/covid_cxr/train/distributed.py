@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.config import TrainConfig
 
 
 @dataclass

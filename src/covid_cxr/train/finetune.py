@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from covid_cxr.models.registry import get_spec
+from covid_cxr.core.architectures import get_spec
 from covid_cxr.train.module import ClassifierModule
 from covid_cxr.trust.stages import SPLITS, channel_stats, stage_indices
 
@@ -171,12 +171,13 @@ def trunk_extractor(model, k: int, size: int, cache_dir: Path, takes: tuple[int,
     """ONNX Runtime session of the frozen trunk, exported once per arch, size, weights, depth and
     `takes`. run(x, n) -> the graph's first n outputs (activations[, stage statistics])."""
     from covid_cxr.bundle.reader import open_session
-    from covid_cxr.train.extract_onnx import export_graph, weights_digest
+    from covid_cxr.features.onnx import weights_digest
+    from covid_cxr.features.onnx import export_trunk
 
     name = f"{model.spec.name}-{size}-{weights_digest(model.backbone)}-trunk{k}{stats_suffix(takes)}.onnx"
     path = Path(cache_dir) / "backbones" / name
     if not path.is_file():
-        export_graph(Trunk(model.backbone, k, takes), path, size, (TRUNK_OUTPUT, STATS_OUTPUT)[:1 + bool(takes)])
+        export_trunk(Trunk(model.backbone, k, takes), path, size, (TRUNK_OUTPUT, STATS_OUTPUT)[:1 + bool(takes)])
     session = open_session(path)
     names = [o.name for o in session.get_outputs()]
     mean, std = np.float32(float(model.mean)), np.float32(float(model.std))
@@ -202,7 +203,7 @@ def extract_view(run, items, size: int, caches: list, view: int, progress: bool,
     """Trunk outputs of `items` for one view (0: the plain image), only what a cache lacks: one
     FeatureCache per output (the activations[, the gate's stage statistics]), saved together."""
     from covid_cxr.data.decode import load_batch
-    from covid_cxr.utils import progress_iter
+    from covid_cxr.core.progress import progress_iter
 
     todo = [it for it in items if any(it[1] not in c.rows for c in caches)]
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
@@ -223,8 +224,8 @@ def trunk_views(model, prepared, cfg, cache_dir: Path) -> tuple[dict, dict | Non
     """split -> ([view tensors N x C x h x w], labels): `finetune_views` views for train, view 0 else;
     and split -> the gate's trunk-stage statistics of view 0 (N x S; None when gate_takes is empty)."""
     from covid_cxr.data.dataset import labels_of
-    from covid_cxr.train.extract_onnx import weights_digest
-    from covid_cxr.train.features import FeatureCache, cache_key
+    from covid_cxr.features.onnx import weights_digest
+    from covid_cxr.features.cache import FeatureCache, cache_key
 
     k = first_trainable_block(cfg.arch)
     takes = gate_takes(model.backbone, k)

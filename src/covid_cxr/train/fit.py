@@ -19,17 +19,18 @@ import torch
 from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
 from covid_cxr.evaluate.plots import curves_png
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, get_spec
-from covid_cxr.train.config import TrainConfig
+from covid_cxr.core.config import TrainConfig
 from covid_cxr.train.distributed import Dist, launch, strategy
 from covid_cxr.train.decisions import decision_metrics, operating_point_of
-from covid_cxr.train.features import cached_features
+from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
-from covid_cxr.utils import Stopwatch, atomic_write_json
+from covid_cxr.core.files import Stopwatch, atomic_write_json
+from covid_cxr.core.progress import say, step
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 PARITY_IMAGES = 8
@@ -111,6 +112,8 @@ def lr_range_test(inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, run:
 def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from covid_cxr.train.progress import EpochLog
+
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val_acc", mode="max",
                            enable_version_counter=False, save_on_train_epoch_end=True)
     # A separate, unmonitored checkpoint written after every epoch: what --resume continues from.
@@ -119,7 +122,8 @@ def _trainer(cfg: TrainConfig, run: RunDir, history: History, logger=False) -> L
     early = EarlyStopping(monitor="val_acc", mode="max", patience=cfg.patience)
     return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
                      num_nodes=cfg.num_nodes, strategy=strategy(cfg), logger=logger, log_every_n_steps=1,
-                     callbacks=[best, last, early, history], enable_progress_bar=cfg.progress,
+                     callbacks=[best, last, early, history, *([EpochLog()] if cfg.progress else [])],
+                     enable_progress_bar=False,
                      enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                      default_root_dir=str(run.root))
 
@@ -223,10 +227,29 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
     }
 
 
+def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
+    """Name the files training could not read (they are left out, and metadata.json counts them)."""
+    skipped = [r for r in prepared.manifest.records if r.status == "skipped"]
+    for r in skipped[:shown]:
+        say(f"skipped {r.path}: {r.reason}")
+    if len(skipped) > shown:
+        say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
+
+
+def site_reference(prepared: PreparedData, cfg: TrainConfig, trust) -> dict | None:
+    """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
+    and image statistics, what `covid-cxr site check` compares a new site against."""
+    from covid_cxr.site.reference import reference_from_files
+
+    paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
+    ref = reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
+    return ref.model_dump() if ref is not None else None
+
+
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
-    from covid_cxr.bundle import write_bundle
+    from covid_cxr.publish.writer import write_bundle
     from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
 
     dist = launch(cfg)  # several processes: from here on, this runs in each
@@ -241,6 +264,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         from covid_cxr.train.adapt import exclude_seen
 
         exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
+    report_skipped(prepared)
     clock.lap("data")
     model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
@@ -251,16 +275,21 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
-    history = fit(inputs, prepared, cfg, run, resume, logger)
+    with step("head" if cfg.finetune else "training"):
+        history = fit(inputs, prepared, cfg, run, resume, logger)
     stages = None  # the OOD gate's inputs, when staged fine-tuning computes them on its way
     if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
         from covid_cxr.train.finetune import finetune_stage
 
-        feats, stages, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history, resume)
+        with step("fine-tuning"):
+            feats, stages, history = finetune_stage(model, prepared, cfg, run, workdir / "feature-cache", history,
+                                                    resume)
         inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
         return TrainResult(None, {}, history.epochs, clock.summary())
+    if cfg.progress:
+        say("fitting the gate and the temperature on the validation split; evaluating on the test split")
     trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
@@ -269,6 +298,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)
     content["operating_point"] = operating_point_of(metrics)
+    content["site_reference"] = site_reference(prepared, cfg, trust)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

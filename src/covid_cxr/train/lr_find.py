@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 
 from covid_cxr.data import PreparedData
 from covid_cxr.data.dataset import FeatureDataModule
 from covid_cxr.models import create_model
-from covid_cxr.train.config import TrainConfig
-from covid_cxr.train.features import cached_features
+from covid_cxr.core.config import TrainConfig
+from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule
-from covid_cxr.utils import atomic_write_bytes
+from covid_cxr.core.figures import save_png
+from covid_cxr.core.progress import say
 
 
 @dataclass
@@ -25,29 +26,54 @@ class LRFindResult:
     plot: Path
 
 
+def steepest_descent(lrs, losses, smooth: float = 0.9, skip: int = 5) -> float | None:
+    """The rate where the (exponentially smoothed) loss falls fastest per decade, searched only
+    *before* the smoothed minimum: Lightning's suggestion (the steepest point anywhere) can land on
+    the hump where the loss starts to climb. None when the curve never falls."""
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    ok = np.isfinite(losses) & (lrs > 0)
+    lrs, losses = lrs[ok], losses[ok]
+    if len(lrs) < skip + 3:
+        return None
+    avg, smoothed = 0.0, []
+    for i, v in enumerate(losses, 1):
+        avg = smooth * avg + (1 - smooth) * v
+        smoothed.append(avg / (1 - smooth ** i))  # bias-corrected EMA, as fastai's lr_find
+    smoothed = np.asarray(smoothed)
+    end = int(np.argmin(smoothed))
+    if end <= skip + 1:
+        return None
+    slope = np.gradient(smoothed[:end + 1], np.log10(lrs[:end + 1]))
+    i = skip + int(np.argmin(slope[skip:end]))
+    return float(lrs[i]) if slope[i] < 0 else None
+
+
 def range_test(net, dm, class_weights, out: Path, workdir: Path, title: str, progress: bool = False,
                min_lr: float = 1e-6, max_lr: float = 1.0, num_training: int = 100) -> LRFindResult:
     """Sweep the learning rate exponentially over `num_training` steps (Lightning's Tuner, which
-    restores the network's weights afterwards); save the loss-vs-LR plot to `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    restores the network's weights afterwards); save the loss-vs-LR plot, with the suggestion
+    marked, to `out`."""
     from lightning.pytorch.tuner import Tuner
 
     module = ClassifierModule(net, 1e-3, class_weights)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(workdir))
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir))
+    if progress:
+        say(f"LR range test: {num_training} steps from {min_lr:g} to {max_lr:g}")
     finder = Tuner(trainer).lr_find(module, datamodule=dm, min_lr=min_lr, max_lr=max_lr,
                                     num_training=num_training, early_stop_threshold=None, update_attr=False)
-    fig = finder.plot(suggest=True, show=False)
-    fig.axes[0].set_title(f"LR range test: {title}, suggested {finder.suggestion() or float('nan'):.2e}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(out), buf.getvalue())
-    return LRFindResult(finder.suggestion(), list(map(float, finder.results["lr"])),
-                        list(map(float, finder.results["loss"])), Path(out))
+    lrs, losses = list(map(float, finder.results["lr"])), list(map(float, finder.results["loss"]))
+    best = steepest_descent(lrs, losses)
+    fig = finder.plot(suggest=False, show=False)
+    ax = fig.axes[0]
+    if best is not None:
+        ax.axvline(best, color="tab:red", linestyle="--", label=f"suggested {best:.2e}")
+        ax.legend(loc="upper left")
+    ax.set_title(f"LR range test: {title}")
+    save_png(fig, Path(out))
+    if progress:
+        say(f"LR range test done: suggested {best:.2e}" if best else "LR range test done: no suggestion")
+    return LRFindResult(best, lrs, losses, Path(out))
 
 
 def lr_find(prepared: PreparedData, cfg: TrainConfig, out: Path, workdir: Path,

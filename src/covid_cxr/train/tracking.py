@@ -12,19 +12,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from covid_cxr.errors import ConfigError
+from covid_cxr.core.config import NEEDS, check_available  # noqa: F401
+from covid_cxr.core.errors import ConfigError
 
-NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}
 EXPERIMENT = "covid-cxr"
-
-
-def check_available(logger: str) -> str:
-    """A one-line error now, not a traceback after feature extraction, when the package is missing."""
-    if logger in NEEDS:
-        module, package = NEEDS[logger]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"--logger {logger} needs the {package} package: pip install {package}")
-    return logger
 
 
 def default_tracking_uri(workdir: Path) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.errors import UserError
+from covid_cxr.core.errors import UserError
+from covid_cxr.models.loading import load_torch
 
 # Lung fields as two fixed ellipses (fractions of height/width): centre row, centre columns, radii.
 ELLIPSE_ROW, ELLIPSE_COLS, ELLIPSE_RY, ELLIPSE_RX = 0.48, (0.30, 0.70), 0.30, 0.16
@@ -86,11 +87,12 @@ def ellipse_mask(h: int, w: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------ sampling
 
 def read_image(path: Path, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One decode per file: (pixels at the model's input size, non-clinical features): original
-    width, height, aspect, format, bit depth, channels, border-strip statistics, intensity histogram."""
+    """(pixels at the model's input size, non-clinical features): original
+    width, height, aspect, format, bit depth, channels, border-strip statistics, intensity histogram.
+    The features need the full resolution; the pixels are decoded again as every other door does."""
     from PIL import Image
 
-    from covid_cxr.data.decode import decode_file, resize
+    from covid_cxr.data.decode import decode_file, load_for_model, resize
 
     dec = decode_file(path)
     bits, channels = 16, 1  # DICOM
@@ -102,7 +104,7 @@ def read_image(path: Path, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]
     fmt = ["PNG", "JPEG", "DICOM"].index(dec.format) if dec.format in ("PNG", "JPEG", "DICOM") else 3
     meta = [dec.width, dec.height, dec.width / dec.height, fmt, bits, channels]
     feats = np.concatenate([meta, border_stats(small), intensity_hist(small)]).astype(np.float64)
-    return resize(dec.pixels, *hw), feats
+    return load_for_model(path, *hw), feats  # the model's pixels decoded as predict decodes them
 
 
 def border_stats(img: np.ndarray) -> np.ndarray:
@@ -158,8 +160,9 @@ def load_sample(data_dir: Path, classes: list[str], hw: tuple[int, int], per_cla
 
 # ------------------------------------------------------------------------------------ probes
 
-def _predict(bundle, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([bundle.predict(images[i:i + batch]) for i in range(0, len(images), batch)])
+def _labels(bundle, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The bundle's labels (`Bundle.answer`: its lung crop, operating point), as predict gives them."""
+    return np.concatenate([bundle.answer(images[i:i + batch]).labels for i in range(0, len(images), batch)])
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
@@ -180,7 +183,7 @@ def occlusion_probe(bundle, sample: Sample, masks: np.ndarray) -> dict:
     mean = x.mean(axis=(1, 2), keepdims=True)
     variants = {"full image": x, "lungs hidden": np.where(masks, mean, x), "only lungs": np.where(masks, x, mean)}
     classes = bundle.classes
-    out = {name: _scores(sample.labels, _predict(bundle, v).argmax(1), classes) for name, v in variants.items()}
+    out = {name: _scores(sample.labels, _labels(bundle, v), classes) for name, v in variants.items()}
     chance = chance_level(sample.labels)
     full, hidden = out["full image"]["accuracy"], out["lungs hidden"]["accuracy"]
     retained = (hidden - chance) / (full - chance) if full > chance else 0.0
@@ -225,10 +228,10 @@ def gradcam_probe(bundle, sample: Sample, masks: np.ndarray, per_class: int, see
     rng = np.random.default_rng(seed)
     pick = np.concatenate([rng.permutation(np.flatnonzero(sample.labels == i))[:per_class]
                            for i in range(len(bundle.classes))]).astype(int)
-    explainer = Explainer(bundle.load_torch(), layer=bundle.metadata.architecture.cam_layer)
+    explainer = Explainer(load_torch(bundle), layer=bundle.metadata.architecture.cam_layer)
     try:
-        maps = np.stack([e.cam for k in range(0, len(pick), 16)
-                         for e in explainer.explain(sample.images[pick[k:k + 16]])])
+        maps = np.stack([e.cam for k in range(0, len(pick), 16)  # on what the model sees (a lung crop)
+                         for e in explainer.explain(bundle.prepare(sample.images[pick[k:k + 16]]))])
     finally:
         explainer.close()
     m = masks[pick]

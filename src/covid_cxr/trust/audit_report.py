@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.evaluate.plots import _save, plt
-from covid_cxr.utils import atomic_write_json, atomic_write_text
+from covid_cxr.core.figures import plt, save_png
+from covid_cxr.core.files import atomic_write_json, atomic_write_text
 
 
 def occlusion_png(p: dict, classes: list[str], path: Path) -> None:
@@ -26,7 +26,7 @@ def occlusion_png(p: dict, classes: list[str], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("occlusion: what is left when the lung fields (or all but them) are hidden")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def acquisition_png(p: dict, path: Path) -> None:
@@ -38,7 +38,7 @@ def acquisition_png(p: dict, path: Path) -> None:
     ax.set_xlabel(f"balanced accuracy ({p['folds']}-fold cross-validated)")
     ax.legend(fontsize=8)
     ax.set_title("acquisition probe: the label read off non-clinical features")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def gradcam_png(p: dict, path: Path) -> None:
@@ -51,7 +51,7 @@ def gradcam_png(p: dict, path: Path) -> None:
     ax.set_ylabel("share of Grad-CAM mass in lung fields")
     ax.legend(fontsize=8)
     ax.set_title("Grad-CAM mass inside the lung fields (by true class)")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def regions_png(sample, masks: np.ndarray, cams: list, path: Path) -> None:
@@ -75,7 +75,7 @@ def regions_png(sample, masks: np.ndarray, cams: list, path: Path) -> None:
             ax.set_title(f"{title}", fontsize=8)
             ax.axis("off")
         row[0].set_ylabel(sample.paths[i].parent.name)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def audit_md(r: dict) -> str:

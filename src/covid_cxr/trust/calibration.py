@@ -85,7 +85,7 @@ def calibration_summary(labels: np.ndarray, probs: np.ndarray) -> dict:
 
 def reliability_png(bins: list[dict], path, title: str = "") -> None:
     """The reliability diagram: accuracy against confidence per bin, the diagonal being perfect."""
-    from covid_cxr.evaluate.plots import _save, plt
+    from covid_cxr.core.figures import plt, save_png
 
     fig, ax = plt.subplots(figsize=(4.4, 4))
     full = [b for b in bins if b["n"]]
@@ -101,4 +101,4 @@ def reliability_png(bins: list[dict], path, title: str = "") -> None:
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title or "reliability diagram")
-    _save(fig, path)
+    save_png(fig, path)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from covid_cxr.trust.calibration import fit_temperature, nll
+from covid_cxr.trust.calibration import fit_temperature, nll, softmax
 from covid_cxr.trust.ood import OODStats, fit_ood, ood_summary
 
 if TYPE_CHECKING:  # stages.py needs torch; the ONNX-only readers import this module
@@ -21,6 +21,8 @@ class Trust:
     temperature: float
     ood: OODStats | None
     info: dict  # metadata.json's "trust" section
+    val_probs: np.ndarray | None = None  # the validation split's temperature-scaled probabilities (site reference)
+    val_ood: np.ndarray | None = None  # and its ood_score
 
 
 def split_features(model, prepared, size: int, cached: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -28,7 +30,7 @@ def split_features(model, prepared, size: int, cached: dict | None = None) -> di
     import torch
 
     from covid_cxr.data.dataset import labels_of
-    from covid_cxr.train.features import extract
+    from covid_cxr.features.cache import extract
 
     out = {}
     for split in ("train", "val", "test"):
@@ -64,7 +66,8 @@ def fit_trust(model, feats: dict[str, tuple[np.ndarray, np.ndarray]], stages: St
     if len(x["val"]) and len(x["train"]) >= 2:
         stats = fit_ood((x["train"], feats["train"][1]), x["val"], stages.layout, stages.indices)
         info["ood"] = ood_summary(stats, x["val"], x["test"], len(x["train"]))
-    return Trust(t, stats, info)
+    val_ood = stats.score(x["val"]) if stats is not None else None
+    return Trust(t, stats, info, softmax(logits / t) if len(logits) else None, val_ood)
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

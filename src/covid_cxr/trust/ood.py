@@ -7,7 +7,7 @@ nearest class mean is divided by its own 95 % validation quantile; the gate's sc
 
 Why: the pooled features alone (the first gate) let through 37 % of inverted X-rays, 19 % of single
 corners, 4-5 % of blank images and rotated X-rays; the early stages' intensity and texture statistics
-catch them (docs/results/issue8_ood.md). Lee et al. weight the stages by a regression on OOD
+catch them (docs/results/trust.md). Lee et al. weight the stages by a regression on OOD
 examples; with none to fit on honestly, each stage is put on the same scale by its validation
 quantile and the scores added (the sum beat the max on a dev set of generated images). The energy
 score (-logsumexp of the logits, Liu et al. 2020) was measured beside it (benchmarks/bench_ood.py)

@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 def stage_indices(backbone: nn.Module) -> tuple[int, ...]:
     """Every timm feature_info stage but the deepest: that one is the final features (or their
-    input), already covered by the pooled block. Chosen on a dev set (docs/results/issue8_ood.md)."""
+    input), already covered by the pooled block. Chosen on a dev set (docs/results/trust.md)."""
     return tuple(range(len(backbone.feature_info) - 1))
 
 
@@ -78,8 +78,8 @@ def stage_features(model, prepared, cfg, cache_dir: Path, threads: int = 0) -> S
     """StageStats of every split's images, computed once per image and backbone (cached by the
     image's sha256 under a key holding everything the vector depends on)."""
     from covid_cxr.lungs.crop import batch_transform
-    from covid_cxr.train.extract_onnx import weights_digest
-    from covid_cxr.train.features import ORT_FROM_IMAGES, FeatureCache, cache_key, extract
+    from covid_cxr.features.onnx import weights_digest
+    from covid_cxr.features.cache import ORT_FROM_IMAGES, FeatureCache, cache_key, extract
 
     indices = stage_indices(model.backbone)
     key = cache_key(cfg.arch, weights_digest(model.backbone), cfg.size, prepared.mean, prepared.std,
@@ -105,10 +105,11 @@ def stage_runner(model, indices, size: int, onnx_path: Path | None = None, threa
     net = StageStats(model.eval(), indices).eval()
     if onnx_path is not None:
         from covid_cxr.bundle.reader import open_session
-        from covid_cxr.train.extract_onnx import FEATURES_INPUT, export_graph
+        from covid_cxr.features.onnx import FEATURES_INPUT
+        from covid_cxr.features.onnx import export_trunk
 
         if not Path(onnx_path).is_file():
-            export_graph(net, Path(onnx_path), size)
+            export_trunk(net, Path(onnx_path), size)
         session = open_session(onnx_path, threads)
         return lambda x: session.run(None, {FEATURES_INPUT: x})[0]
 

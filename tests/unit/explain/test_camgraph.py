@@ -17,6 +17,7 @@ from covid_cxr.explain.gradcam import Explainer
 from covid_cxr.explain.render import GraphExplainer
 from covid_cxr.models import create_model
 from covid_cxr.models.classifier import EnsembleClassifier, Head
+from covid_cxr.models.loading import load_torch
 
 SIZE = 64
 TOL = 1e-3  # what the bundle writer accepts (MAX_CAM_DIFF); measured ~1e-6
@@ -89,7 +90,7 @@ def test_bundle_has_cam_onnx_checked_and_read_without_torch_model(tiny_models):
     assert cam.parity_max_abs_diff <= TOL and cam.layer == "bn2"
     x = images(3)
     graph = GraphExplainer(bundle)
-    want = pytorch_grad_cam(bundle.load_torch(), x)
+    want = pytorch_grad_cam(load_torch(bundle), x)
     for c in range(3):
         got = graph.explain(x, c)
         assert np.abs(np.stack([e.cam for e in got]) - want[:, c]).max() <= TOL
@@ -130,7 +131,7 @@ def test_cam_metadata_and_file_must_agree(bundle_copy, tiny_models):
 def test_add_cam_publishes_the_next_version(bundle_copy):
     from typer.testing import CliRunner
 
-    from covid_cxr.bundle.writer import add_cam
+    from covid_cxr.publish.writer import add_cam
     from covid_cxr.cli import app
 
     meta = json.loads((bundle_copy / "metadata.json").read_text())

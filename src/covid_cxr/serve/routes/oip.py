@@ -2,24 +2,25 @@
 
 Server and model health and metadata, and infer with named outputs. The outputs are the bundle's
 ONNX outputs as metadata.json lists them (`probabilities`, and any a bundle adds), so every model
-answers with what its graph computes. A request asking for `probabilities` alone goes through the
-same micro-batcher as TF Serving's predict, so both protocols give the same numbers.
+answers with what its graph computes. Every request, whichever outputs it asks for, goes the way
+TF Serving's predict goes (`Bundle.prepare`, the micro-batcher and its inference worker), so both
+protocols give the same numbers, are counted alike and share the worker.
 """
 
 from __future__ import annotations
 
 import anyio.to_thread
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from covid_cxr import __version__
 from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT
 from covid_cxr.serve.batching import split
-from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import (ModelName, VersionText, get_limits, get_repo, get_settings, parse_version,
+                                  require_api_key, require_key_to_read)
 from covid_cxr.serve.oip import HEADER_LENGTH, encode_response, image_batch, parse_infer, tensor_metadata
 from covid_cxr.serve.protocol import ERRORS, BadRequest
-from covid_cxr.serve.repository import LoadedModel, ModelRepository
+from covid_cxr.serve.repository import ModelRepository
 from covid_cxr.serve.settings import ServeSettings
 
 router = APIRouter(tags=["open-inference-protocol"], responses=ERRORS)
@@ -78,12 +79,12 @@ async def _metadata(repo: ModelRepository, name: str, version: str | None) -> di
                            "image_bytes": "the 'image' input also takes BYTES [N]: encoded PNG/JPEG/DICOM files"}}
 
 
-@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}", dependencies=[Depends(require_key_to_read)])
 async def model_metadata(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", dependencies=[Depends(require_key_to_read)])
 async def version_metadata(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _metadata(repo, name, version)
 
@@ -93,25 +94,17 @@ async def _config(repo: ModelRepository, name: str, version: str | None) -> dict
     from covid_cxr.export.triton import model_config
 
     model = await repo.get(name, None if version is None else parse_version(version))
-    return model_config(model.bundle.metadata)
+    return model_config(model.bundle.metadata, name=name)  # the served name: Triton's folder name
 
 
-@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/config", dependencies=[Depends(require_key_to_read)])
 async def model_config(name: ModelName, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, None)
 
 
-@router.get("/v2/models/{name}/versions/{version}/config")
+@router.get("/v2/models/{name}/versions/{version}/config", dependencies=[Depends(require_key_to_read)])
 async def version_config(name: ModelName, version: VersionText, repo: ModelRepository = Depends(get_repo)):
     return await _config(repo, name, version)
-
-
-async def _outputs(model: LoadedModel, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    if names == [ONNX_OUTPUT]:  # the common case: batched with every other request
-        return {ONNX_OUTPUT: await model.predict(x)}
-    parts = [await anyio.to_thread.run_sync(model.session.run, names, {ONNX_INPUT: part})
-             for part in split(x, model.max_batch)]  # never one call larger than max_batch
-    return {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
 
 
 async def infer(request: Request, repo: ModelRepository, settings: ServeSettings, name: str,
@@ -128,7 +121,7 @@ async def infer(request: Request, repo: ModelRepository, settings: ServeSettings
     unknown = [n for n, _ in wanted if n not in available]
     if unknown or not wanted:
         raise BadRequest(f"unknown output(s) {unknown}; this model's outputs are {available}")
-    arrays = await _outputs(model, x, [n for n, _ in wanted])
+    arrays = await model.outputs(x)  # the micro-batcher and worker, as TF Serving's predict
     content, header = encode_response(name, model.version, req.id, [(n, arrays[n], b) for n, b in wanted])
     if header is None:
         return Response(content, media_type="application/json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from covid_cxr.serve.deps import get_metrics, get_repo
+from covid_cxr.serve.deps import get_metrics, get_repo, require_key_for_metrics
 from covid_cxr.serve.metrics import Metrics
 from covid_cxr.serve.protocol import ErrorResponse
 from covid_cxr.serve.repository import ModelRepository
@@ -25,10 +25,14 @@ async def readyz(repo: ModelRepository = Depends(get_repo)):
     loaded = repo.loaded()
     if not loaded:
         return JSONResponse({"error": "no model loaded yet"}, status_code=503)
-    return {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
+    out = {"status": "ready", "models": sorted(f"{m.name}/{m.version}" for m in loaded)}
+    broken = repo.unavailable()
+    if broken:  # ready to serve the others; say which models are not
+        out["unavailable"] = broken
+    return out
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_key_for_metrics)],
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 async def prometheus(metrics: Metrics = Depends(get_metrics)) -> Response:

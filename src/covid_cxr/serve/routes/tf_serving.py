@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
-from covid_cxr.serve.deps import ModelName, VersionText, get_limits, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import (ModelName, VersionText, get_limits, get_repo, get_settings, parse_version,
+                                  require_api_key, require_key_to_read)
 from covid_cxr.serve.limits import DecodeLimits
 from covid_cxr.serve.protocol import (
     ERRORS,
@@ -62,18 +63,22 @@ async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFM
     meta = model.bundle.metadata
     h, w = meta.input_hw
     extra = meta.model_dump(mode="json", include={"classes", "input", "architecture", "test_metrics"})
+    if model.monitor is not None:  # the site monitor's window of recent answers against the reference
+        extra["site_monitor"] = model.monitor.snapshot()
     return TFModelMetadataResponse(
         model_spec={"name": name, "signature_name": "", "version": str(model.version)},
         metadata={"signature_def": signature_def(h, w, len(meta.classes), with_ood=meta.has_ood), **extra})
 
 
-@router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse)
+@router.get("/v1/models/{name}/metadata", response_model=TFModelMetadataResponse,
+            dependencies=[Depends(require_key_to_read)])
 async def model_metadata(name: ModelName, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, None)
 
 
-@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse)
+@router.get("/v1/models/{name}/versions/{version}/metadata", response_model=TFModelMetadataResponse,
+            dependencies=[Depends(require_key_to_read)])
 async def version_metadata(name: ModelName, version: VersionText, request: Request, repo: ModelRepository = Depends(get_repo)):
     request.state.model = name
     return await metadata(repo, name, parse_version(version))

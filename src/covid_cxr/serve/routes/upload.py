@@ -10,7 +10,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key
+from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key, require_key_to_read
 from covid_cxr.serve.protocol import (
     ERRORS,
     BadRequest,
@@ -29,7 +29,7 @@ OOD_WARNING = ("This image does not look like the chest X-rays the model was tra
                "part, a screenshot, noise?). The model cannot judge it: no diagnosis is given.")
 
 
-@router.get("/api/v1/models", response_model=ModelList)
+@router.get("/api/v1/models", response_model=ModelList, dependencies=[Depends(require_key_to_read)])
 async def list_models(repo: ModelRepository = Depends(get_repo)):
     out = []
     loaded = {(m.name, m.version): m for m in repo.loaded()}
@@ -63,7 +63,7 @@ async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.nda
 
 async def add_lungs(out: UploadPrediction, settings: ServeSettings, pixels: np.ndarray, cam: np.ndarray | None) -> None:
     """The lung model's check (and where Grad-CAM looks) when the server was given one."""
-    from covid_cxr.lungs.segment import lung_report
+    from covid_cxr.lungs.zones import lung_report
 
     try:
         out.lungs = LungFields(**await anyio.to_thread.run_sync(lung_report, settings.lungs, pixels, cam))
@@ -88,13 +88,13 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     async with loaded.preparing():
         pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file",
                                                 get_limits(request))
-    probs, score, inside = await loaded.predict_with_ood(pixels[None, :, :, None])
-    probs = probs[0]
-    idx = int(loaded.bundle.decide(probs[None])[0])  # the bundle's operating point, else the argmax
-    out = UploadPrediction(label=loaded.classes[idx], probabilities={c: float(p) for c, p in zip(loaded.classes, probs)},
-                           model=loaded.name, version=loaded.version, latency_ms=0.0)
-    if inside is not None:
-        out.in_distribution, out.ood_score = bool(inside[0]), float(score[0])
+    ans = await loaded.answer(pixels[None, :, :, None])  # the bundle's operating point, else the argmax
+    idx = int(ans.labels[0])
+    row = ans.row(0, loaded.classes)
+    out = UploadPrediction(label=row["label"], probabilities=row["probabilities"], model=loaded.name,
+                           version=loaded.version, latency_ms=0.0)
+    if row["in_distribution"] is not None:
+        out.in_distribution, out.ood_score = row["in_distribution"], row["ood_score"]
         out.warning = None if out.in_distribution else OOD_WARNING
     cam = await add_gradcam(out, loaded, pixels, idx) if gradcam else None
     if settings.lungs is not None:

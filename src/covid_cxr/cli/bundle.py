@@ -1,0 +1,83 @@
+"""`covid-cxr bundle check MODELS/<name>[/<version>]` (registered on the main Typer app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+bundle_app = typer.Typer(no_args_is_help=True, help="Inspect model bundles.")
+
+
+@bundle_app.command("check")
+def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest version) or MODELS/<name>/<version>")]):
+    """Schema valid, files present, ONNX inputs/outputs as the metadata says, one image runs.
+    Exit 0 and one line on success; exit 2 and one line naming the file and the fault otherwise."""
+    from rich.console import Console
+
+    from covid_cxr.cli.common import open_bundle
+
+    b = open_bundle(path)
+    fmt = f"format {b.format_on_disk}" + (" (read as 2)" if b.format_on_disk == 1 else "")
+    Console().print(f"ok: {b.path} ({b.name} v{b.version}, {fmt}, {b.metadata.task}, "
+                    f"{b.metadata.architecture.name}, input {b.input_hw[0]}x{b.input_hw[1]}, "
+                    f"classes {', '.join(b.classes)})", soft_wrap=True)
+    if b.metadata.lung_crop is not None:
+        crop = b.metadata.lung_crop
+        Console().print(f"lung-only input: {crop.mode} crop by its own lung model ({crop.folder}/, "
+                        f"from {crop.lungs_from})", soft_wrap=True)
+
+
+@bundle_app.command("add-cam")
+def add_cam(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest version) or MODELS/<name>/<version>")]):
+    """Publish the next version of a bundle written before Grad-CAM moved into the graph, with
+    cam.onnx added (checked against pytorch-grad-cam): the server then explains it without torch."""
+    from rich.console import Console
+
+    from covid_cxr.publish.writer import add_cam as add
+    from covid_cxr.cli.common import fail, open_bundle
+    from covid_cxr.core.errors import UserError
+
+    src = open_bundle(path)
+    try:
+        b = add(src.path)
+    except UserError as exc:
+        fail(str(exc))
+    Console().print(f"bundle: {b.path} ({b.name} v{b.version}: v{src.version} + cam.onnx, max |d| vs "
+                    f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})", soft_wrap=True)
+
+
+@bundle_app.command("schema")
+def schema():
+    """Print the JSON Schema of metadata.json (format 2), as committed in docs/bundle.schema.json."""
+    from covid_cxr.bundle.schema import json_schema
+
+    typer.echo(json_schema(), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bundle_app, name="bundle")
+
+
+def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles MODELS/<name>\\[/<version>]")],
+             out: Annotated[Path, typer.Option("--out", help="Model repository (MODELS).")],
+             name: Annotated[str, typer.Option("--name", help="The ensemble's bundle name.")] = "ensemble",
+             evaluate: Annotated[bool, typer.Option(help="Test metrics on the members' common test split.")] = True,
+             target_recall: Annotated[Optional[str], typer.Option(help="Operating point CLASS=RECALL, fitted "
+                                                                   "on the validation split.")] = None):
+    """One bundle whose ONNX model averages its members' probabilities (served, evaluated, explained
+    like any bundle)."""
+    from rich.console import Console
+
+    from covid_cxr.publish.ensemble import build_ensemble
+    from covid_cxr.cli.common import fail
+
+    b = build_ensemble(members, out, name, evaluate, target_recall)
+    m = b.metadata.test_metrics
+    extra = f"; test accuracy {m.accuracy:.3f}, n={m.n}" if m else ""
+    Console().print(f"bundle: {b.path} ({len(members)} members{extra})", soft_wrap=True)
+
+
+def register_ensemble(app: typer.Typer) -> None:
+    app.command("ensemble")(ensemble)

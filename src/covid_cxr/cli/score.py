@@ -1,0 +1,50 @@
+"""`covid-cxr score --model M --data DIR_OR_MANIFEST --out preds.parquet [--ray local|ADDRESS]`
+(registered on the main Typer app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _log_progress() -> None:
+    """The scorer's progress lines on stderr, timestamped (readable in a log file, not only a terminal)."""
+    import logging
+
+    log = logging.getLogger("covid_cxr.score")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def score(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (a classifier)")],
+          data: Annotated[Path, typer.Option("--data", help="Folder of images (recursively), or a manifest CSV "
+                                             "with a 'path' column (relative to the manifest's folder).")],
+          out: Annotated[Path, typer.Option("--out", help="Output: a folder of Parquet parts (e.g. preds.parquet); "
+                                            "rows already there are skipped.")],
+          ray: Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data: 'local' (a Ray cluster started "
+                                                     "here) or a cluster address ('auto', 'ray://host:10001').")] = None,
+          workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
+          threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per process or Ray worker "
+                                               "(0: all cores; on Ray, 0 means 1).")] = 0,
+          part_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet part (the unit of resuming).")] = 4096):
+    """Score an archive: one row per image with every class probability, the gate's score and verdict,
+    the label (none when the gate rejects the image) and, for unreadable images, the error."""
+    from rich.console import Console
+
+    from covid_cxr.score import score_archive
+
+    _log_progress()
+    s = score_archive(model, data, out, threads, part_rows, ray, workers)  # a UserError: one line, exit 2
+    Console().print(f"{s.scored} images scored ({s.errors} unreadable, {s.rejected} rejected by the gate), "
+                    f"{s.skipped} already in {out}; {s.rate:.1f} images/s; {s.parts} new parts",
+                    soft_wrap=True, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
