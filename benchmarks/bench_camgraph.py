@@ -6,7 +6,7 @@
 parity: every class's map from cam.onnx (ONNX Runtime) vs pytorch-grad-cam's GradCAM on the
 bundle's torch model, over --n real X-rays taken evenly from the dataset's class folders: max and
 99th-percentile |difference| (maps in [0, 1]), the peak's agreement, seconds per image for each.
-memory: starts `python -m covid_cxr.serve` from SRC (a checkout's src/), sends three
+memory: starts `python -m covid_cxr serve` from SRC (a checkout's src/), sends three
 `?gradcam=true` uploads and prints the server's RSS after load and settled after the uploads
 (and whether the uploads carried an overlay). Run it on a tree before and after cam.onnx.
 """
@@ -72,7 +72,9 @@ def memory(models: Path, src: Path, port: int, image: Path) -> None:
                              "--intra-op-threads", "2", "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(3000):  # up to 10 min on a loaded machine
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode})")
             try:
                 if httpx.get(base + "/readyz", timeout=2).status_code == 200:
                     break

@@ -5,7 +5,7 @@ and its recall measured on the second. Rules: the validation quantile (what bund
 conformal one (evaluate/operating_point.py) at --confidence. This measures the calibration set's
 sampling, for one trained model (not retraining seeds).
 
-Usage: python benchmarks/operating_point_holds.py --model MODELS/<name> [--target COVID-19=0.98]
+Usage: python benchmarks/operating_point_holds.py --model MODELS/<name> [--target COVID-19=0.98 ...]
        [--confidence 0.9] [--resplits 1000]
 """
 
@@ -32,36 +32,40 @@ def resplit(y: np.ndarray, n_cal: dict[int, int], rng) -> tuple[np.ndarray, np.n
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--target", default="COVID-19=0.98")
+    ap.add_argument("--target", nargs="+", default=["COVID-19=0.98"])
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--resplits", type=int, default=1000)
     a = ap.parse_args()
     b = load_bundle(a.model)
-    name, target = parse_target(a.target)
-    i = b.classes.index(name)
     prepared = shared_split([b])
     yv, pv = split_probabilities([b], prepared, "val")[:2]
     yt, pt = split_probabilities([b], prepared, "test")[:2]
+    for spec in a.target:
+        report(b, spec, yv, pv, yt, pt, a.confidence, a.resplits)
+
+
+def report(b, spec: str, yv, pv, yt, pt, confidence: float, resplits: int) -> None:
+    name, target = parse_target(spec)
+    i = b.classes.index(name)
     y, p = np.concatenate([yv, yt]), np.concatenate([pv, pt])
     n_cal = {c: int((yv == c).sum()) for c in range(len(b.classes))}
     rng = np.random.default_rng(0)
-    rows = {"quantile": [], f"conformal {a.confidence}": []}
-    for _ in range(a.resplits):
+    rows = {"quantile": [], f"conformal {confidence}": []}
+    for _ in range(resplits):
         cal, new = resplit(y, n_cal, rng)
-        for rule, conf in zip(rows, (None, a.confidence)):
+        for rule, conf in zip(rows, (None, confidence)):
             t = fit_threshold(y[cal], p[cal], i, target, conf)
             pred = decide(p[new], i, t)
             pos = y[new] == i
             rows[rule].append(((pred[pos] == i).mean(), (pred == y[new]).mean(), t))
-    print(f"{b.name} v{b.version}: target {name} recall >= {target}; calibration {n_cal[i]} {name} images "
-          f"(the validation split's), held out {int((y == i).sum()) - n_cal[i]}; {a.resplits} re-splits\n")
+    print(f"\n{b.name} v{b.version}: target {name} recall >= {target}; calibration {n_cal[i]} {name} images "
+          f"(the validation split's), held out {int((y == i).sum()) - n_cal[i]}; {resplits} re-splits\n")
     print("| rule | target met | mean recall | 5th pct recall | mean accuracy | median threshold |")
     print("|---|---|---|---|---|---|")
     for rule, r in rows.items():
         r = np.array(r)
         print(f"| {rule} | {np.mean(r[:, 0] >= target):.3f} | {r[:, 0].mean():.4f} | {np.quantile(r[:, 0], 0.05):.4f} "
               f"| {r[:, 1].mean():.4f} | {np.median(r[:, 2]):.4f} |")
-
 
 if __name__ == "__main__":
     main()

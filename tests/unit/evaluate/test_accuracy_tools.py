@@ -132,6 +132,10 @@ def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, o
     assert np.abs(ens.predict(x) - want).max() < 1e-5
     cam = explainer_for_bundle(again).explain(x[0])[0]
     assert cam.cam.shape == (64, 64) and np.isfinite(cam.cam).all()
+    assert again.has_cam and again.metadata.cam.parity_max_abs_diff <= 1e-3  # the members' maps, in the graph
+    assert "log of the members' averaged" in again.metadata.cam.target
+    graph = again.cam_maps(x[:1])[0, cam.class_index]
+    assert np.abs(graph - cam.cam).max() <= 1e-3  # cam.onnx = pytorch-grad-cam on the ensemble's output
     # its gate: the members' scores, each over its member's threshold, averaged; threshold from val
     from covid_cxr.trust.ood import EnsembleOOD, gate_from_arrays
 

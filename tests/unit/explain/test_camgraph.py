@@ -3,6 +3,7 @@ and read without torch, and bundles without it are refused with a way out."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -76,7 +77,7 @@ def test_closed_form_equals_pytorch_grad_cam(ensemble):
 def test_closed_form_refused_where_the_layer_is_not_the_pooled_map():
     model = lite0()
     assert closed_form_holds(model, SIZE, SIZE)
-    object.__setattr__(model.spec, "cam_layer", "blocks.5")  # a map below the pooled one (as VGG's is)
+    model.spec = dataclasses.replace(model.spec, cam_layer="blocks.5")  # below the pooled map (as VGG's is)
     assert not closed_form_holds(model, SIZE, SIZE)
     ens = EnsembleClassifier([lite0(), lite0(seed=1)], "members.0.backbone.bn2")  # one layer for two members
     assert not closed_form_holds(ens, SIZE, SIZE)
