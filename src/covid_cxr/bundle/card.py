@@ -113,8 +113,8 @@ def _evaluation(m: BundleMetadata, metrics: dict | None) -> list[str]:
     boot = (metrics or {}).get("ci") or {}
     macro_ci = _ci(boot.get("macro_f1"))
     out += [f"On the held-out test split (n = {t.n}): accuracy **{t.accuracy:.3f}**{_ci(t.accuracy_ci95)}, "
-            f"macro-F1 {_f(t.macro_f1)}{macro_ci}. Recall intervals are Wilson 95% intervals; precision and F1 "
-            f"intervals are {boot.get('method', 'bootstrap')} ({NOT_MEASURED} where blank).", "",
+            f"macro-F1 {_f(t.macro_f1)}{macro_ci}. Accuracy and recall intervals are Wilson 95% intervals; "
+            f"precision and F1 intervals are {boot.get('method', 'bootstrap')} ({NOT_MEASURED} where blank).", "",
             "| class | precision | recall | F1 | ROC AUC | support |", "|---|---|---|---|---|---|"]
     for c, e in t.per_class.items():
         ci = (e.model_extra or {}).get("ci") or {}

@@ -1,7 +1,7 @@
 """`covid-cxr score --ray`: the same Scorer on Ray Data, one actor per worker.
 
-Each worker opens the bundle itself (from its path: the bundle folder must be readable where the
-workers run, as must the images) and decodes and scores its batches; the driver writes the parts,
+Each worker opens the bundle itself (from its path: covid-cxr must be installed where the workers
+run, and the bundle folder and the images readable there under the same paths) and decodes and scores its batches; the driver writes the parts,
 so resuming works as in one process. `ray` is "local" (a Ray cluster started in this process, one
 CPU per worker) or the address of a running cluster ("auto", "ray://host:10001", "host:6379").
 """
