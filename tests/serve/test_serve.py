@@ -472,9 +472,10 @@ def test_cli_registers_serve_command():
 
 # The fixture model (40 images per class) must accept most real X-rays it never saw and refuse the
 # same X-rays inverted: a gate that rejects everything, or nothing, fails here. Measured on this
-# fixture: see the figures printed by the test (-s); the floors sit below them with room for seeds.
-GATE_ACCEPTS_REAL = 0.75
-GATE_ACCEPTS_INVERTED = 0.10
+# fixture (2026-12-05): validation 0.944, unseen real X-rays 0.983 (59/60), inverted 0.050 (3/60);
+# the bounds leave room for another seed's fixture.
+GATE_ACCEPTS_REAL = 0.85
+GATE_ACCEPTS_INVERTED = 0.15
 
 
 def test_the_gate_accepts_unseen_real_xrays_and_refuses_them_inverted(bundle_dir, data_dir):
