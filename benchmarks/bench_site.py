@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--per-shift", type=int, default=100)
     ap.add_argument("--report", type=Path, default=None, help="write one site check's report here")
     ap.add_argument("--selective-only", action="store_true", help="only the test split's risk-coverage figures")
+    ap.add_argument("--timings-only", action="store_true", help="only the timings (needs a bundle with a reference)")
     args = ap.parse_args()
     from covid_cxr.publish.ensemble import shared_split
 
@@ -132,6 +133,8 @@ def main() -> None:
     split = {s: [prepared.manifest.root / r.path for r in prepared.splits[s]] for s in ("val", "test")}
     if args.selective_only:
         return selective_table(b, prepared, split["test"])
+    if args.timings_only:
+        return timings(b, split, args.report)
     ref = b.metadata.site_reference
     if ref is None:  # a bundle written before the reference: the same numbers, through ONNX
         ref = build_reference(measure(b, split["val"])[0], b.classes)

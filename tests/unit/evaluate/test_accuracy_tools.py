@@ -127,6 +127,9 @@ def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, o
     again = load_bundle(tmp_path / "models" / "ens")
     assert again.metadata.architecture.name == "ensemble" and len(again.metadata.architecture.members) == 2
     assert again.metadata.test_metrics.n == load_bundle(members[0]).metadata.test_metrics.n
+    ref = again.metadata.site_reference  # the ensemble's own answers on the shared validation split
+    assert ref is not None and ref.n == sum(load_bundle(members[0]).metadata.training.data.counts["val"].values())
+    assert len(ref.ood_score) == ref.n and ref.images is not None
     x = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)
     want = np.mean([load_bundle(m).predict(x) for m in members], axis=0)
     assert np.abs(ens.predict(x) - want).max() < 1e-5
