@@ -36,8 +36,8 @@ def _fixed_guess(shape: tuple[int, int]) -> np.ndarray:
 
 
 def test_a_short_training_on_real_masks_clears_the_floor(lung_data, tmp_path):
-    from covid_cxr.lungs.config import LungConfig
-    from covid_cxr.lungs.train import train_lungs
+    from covid_cxr.core.lung_config import LungConfig
+    from covid_cxr.train.lungs import train_lungs
 
     cfg = LungConfig(max_images=240, epochs=2, max_minutes=None, progress=False)
     result = train_lungs(lung_data, tmp_path / "models", cfg, workdir=tmp_path / "work")
@@ -48,7 +48,7 @@ def test_a_short_training_on_real_masks_clears_the_floor(lung_data, tmp_path):
 
 
 def test_the_floor_refuses_a_mask_that_ignores_the_image(lung_data):
-    from covid_cxr.lungs.evaluate import dice_iou
+    from covid_cxr.evaluate.lungs import dice_iou
 
     with (lung_data / "manifest.csv").open() as f:
         ids = [row["id"] for row in csv.DictReader(f)][:200:4]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from covid_cxr.data.layouts import discover
-from covid_cxr.errors import DataNotFound
+from covid_cxr.core.errors import DataNotFound
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
 
