@@ -76,7 +76,9 @@ def test_the_operating_point_is_stored_reported_and_used(op_models, tiny_data, t
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["operating_point"]["class_name"] == "COVID-19"
 
 
-def test_the_server_labels_by_the_operating_point(op_models, tmp_path):
+def test_the_server_labels_by_the_operating_point(op_models, tiny_data, tmp_path):
+    """With the threshold at 0 every accepted image is COVID-19; an image the gate rejects gets no
+    label at all (its probabilities stay in the answer)."""
     import requests
 
     from covid_cxr.serve.settings import ServeSettings
@@ -89,9 +91,14 @@ def test_the_server_labels_by_the_operating_point(op_models, tmp_path):
     meta = json.loads((models / "op" / "1" / "metadata.json").read_text())
     meta["operating_point"]["threshold"] = 0.0  # every image reaches it: always COVID-19
     (models / "op" / "1" / "metadata.json").write_text(json.dumps(meta))
+    xray = sorted((tiny_data / "Normal").glob("*.png"))[0]
+    gray = _encode(Image.new("L", (80, 80), 90), "PNG")
     with running_server(ServeSettings(models=models)) as url:
-        r = requests.post(f"{url}/api/v1/predict", files={"file": ("x.png", _encode(Image.new("L", (80, 80), 90), "PNG"), "image/png")}, timeout=30)
-    assert r.status_code == 200 and r.json()["label"] == "COVID-19"
+        accepted = requests.post(f"{url}/api/v1/predict", files={"file": ("x.png", xray.read_bytes(), "image/png")},
+                                 timeout=30).json()
+        flat = requests.post(f"{url}/api/v1/predict", files={"file": ("g.png", gray, "image/png")}, timeout=30).json()
+    assert accepted["in_distribution"] is True and accepted["label"] == "COVID-19"
+    assert flat["in_distribution"] is False and "label" not in flat and len(flat["probabilities"]) == 3
 
 
 # ----------------------------------------------------------------------------- several datasets

@@ -24,7 +24,8 @@ from tests.unit.images import _dicom_bytes
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's notes on broken elements
 H = W = 4
 EXAMPLES = int(os.environ.get("COVID_CXR_FUZZ_EXAMPLES", "300"))  # more for a longer campaign
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=True)  # the same draws every run: a CI failure is a finding, not luck
 LIMITS = DecodeLimits(max_pixels=4_000_000)
 
 
