@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,9 @@ class Parts:
 
     def __init__(self, out: Path, schema_):
         self.out, self.schema = Path(out), schema_
-        self.run = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        # unique per run, even for two runs of one process within a second (a resumed run must never
+        # overwrite the parts of the run it resumes)
+        self.run = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.written = 0
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out}: exists and is not a folder (the output is a folder of Parquet parts)")
