@@ -1,7 +1,8 @@
 """Explain images as `predict` answers them: the probabilities, label and gate verdict come from the
 bundle's own runner (`Bundle.answer`: lung crop, model.onnx with its temperature, operating point,
-out-of-distribution gate), and the map explains that label on the pixels the model saw. Grad-CAM's
-PyTorch forward pass only draws the map, so `explain` can never tell another story than `predict`.
+out-of-distribution gate), and the map explains that label on the pixels the model saw. The map
+(cam.onnx through ONNX Runtime, or PyTorch for other methods and older bundles) only draws, so
+`explain` can never tell another story than `predict`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def write_explained(e: Explained, out: Path, stem: str, alpha: float, lungs_info
     """<stem>_cam.npy (raw map), <stem>_cam.png (overlay) and <stem>_lungs.json, each atomically."""
     import io
 
-    from covid_cxr.explain.gradcam import overlay, png_bytes
+    from covid_cxr.explain.render import overlay, png_bytes
     from covid_cxr.core.files import atomic_write_bytes
 
     buf = io.BytesIO()

@@ -150,3 +150,21 @@ def test_add_cam_publishes_the_next_version(bundle_copy):
     assert r.exit_code == 2 and "error:" in r.output and "already has cam.onnx" in r.output
     r = CliRunner().invoke(app, ["bundle", "check", str(new.path)])
     assert r.exit_code == 0, r.output
+
+
+def test_explain_cli_draws_from_cam_onnx_without_torch(tiny_models, tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    image = sorted((tiny_data / "Normal").glob("*.png"))[0]
+    code = ("import sys; from typer.testing import CliRunner; from covid_cxr.cli import app; "
+            f"r = CliRunner().invoke(app, ['explain', {str(image)!r}, '--model', {str(tiny_models / 'tiny')!r}, "
+            f"'--out', {str(tmp_path / 'out')!r}, '--no-progress']); print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stdout[-1500:] + out.stderr[-1500:]
+    cam = np.load(tmp_path / "out" / f"{image.stem}_cam.npy")
+    bundle = load_bundle(tiny_models / "tiny")
+    from covid_cxr.data.decode import load_for_model
+
+    want = pytorch_grad_cam(load_torch(bundle), load_for_model(image, SIZE, SIZE)[None])[0]  # classes x H x W
+    assert cam.shape == (SIZE, SIZE) and np.abs(want - cam[None]).max(axis=(1, 2)).min() <= TOL  # one class's map
