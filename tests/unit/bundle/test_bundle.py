@@ -76,6 +76,7 @@ def _break(path: Path, how: str) -> None:
         raw = json.loads(meta.read_text())
         raw["input"]["height"] = raw["input"]["width"] = 32
         raw["onnx"]["inputs"][0]["shape"] = [-1, 32, 32, 1]
+        raw["cam"] = None  # (cam.onnx would disagree first; this case is about model.onnx)
         meta.write_text(json.dumps(raw))
     elif how == "onnx file garbage":
         (path / "model.onnx").write_bytes(b"\x08\x01garbage")
@@ -129,8 +130,8 @@ def test_a_failed_write_publishes_nothing_and_the_next_one_does(tiny_models, tmp
     with pytest.raises(BundleError, match="disagrees with PyTorch"):
         writer.write_bundle(tmp_path, "m", model, content, images)
     monkeypatch.undo()
-    with pytest.raises(Exception, match="at least 2"):  # metadata that fails the schema
-        writer.write_bundle(tmp_path, "m", model, {**content, "classes": ["only-one"]}, images)
+    with pytest.raises(Exception, match="input.channels"):  # metadata that fails the schema, after the export
+        writer.write_bundle(tmp_path, "m", model, {**content, "input": {**content["input"], "channels": 3}}, images)
     assert list((tmp_path / "m").iterdir()) == []  # no half-written version, no staging folder
     assert writer.write_bundle(tmp_path, "m", model, content, images).version == 1
     assert check_bundle(tmp_path / "m").metadata.training is None
