@@ -20,7 +20,7 @@ from covid_cxr.serve.routes import browser as browser_routes
 from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.serve.testing import running_server
 from tests.conftest import sample_images
-from tests.test_web import ARGS, CHROMIUM
+from tests.serve.test_web import ARGS, CHROMIUM
 
 TOLERANCE = 1e-4
 
