@@ -16,7 +16,7 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
           lungs: Annotated[Optional[Path], typer.Option(help="Lung segmentation bundle (covid-cxr lungs train); default: a fixed central region.")] = None,
           per_class: Annotated[int, typer.Option(help="Images per class in the sample.", min=2)] = 150,
           cam_per_class: Annotated[int, typer.Option(help="Images per class for Grad-CAM (0: skip).", min=0)] = 12,
-          seed: int = 0):
+          seed: Annotated[int, typer.Option(help="Seed of the probes' random picks.")] = 0):
     """Shortcut audit: occlusion of the lung fields, acquisition probe, Grad-CAM mass in the lungs."""
     from rich.console import Console
 

@@ -31,10 +31,10 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
               channels_last: Annotated[bool, _opt("channels_last", "--channels-last/--no-channels-last")] = D.channels_last,
               source_balance: Annotated[float, _opt("source_balance")] = D.source_balance,
               max_images: Annotated[Optional[int], _opt("max_images")] = D.max_images,
-              patience: Annotated[int, _opt("patience")] = D.patience, seed: int = D.seed,
+              patience: Annotated[int, _opt("patience")] = D.patience, seed: Annotated[int, _opt("seed")] = D.seed,
               max_minutes: Annotated[Optional[float], _opt("max_minutes")] = D.max_minutes,
               resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
-              progress: bool = True):
+              progress: Annotated[bool, typer.Option(help="Progress on stderr (a bar on a terminal, lines in a log).")] = True):
     """U-Net lung segmenter (pretrained EfficientNet-Lite encoder) -> MODELS/<name>/<version>."""
     from pydantic import ValidationError
 

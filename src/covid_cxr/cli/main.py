@@ -78,7 +78,8 @@ def _config(**kw) -> TrainConfig:
 
 
 @data_app.command("inspect")
-def data_inspect(data_dir: Path, classes: ClassesOpt = None,
+def data_inspect(data_dir: Annotated[Path, typer.Argument(help="Dataset folder (any supported layout).")],
+                 classes: ClassesOpt = None,
                  manifest: Annotated[Optional[Path], typer.Option(help="Write the manifest CSV here.")] = None,
                  near_threshold: Annotated[int, typer.Option(help="Max perceptual-hash bit distance.")] = 4,
                  json_path: JsonOpt = None):
@@ -176,7 +177,9 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
                 arch: ArchOpt = None, weights: WeightsOpt = None,
                 batch_size: Annotated[Optional[int], _opt("batch_size")] = None, seed: Annotated[Optional[int], _opt("seed")] = None,
                 balance: BalanceOpt = None, max_per_class: MaxOpt = None,
-                image_size: SizeOpt = None, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100,
+                image_size: SizeOpt = None, min_lr: Annotated[float, typer.Option(help="Lowest rate of the sweep.")] = 1e-6,
+                max_lr: Annotated[float, typer.Option(help="Highest rate of the sweep.")] = 1.0,
+                steps: Annotated[int, typer.Option(help="Steps of the sweep (one batch each).")] = 100,
                 classes: ClassesOpt = None,
                 workdir: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/.work")):
     """LR range test: saves the loss-vs-LR plot (log scale) and prints the suggested rate."""
@@ -358,7 +361,7 @@ def _lung_text(check: dict) -> str:
 
 
 @app.command()
-def run(data: DataOpt, out: Annotated[Path, typer.Option("--out")] = Path("runs/run"),
+def run(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="Run folder: models, reports, summary.")] = Path("runs/run"),
         archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = D.arch,
         weights: WeightsOpt = None, epochs: Annotated[Optional[int], _opt("epochs")] = None,
         batch_size: Annotated[Optional[int], _opt("batch_size")] = None, lr: Annotated[Optional[float], _opt("lr")] = None,
@@ -395,8 +398,8 @@ def _run(data: Path, out: Path, archs: str, synthetic: bool, resume: bool, **cfg
 @app.command()
 def demo(data: Annotated[Optional[Path], typer.Option("--data", help="Real dataset folder; default: "
                                                        "generate a small SYNTHETIC one.")] = None,
-         out: Annotated[Path, typer.Option("--out")] = Path("runs/demo"),
-         archs: str = "efficientnet_lite0"):
+         out: Annotated[Path, typer.Option("--out", help="Run folder: models, reports, summary.")] = Path("runs/demo"),
+         archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = D.arch):
     """The whole pipeline with no download: your data (--data) or a labelled SYNTHETIC set."""
     synthetic = data is None
     if synthetic:

@@ -54,9 +54,9 @@ class TrainConfig(BaseModel):
     arch: str = Field("efficientnet_lite0", description="vgg16, resnet50, densenet121, efficientnet_lite0/1/2")
     weights: str = Field("imagenet", description="imagenet | none | PATH (.safetensors or state_dict)")
     epochs: int = Field(30, ge=1, description="most epochs (early stopping may end sooner)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per training step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the split, the sampling and the weights' initialisation")
     balance: Literal["undersample", "weights", "none"] = Field(
         "undersample", description="undersample (the study) | weights | none")
     max_per_class: int | None = Field(None, ge=1, description=f"cap per class (the study: {STUDY_MAX_PER_CLASS})")

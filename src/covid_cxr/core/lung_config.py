@@ -48,12 +48,12 @@ class LungConfig(BaseModel):
                                   "(pairs of its manifest source)^-x: 0 as the data come, 1 every source "
                                   "equally often (v7's few pairs as often as quex's many)")
     epochs: int = Field(12, ge=1, description="most epochs (early stopping may end sooner)")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="image/mask pairs per training step")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     patience: int = Field(3, ge=1, description="early stopping patience on validation Dice")
     max_minutes: float | None = Field(18.0, gt=0, description="stop training after this many minutes "
                                       "(the best epoch so far is kept; data, test and bundle come on top)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the split and the sampling")
     split_fractions: list[float] = Field([0.7, 0.1, 0.2], description="train / val / test (by duplicate group)")
     max_images: int | None = Field(None, ge=3, description="use at most this many pairs (tests, quick runs)")
     name: str = Field("lungs", description="bundle name")

@@ -18,8 +18,8 @@ class ServeSettings(BaseModel):
     """Everything the app factory needs; no module-level state is read anywhere else."""
 
     models: Path = Field(description="model repository: MODELS/<name>/<version>/")
-    host: str = "127.0.0.1"
-    port: int = 8501
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8501, description="TCP port (TF Serving's REST default)")
     api_key: str | None = Field(None, description="bearer token clients must send (None: every route open)")
     # Liveness, readiness (incl. TF Serving's per-model status and v2 model ready, which probes use),
     # the web page and /static never need the key; what else does is chosen here.
