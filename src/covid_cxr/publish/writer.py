@@ -90,7 +90,7 @@ def onnx_parity(model, onnx_path: Path, images: np.ndarray, trust=None, task: st
     return float(np.abs(got[0] - want[0]).max())
 
 
-def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> CamInfo | None:
+def export_cam(model, folder: Path, parity_images: np.ndarray) -> CamInfo | None:
     """Write folder/cam.onnx (Grad-CAM of every class as an ONNX graph, covid_cxr.explain.camgraph)
     and check it against pytorch-grad-cam on `parity_images`, every class; None (no file) where the
     closed form does not hold for this architecture. BundleError if the maps disagree."""
@@ -103,6 +103,7 @@ def export_cam(model, folder: Path, parity_images: np.ndarray, classes: int) -> 
     h, w = parity_images.shape[1:]
     if not closed_form_holds(model, h, w):
         return None
+    classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features  # the head's
     path = folder / CAM_FILE
     export_graph(CamGraph(model, h, w).eval(), torch.rand(2, h, w, 1), path, [ONNX_INPUT], [CAM_OUTPUT])
     graph = onnx.load(str(path), load_external_data=False)
@@ -226,7 +227,7 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         if trust is not None:
             save_trust(trust, staging / TRUST_FILE)
         if task == "classification":
-            content = {**content, "cam": export_cam(model, staging, parity_images, len(content["classes"]))}
+            content = {**content, "cam": export_cam(model, staging, parity_images)}
         ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")),
                                  task=task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
@@ -274,7 +275,7 @@ def add_cam(path: str | Path, version: int | None = None) -> Bundle:
         for item in src.path.iterdir():
             if item.name != "metadata.json":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        cam = export_cam(model, staging, smooth_images(8, *src.input_hw), len(src.classes))
+        cam = export_cam(model, staging, smooth_images(8, *src.input_hw))
         if cam is None:
             raise BundleError(f"{src.path}: Grad-CAM layer {src.metadata.architecture.cam_layer!r} is not the "
                               "feature map the head pools: no closed form (explain it with `covid-cxr explain`)")
