@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 
 from covid_cxr.bundle import parse_version as version_number
 from covid_cxr.bundle.store import NAME_PATTERN, VERSION_PATTERN
@@ -24,6 +24,9 @@ class Unauthorized(Exception):
 # Path parameters as the OpenAPI document shows them. The patterns are documentation only (not
 # FastAPI validation) so a bad value gets the handlers' own 400 message, the same as before.
 ModelName = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
+# ?model=NAME on the upload and browser routes; absent: the first model (checked by the route: 400 JSON)
+ModelQuery = Annotated[str | None, Query(description="model name (default: the first)",
+                                         json_schema_extra={"pattern": NAME_PATTERN})]
 VersionText = Annotated[str, Path(description="model version: a positive integer",
                                   json_schema_extra={"pattern": VERSION_PATTERN})]
 

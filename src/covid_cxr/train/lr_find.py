@@ -26,24 +26,20 @@ class LRFindResult:
     plot: Path
 
 
-def steepest_descent(lrs, losses, smooth: float = 0.9, skip: int = 5) -> float | None:
-    """The rate where the (exponentially smoothed) loss falls fastest per decade, searched only
-    *before* the smoothed minimum: Lightning's suggestion (the steepest point anywhere) can land on
-    the hump where the loss starts to climb. None when the curve never falls."""
+def steepest_descent(lrs, losses, skip: int = 5) -> float | None:
+    """The rate where the loss falls fastest per decade, searched only *before* its minimum (after
+    the first `skip` steps, whose smoothed values are unsettled): Lightning's own suggestion (the
+    steepest point anywhere) can land on the hump where the loss starts to climb. Lightning's losses
+    are already smoothed (its EMA), so they are used as they are. None when the curve never falls."""
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
     ok = np.isfinite(losses) & (lrs > 0)
     lrs, losses = lrs[ok], losses[ok]
     if len(lrs) < skip + 3:
         return None
-    avg, smoothed = 0.0, []
-    for i, v in enumerate(losses, 1):
-        avg = smooth * avg + (1 - smooth) * v
-        smoothed.append(avg / (1 - smooth ** i))  # bias-corrected EMA, as fastai's lr_find
-    smoothed = np.asarray(smoothed)
-    end = int(np.argmin(smoothed))
+    end = skip + int(np.argmin(losses[skip:]))
     if end <= skip + 1:
         return None
-    slope = np.gradient(smoothed[:end + 1], np.log10(lrs[:end + 1]))
+    slope = np.gradient(losses[:end + 1], np.log10(lrs[:end + 1]))
     i = skip + int(np.argmin(slope[skip:end]))
     return float(lrs[i]) if slope[i] < 0 else None
 

@@ -8,11 +8,11 @@ the runtime's files are served from static/vendor, fetched by `make web-runtime`
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from covid_cxr.serve.deps import ModelName, VersionText, get_repo, get_settings, parse_version, require_api_key
+from covid_cxr.serve.deps import ModelName, ModelQuery, VersionText, get_repo, get_settings, parse_version, require_api_key
 from covid_cxr.serve.protocol import ERRORS
 from covid_cxr.serve.repository import LoadedModel, ModelRepository
 from covid_cxr.serve.routes.upload import OOD_WARNING, upload_model
@@ -71,7 +71,7 @@ def describe(loaded: LoadedModel, settings: ServeSettings) -> BrowserModel:
 
 
 @router.get("/api/v1/browser/model", response_model=BrowserModel)
-async def browser_model(request: Request, model: str | None = Query(None, description="model name (default: the first)"),
+async def browser_model(request: Request, model: ModelQuery = None,
                         repo: ModelRepository = Depends(get_repo), settings: ServeSettings = Depends(get_settings)):
     """The model the page would use in server mode, described for the in-browser mode."""
     loaded = await upload_model(repo, settings, model)

@@ -10,7 +10,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from covid_cxr.serve.deps import get_limits, get_repo, get_settings, require_api_key, require_key_to_read
+from covid_cxr.serve.deps import ModelQuery, get_limits, get_repo, get_settings, require_api_key, require_key_to_read
 from covid_cxr.serve.protocol import (
     ERRORS,
     BadRequest,
@@ -75,7 +75,7 @@ async def add_lungs(out: UploadPrediction, settings: ServeSettings, pixels: np.n
 @router.post("/api/v1/predict", response_model=UploadPrediction, response_model_exclude_none=True,
              responses=ERRORS, dependencies=[Depends(require_api_key)])
 async def upload_predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM file"),
-                         model: str | None = Query(None, description="model name (default: the first)"),
+                         model: ModelQuery = None,
                          gradcam: bool = Query(False, description="add a Grad-CAM overlay (PNG, base64)"),
                          repo: ModelRepository = Depends(get_repo), settings: ServeSettings = Depends(get_settings)):
     """Classify one uploaded X-ray: label, every class probability, model, version, latency."""
