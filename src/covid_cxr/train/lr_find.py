@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,20 @@ def steepest_descent(lrs, losses, skip: int = 5) -> float | None:
     return float(lrs[i]) if slope[i] < 0 else None
 
 
+@contextmanager
+def no_tqdm():
+    """tqdm's own switch (TQDM_DISABLE, read when a bar is made), set only while inside."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 def range_test(net, dm, class_weights, out: Path, workdir: Path, title: str, progress: bool = False,
                min_lr: float = 1e-6, max_lr: float = 1.0, num_training: int = 100) -> LRFindResult:
     """Sweep the learning rate exponentially over `num_training` steps (Lightning's Tuner, which
@@ -56,8 +72,9 @@ def range_test(net, dm, class_weights, out: Path, workdir: Path, title: str, pro
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(workdir))
     if progress:
         say(f"LR range test: {num_training} steps from {min_lr:g} to {max_lr:g}")
-    finder = Tuner(trainer).lr_find(module, datamodule=dm, min_lr=min_lr, max_lr=max_lr,
-                                    num_training=num_training, early_stop_threshold=None, update_attr=False)
+    with no_tqdm():  # Lightning's LR finder opens its own tqdm bar whatever the trainer says
+        finder = Tuner(trainer).lr_find(module, datamodule=dm, min_lr=min_lr, max_lr=max_lr,
+                                        num_training=num_training, early_stop_threshold=None, update_attr=False)
     lrs, losses = list(map(float, finder.results["lr"])), list(map(float, finder.results["loss"]))
     best = steepest_descent(lrs, losses)
     fig = finder.plot(suggest=False, show=False)
