@@ -283,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--hostile-requests", type=int, default=600, help="good requests in part 4")
+    p.add_argument("--model", help="the served model the good requests go to (default: the first)")
     p.add_argument("--parts", default="1,2,3,4", help="which parts to run: 1-3 (issue 7), 4 (issue 17: 4-6)")
     args = p.parse_args(argv)
     parts = {int(x) for x in args.parts.split(",")}
     ok = True
     with tempfile.TemporaryDirectory(prefix="stress-serve-") as tmp:
         models = args.models or default_models(args.data, Path(tmp))
-        model = model_name(models)
+        model = args.model or model_name(models)
         png = sorted((args.data / "COVID").glob("*.png"))[0].read_bytes()
         if parts & {1, 2, 3}:
             ok = first_round(models, model, png, args)
