@@ -20,7 +20,7 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     """Shortcut audit: occlusion of the lung fields, acquisition probe, Grad-CAM mass in the lungs."""
     from rich.console import Console
 
-    from covid_cxr.cli.common import fail, open_bundle
+    from covid_cxr.cli.common import open_bundle
     from covid_cxr.trust.audit import run_audit
     from covid_cxr.core.files import atomic_write_json
 

@@ -71,7 +71,6 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
     from rich.console import Console
 
     from covid_cxr.publish.ensemble import build_ensemble
-    from covid_cxr.cli.common import fail
 
     b = build_ensemble(members, out, name, evaluate, target_recall)
     m = b.metadata.test_metrics

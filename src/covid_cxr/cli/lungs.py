@@ -81,7 +81,7 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
                  json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
-    from covid_cxr.cli.common import err_console, fail
+    from covid_cxr.cli.common import err_console
     from covid_cxr.evaluate.lungs import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
     from covid_cxr.core.files import atomic_write_json

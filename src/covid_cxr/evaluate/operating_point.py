@@ -10,11 +10,10 @@ server, `predict` and `evaluate` apply it without torch.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-from covid_cxr.core.config import parse_target  # noqa: F401  (the operating point's spec; lives with the config)
+from covid_cxr.core.config import parse_target
 from covid_cxr.core.errors import ConfigError
 
 def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float]:

@@ -34,7 +34,6 @@ from covid_cxr.explain.render import (  # noqa: F401  (re-exported)
     DEFAULT_METHOD,
     METHODS,
     Explanation,
-    jet,
     overlay,
     png_bytes,
 )

@@ -29,7 +29,7 @@ from covid_cxr.bundle.schema import (
 from covid_cxr.bundle.store import discard, new_staging_dir, publish, valid_name
 from covid_cxr.core.files import Stopwatch, atomic_write_text
 from covid_cxr.models.loading import load_torch
-from covid_cxr.models.onnx import OPSET, export_graph  # noqa: F401  (OPSET: part of the writer's face)
+from covid_cxr.models.onnx import OPSET, export_graph
 
 MAX_PARITY_DIFF = 1e-4
 MAX_CAM_DIFF = 1e-3  # cam.onnx vs pytorch-grad-cam, maps in [0, 1] (measured: ~1e-6 on real X-rays)

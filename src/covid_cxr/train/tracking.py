@@ -8,12 +8,10 @@ MODELS/.work/logs/<name>/version_<n>. The optional packages are imported only wh
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-from covid_cxr.core.config import NEEDS, check_available  # noqa: F401
-from covid_cxr.core.errors import ConfigError
+from covid_cxr.core.config import check_available
 
 EXPERIMENT = "covid-cxr"
 

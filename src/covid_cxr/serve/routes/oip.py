@@ -14,8 +14,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from covid_cxr import __version__
-from covid_cxr.bundle import ONNX_INPUT, ONNX_OUTPUT
-from covid_cxr.serve.batching import split
 from covid_cxr.serve.deps import (ModelName, VersionText, get_limits, get_repo, get_settings, parse_version,
                                   require_api_key, require_key_to_read)
 from covid_cxr.serve.oip import HEADER_LENGTH, encode_response, image_batch, parse_infer, tensor_metadata
