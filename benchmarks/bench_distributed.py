@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from covid_cxr.core.files import atomic_write_json
+
 
 def run(data: Path, out: Path, devices: int, a: argparse.Namespace) -> dict:
     """One `covid-cxr train` with DEVICES processes; wall time and what the bundle says."""
@@ -64,10 +66,9 @@ def main() -> None:
             data = make_synthetic_dataset(Path(tmp) / "data", per_class=a.synthetic, size=a.image_size)
         rows = [run(data, Path(tmp) / f"models-{d}", int(d), a) for d in a.devices.split(",")]
     out = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "runs": rows}
-    text = json.dumps(out, indent=1)
-    print(text)
+    print(json.dumps(out, indent=1))
     if a.json:
-        a.json.write_text(text + "\n")
+        atomic_write_json(a.json, out)
 
 
 if __name__ == "__main__":

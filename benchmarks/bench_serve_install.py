@@ -22,6 +22,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from covid_cxr.core.files import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 TORCH_SIDE = ("torch", "torchvision", "lightning", "timm", "pytorch_grad_cam", "segmentation_models_pytorch")
 
@@ -110,10 +112,9 @@ def main() -> None:
         models = a.models or tiny_models(Path(tmp))
         image = a.image or next((models.parent / "data").rglob("*.png"))
         out["serve"]["smoke"] = serve_smoke(a.serve_venv, models, image)
-    text = json.dumps(out, indent=1)
-    print(text)
+    print(json.dumps(out, indent=1))
     if a.json:
-        a.json.write_text(text + "\n")
+        atomic_write_json(a.json, out)
 
 
 if __name__ == "__main__":
