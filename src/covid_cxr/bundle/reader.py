@@ -6,7 +6,9 @@ is wrong; the CLI prints it and exits 2, the server reports it as the version's 
 
 from __future__ import annotations
 
+import functools
 import json
+from importlib.metadata import entry_points
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,10 +189,10 @@ def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, 
 PREPARE_STEPS = "covid_cxr.prepare_steps"
 
 
+@functools.cache
 def prepare_step(name: str):
-    """The step registered as `name`: a function (bundle, N x H x W float32) -> N x H x W float32."""
-    from importlib.metadata import entry_points
-
+    """The step registered as `name`: a function (bundle, N x H x W float32) -> N x H x W float32.
+    Looked up once per process (scanning the entry points costs milliseconds; prepare runs per batch)."""
     found = list(entry_points(group=PREPARE_STEPS, name=name))
     if not found:
         raise BundleError(f"the bundle needs the preparation step {name!r}, which is not installed "

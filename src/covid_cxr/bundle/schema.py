@@ -375,10 +375,6 @@ class BundleMetadata(_Strict):
     def input_hw(self) -> tuple[int, int]:
         return self.input.height, self.input.width
 
-    @property
-    def cam_shape(self) -> list[int]:
-        return [DYNAMIC, len(self.classes), self.input.height, self.input.width]
-
 
 def onnx_tensors(height: int, width: int, n_classes: int, ood: bool = False, task: str = "classification"
                  ) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -201,6 +201,21 @@ def embed_lungs(staging: Path, crop: dict) -> dict:
             "onnx_sha256": file_sha256(dest / src.metadata.onnx.file)}
 
 
+def publish_version(staging: Path, model_dir: Path, make_metadata) -> Bundle:
+    """Publish `staging` as the next version of `model_dir`: metadata.json (`make_metadata(version)`)
+    and its model card are written into the version folder before it appears, for every bundle
+    this module writes."""
+    box: dict[str, BundleMetadata] = {}
+
+    def write_metadata(folder: Path, version: int) -> None:
+        box["meta"] = make_metadata(version)
+        atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
+        write_card(folder, box["meta"])  # MODEL_CARD.md/.html: from metadata.json and report/ alone
+
+    version = publish(staging, model_dir, write_metadata)
+    return Bundle(model_dir / str(version), box["meta"])
+
+
 def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,
                  report_dir: Path | None = None, clock: Stopwatch | None = None, trust=None) -> Bundle:
     """Write the next version of `name`; returns the bundle. `content` holds the metadata's
@@ -236,15 +251,7 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
             shutil.copytree(report_dir, staging / "report")
         if content.get("lung_crop"):
             content = {**content, "lung_crop": embed_lungs(staging, content["lung_crop"])}
-        box: dict[str, BundleMetadata] = {}
-
-        def write_metadata(folder: Path, version: int) -> None:
-            box["meta"] = _metadata(content, name, version, onnx, clock)
-            atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
-            write_card(folder, box["meta"])  # MODEL_CARD.md/.html: from metadata.json and report/ alone
-
-        version = publish(staging, model_dir, write_metadata)
-        return Bundle(model_dir / str(version), box["meta"])
+        return publish_version(staging, model_dir, lambda v: _metadata(content, name, v, onnx, clock))
     except BaseException:
         discard(staging)
         raise
@@ -280,14 +287,7 @@ def add_cam(path: str | Path, version: int | None = None) -> Bundle:
             raise BundleError(f"{src.path}: Grad-CAM layer {src.metadata.architecture.cam_layer!r} is not the "
                               "feature map the head pools: no closed form (explain it with `covid-cxr explain`)")
         base = {**src.metadata.model_dump(mode="json"), "cam": cam.model_dump(mode="json")}
-        box: dict[str, BundleMetadata] = {}
-
-        def write_metadata(folder: Path, v: int) -> None:
-            box["meta"] = BundleMetadata.model_validate({**base, "version": v})
-            atomic_write_text(folder / "metadata.json", box["meta"].model_dump_json(indent=2) + "\n")
-
-        v = publish(staging, model_dir, write_metadata)
-        return Bundle(model_dir / str(v), box["meta"])
+        return publish_version(staging, model_dir, lambda v: BundleMetadata.model_validate({**base, "version": v}))
     except BaseException:
         discard(staging)
         raise

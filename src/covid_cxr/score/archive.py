@@ -90,37 +90,43 @@ class Scorer:
     """Decode, run and label images of one bundle; a row per image, errors as rows. One per process
     (or per Ray worker): `threads` is its ONNX Runtime intra-op thread count (0: all cores)."""
 
-    def __init__(self, bundle_path: str | Path, root: str | Path, threads: int = 0):
-        self.bundle = load_bundle(bundle_path)
+    def __init__(self, bundle: Bundle | str | Path, root: str | Path, threads: int = 0):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)  # a Ray worker gets a path
         self.bundle._session = open_checked_session(self.bundle, threads, spinning=False)
         self.root = Path(root)
         self.schema = schema(self.bundle)
+
+    def _answer(self, paths: list[str]):
+        """Decode one batch at a time (a part's images are never all in memory) and answer it as every
+        other door does (`Bundle.answer`: preparation, operating point, gate); unreadable files
+        become error strings."""
+        from covid_cxr.data.decode import DecodeError, load_for_model
+
+        n, k = len(paths), len(self.bundle.classes)
+        probs = np.full((n, k), np.nan, np.float32)
+        score, inside, picked = np.full(n, np.nan, np.float32), np.ones(n, bool), np.zeros(n, int)
+        errors: list[str | None] = [None] * n
+        for start in range(0, n, BATCH):
+            idx, pixels = [], []
+            for i in range(start, min(start + BATCH, n)):
+                try:
+                    pixels.append(load_for_model(self.root / paths[i], *self.bundle.input_hw))
+                    idx.append(i)
+                except (DecodeError, OSError, ValueError) as exc:
+                    errors[i] = str(exc) or type(exc).__name__
+            if idx:
+                ans = self.bundle.answer(np.stack(pixels))
+                probs[idx], picked[idx] = ans.probabilities, ans.labels
+                if ans.ood_score is not None:
+                    score[idx], inside[idx] = ans.ood_score, ans.in_distribution
+        return probs, score, inside, picked, errors
 
     def table(self, paths: list[str]):
         """A pyarrow Table of the rows for `paths`, in their order."""
         import pyarrow as pa
 
-        from covid_cxr.data.decode import DecodeError, load_for_model
-
-        h, w = self.bundle.input_hw
         n, classes = len(paths), self.bundle.classes
-        probs = np.full((n, len(classes)), np.nan, np.float32)
-        score, inside = np.full(n, np.nan, np.float32), np.ones(n, bool)
-        errors: list[str | None] = [None] * n
-        pixels, good = [], []
-        for i, p in enumerate(paths):
-            try:
-                pixels.append(load_for_model(self.root / p, h, w))
-                good.append(i)
-            except (DecodeError, OSError, ValueError) as exc:
-                errors[i] = str(exc) or type(exc).__name__
-        for start in range(0, len(good), BATCH):
-            idx = good[start:start + BATCH]
-            p, s, d = self.bundle.predict_with_ood(np.stack(pixels[start:start + BATCH]))
-            probs[idx] = p
-            if s is not None:
-                score[idx], inside[idx] = s, d
-        picked = self.bundle.decide(np.nan_to_num(probs)) if n else np.zeros(0, int)
+        probs, score, inside, picked, errors = self._answer(paths)
         ok = np.array([e is None for e in errors], bool)
         gated = self.bundle.has_ood
         labels = [classes[k] if ok[i] and inside[i] else None for i, k in enumerate(picked)]
@@ -221,9 +227,9 @@ class Progress:
                             time.perf_counter() - self.t0, parts)
 
 
-def _local(bundle_path: Path, root: Path, todo: list[str], threads: int, part_rows: int):
+def _local(bundle: Bundle, root: Path, todo: list[str], threads: int, part_rows: int):
     """One process: the parts' tables, in order."""
-    scorer = Scorer(bundle_path, root, threads)
+    scorer = Scorer(bundle, root, threads)
     for start in range(0, len(todo), part_rows):
         yield scorer.table(todo[start:start + part_rows])
 
@@ -245,7 +251,7 @@ def score_archive(model: str | Path, data: str | Path, out: str | Path, threads:
              progress.skipped, out, len(todo), bundle.name, bundle.version)
     if todo:
         if ray is None:
-            tables = _local(bundle.path, root, todo, threads, part_rows)
+            tables = _local(bundle, root, todo, threads, part_rows)
         else:
             from covid_cxr.score.on_ray import ray_tables
 
