@@ -143,9 +143,11 @@ class Bundle:
         bundles without an out-of-distribution gate."""
         return run_classifier(self, self.session(), np.asarray(images, dtype=np.float32)[..., None])
 
-    def answer(self, images: np.ndarray) -> Answers:
-        """N x H x W float [0, 1] at input_hw -> probabilities, decided labels and the gate's verdict."""
-        return self.answers(*self.predict_with_ood(images))
+    def answer(self, images: np.ndarray, prepared: bool = False) -> Answers:
+        """N x H x W float [0, 1] at input_hw -> probabilities, decided labels and the gate's verdict
+        (`prepared`: the images already went through `prepare`, as Grad-CAM needs them too)."""
+        x = np.asarray(images, dtype=np.float32)[..., None]
+        return self.answers(*run_classifier(self, self.session(), x, prepared))
 
     def answers(self, probs: np.ndarray, score: np.ndarray | None = None,
                 inside: np.ndarray | None = None) -> Answers:
@@ -172,12 +174,14 @@ class Bundle:
         return decide(probs, self.classes.index(op.class_name), op.threshold)
 
 
-def run_classifier(bundle: Bundle, session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The bundle's preparation (`Bundle.prepare`: the lung crop, if any) and one ONNX Runtime call
-    on N x H x W x 1: (probabilities, ood_score, in_distribution as bool), the last two None for a
-    bundle without an out-of-distribution gate. The bundle and the server both run a classifier
-    through here (the server with its own `session`)."""
-    x = bundle.prepare(x[..., 0])[..., None]  # views, no copy, for a bundle without lung_crop
+def run_classifier(bundle: Bundle, session, x: np.ndarray, prepared: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The bundle's preparation (`Bundle.prepare`: the lung crop, if any; skipped when `prepared`)
+    and one ONNX Runtime call on N x H x W x 1: (probabilities, ood_score, in_distribution as bool),
+    the last two None for a bundle without an out-of-distribution gate. The bundle and the server
+    both run a classifier through here (the server with its own `session`)."""
+    if not prepared:
+        x = bundle.prepare(x[..., 0])[..., None]  # views, no copy, for a bundle without lung_crop
     if not bundle.has_ood:
         return session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0], None, None
     probs, score, inside = session.run([ONNX_OUTPUT, *OOD_OUTPUTS], {ONNX_INPUT: x})

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from covid_cxr.cli.common import JsonOpt
+
 
 def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
           data: Annotated[Path, typer.Option("--data", help="Labelled dataset folder (any supported layout).")],
           out: Annotated[Optional[Path], typer.Option(help="Report folder (audit.md, audit.json, plots).")] = None,
-          json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the audit JSON here.")] = None,
+          json_path: JsonOpt = None,
           lungs: Annotated[Optional[Path], typer.Option(help="Lung segmentation bundle (covid-cxr lungs train); default: a fixed central region.")] = None,
           per_class: Annotated[int, typer.Option(help="Images per class in the sample.", min=2)] = 150,
           cam_per_class: Annotated[int, typer.Option(help="Images per class for Grad-CAM (0: skip).", min=0)] = 12,
@@ -22,13 +23,12 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
 
     from covid_cxr.cli.common import open_bundle
     from covid_cxr.trust.audit import run_audit
-    from covid_cxr.core.files import atomic_write_json
+    from covid_cxr.cli.common import write_json
 
     b = open_bundle(model)
     out = out or Path("runs/audit") / f"{b.name}-v{b.version}-{data.resolve().name}"
     r = run_audit(b, data, out, per_class, cam_per_class, seed, lungs)
-    if json_path:
-        atomic_write_json(json_path, r)
+    write_json(json_path, r)
     con = Console()
     con.print(("[bold red]shortcut suspected[/]" if r["shortcut_suspected"] else "[green]no shortcut found[/]")
               + f" ({b.name} v{b.version} on {data})")

@@ -36,14 +36,10 @@ def add_cam(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest ver
     from rich.console import Console
 
     from covid_cxr.publish.writer import add_cam as add
-    from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.core.errors import UserError
+    from covid_cxr.cli.common import open_bundle
 
     src = open_bundle(path)
-    try:
-        b = add(src.path)
-    except UserError as exc:
-        fail(str(exc))
+    b = add(src.path)
     Console().print(f"bundle: {b.path} ({b.name} v{b.version}: v{src.version} + cam.onnx, max |d| vs "
                     f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})", soft_wrap=True)
 

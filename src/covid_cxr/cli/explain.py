@@ -138,34 +138,29 @@ def _explain_files(explainer, bundle, files: list[Path], class_index: Optional[i
     """Explain each file (`explain.run.explain_image`: the bundle's own answer, as predict gives it)
     and write its files; unreadable files are skipped."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from covid_cxr.cli.common import err_console as err
+    from covid_cxr.core.progress import progress_iter
     from covid_cxr.data.decode import DecodeError, load_for_model
     from covid_cxr.explain.run import explain_image, write_explained
 
     classes, (h, w) = bundle.classes, bundle.input_hw
     rows, skipped, used = [], [], set()
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"Grad-CAM ({method})", total=len(files))
-        for f in files:
-            bar.advance(task)
-            try:
-                pixels = load_for_model(f, h, w)
-            except DecodeError as exc:
-                skipped.append((f, str(exc)))
-                err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)
-                continue
-            e = explain_image(bundle, explainer, pixels, class_index, method)
-            r = e.row(classes)
-            text, info = where_in_lungs(segmenter, e.pixels, e.cam) if segmenter is not None else (None, None)
-            write_explained(e, out, unique_stem(f, used), alpha, info)
-            gate = escape(r["gate"]) if r["in_distribution"] is not False else f"[red]{escape(r['gate'])}[/]"
-            label = "—" if r["label"] is None else f"{r['label']} ({r['probabilities'][r['label']]:.3f})"
-            rows.append((escape(str(f)), label, gate,
-                         r["explained_class"], f"{r['explained_probability']:.3f}") + ((text,) if text else ()))
+    for f in progress_iter(files, f"Grad-CAM ({method})", enabled=progress):
+        try:
+            pixels = load_for_model(f, h, w)
+        except DecodeError as exc:
+            skipped.append((f, str(exc)))
+            err.print(f"[yellow]skipped[/] {f}: {exc}", soft_wrap=True, markup=True, highlight=False)
+            continue
+        e = explain_image(bundle, explainer, pixels, class_index, method)
+        r = e.row(classes)
+        text, info = where_in_lungs(segmenter, e.pixels, e.cam) if segmenter is not None else (None, None)
+        write_explained(e, out, unique_stem(f, used), alpha, info)
+        gate = escape(r["gate"]) if r["in_distribution"] is not False else f"[red]{escape(r['gate'])}[/]"
+        label = "—" if r["label"] is None else f"{r['label']} ({r['probabilities'][r['label']]:.3f})"
+        rows.append((escape(str(f)), label, gate,
+                     r["explained_class"], f"{r['explained_probability']:.3f}") + ((text,) if text else ()))
     return rows, skipped
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from covid_cxr.cli.common import config_option
+from covid_cxr.cli.common import JsonOpt, config_option
 from covid_cxr.core.lung_config import DEFAULTS as D
 
 lungs_app = typer.Typer(no_args_is_help=True, help="Lung segmentation: train, evaluate, segment.")
@@ -40,7 +40,6 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
 
     from covid_cxr.cli.common import quiet_libraries
     from covid_cxr.cli.common import fail
-    from covid_cxr.core.errors import UserError
     from covid_cxr.core.lung_config import LungConfig
     from covid_cxr.train.lungs import train_lungs
 
@@ -51,13 +50,11 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
                          seed=seed, progress=progress, channels_last=channels_last, source_balance=source_balance,
                          max_minutes=max_minutes,
                          decoder_channels=[int(c) for c in decoder_channels.split(",") if c.strip()])
-        r = train_lungs(data, out, cfg, resume=resume)
     except ValidationError as exc:
         fail(str(exc.errors()[0]["msg"]))
     except ValueError:  # int() of a --decoder-channels entry
         fail(f"--decoder-channels {decoder_channels!r}: expected five comma-separated widths, e.g. 32,24,16,12,8")
-    except UserError as exc:
-        fail(str(exc))
+    r = train_lungs(data, out, cfg, resume=resume)  # its UserErrors: one line, via cli.common.Commands
     _print(r.metrics, f"{cfg.name}: test split")
     typer.echo(f"bundle: {r.bundle_path} (training {r.timings.get('total', 0):.0f} s)")
 
@@ -78,13 +75,13 @@ def _print(m: dict, title: str) -> None:
 @lungs_app.command("evaluate")
 def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (a segmentation bundle)")],
                  data: Annotated[Path, typer.Option("--data", help="Folder with images/ and masks/ (manifest.csv optional).")],
-                 json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+                 json_path: JsonOpt = None,
                  held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console
     from covid_cxr.evaluate.lungs import evaluate_folder
     from covid_cxr.lungs.segment import LungSegmenter
-    from covid_cxr.core.files import atomic_write_json
+    from covid_cxr.cli.common import write_json
 
     seg = LungSegmenter.from_bundle(model)
     only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
@@ -92,9 +89,7 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
     for path, why in skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True, highlight=False)
     _print(m, f"{seg.bundle.name} v{seg.bundle.version} on {data}")
-    if json_path:
-        atomic_write_json(json_path, {k: m[k] for k in ("dice", "iou", "per_source", "n", "worst")})
-        typer.echo(f"written: {json_path}")
+    write_json(json_path, {k: m[k] for k in ("dice", "iou", "per_source", "n", "worst")})
 
 
 @lungs_app.command("segment")

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from covid_cxr.site.shift import ALPHA
+from covid_cxr.cli.common import JsonOpt
+from covid_cxr.site import ALPHA
 
 SHIFT_EXIT = 3  # --fail-on-shift: what a pipeline stops on
 
@@ -19,7 +20,7 @@ def check(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
           data: Annotated[Path, typer.Option("--data", help="Folder of the site's images (unlabelled; class "
                                                            "folders are fine).")],
           out: Annotated[Optional[Path], typer.Option(help="Report folder (report.md, site_check.json, shift.png).")] = None,
-          json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
+          json_path: JsonOpt = None,
           alpha: Annotated[float, typer.Option(help="family-wise false-alarm level (Holm-corrected)")] = ALPHA,
           fail_on_shift: Annotated[bool, typer.Option("--fail-on-shift", help=f"exit {SHIFT_EXIT} when a shift is "
                                                       "detected (for pipelines)")] = False):
@@ -28,17 +29,13 @@ def check(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     from rich.console import Console
     from rich.markup import escape
 
-    from covid_cxr.cli.common import fail, open_bundle
-    from covid_cxr.core.errors import UserError
+    from covid_cxr.cli.common import open_bundle
     from covid_cxr.site.check import check_site, next_step, write_outputs
     from covid_cxr.site.shift import SHIFT, summary_words
 
     b = open_bundle(model)
-    try:
-        result = check_site(b, data, alpha, progress=False)
-        write_outputs(result, out, json_path)
-    except UserError as exc:
-        fail(str(exc))
+    result = check_site(b, data, alpha, progress=False)
+    write_outputs(result, out, json_path)
     con = Console(highlight=False)
     r = result.result
     colour = {"fit": "green", SHIFT: "bold red"}.get(r.verdict, "yellow")

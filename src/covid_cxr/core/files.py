@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, progress bars."""
+"""Small shared helpers: atomic file writes, file hashes, a stopwatch (progress: core.progress)."""
 
 from __future__ import annotations
 

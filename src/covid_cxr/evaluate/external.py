@@ -3,8 +3,6 @@ bundle's ONNX model: exactly what the server would answer."""
 
 from __future__ import annotations
 
-from covid_cxr.core.errors import DataError
-
 from pathlib import Path
 
 import numpy as np

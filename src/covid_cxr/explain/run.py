@@ -44,8 +44,8 @@ class Explained:
 def explain_image(bundle: Bundle, explainer, pixels: np.ndarray, class_index: int | None = None,
                   method: str = "gradcam") -> Explained:
     """Decoded H x W pixels at the bundle's input size -> Explained (the bundle's answer, the map)."""
-    answers = bundle.answer(pixels[None])
-    seen = bundle.prepare(np.asarray(pixels, np.float32)[None])[0]  # what model.onnx ran on
+    seen = bundle.prepare(np.asarray(pixels, np.float32)[None])[0]  # what model.onnx runs on
+    answers = bundle.answer(seen[None], prepared=True)  # prepared once: the lung crop is not run twice
     target = int(answers.labels[0]) if class_index is None else int(class_index)
     cam = explainer.explain(seen, target, method)[0].cam
     return Explained(seen, cam, answers, target)

@@ -23,10 +23,9 @@ import numpy as np
 from scipy import stats
 
 from covid_cxr.bundle.schema import SiteReference
+from covid_cxr.site import ALPHA, MIN_IMAGES
 from covid_cxr.site.reference import Sample
 
-ALPHA = 0.01  # family-wise false-alarm level of one check
-MIN_IMAGES = 10  # below it the verdict is "too few images"
 FIT, SHIFT, TOO_FEW = "fit", "shift detected", "too few images"
 
 # statistic -> (what it is, word when the site is lower, word when higher, format of its median)
