@@ -61,7 +61,7 @@ def _scored(bundle_path: Path, root: Path, todo: list[str], workers: int, thread
     ctx.verbose_progress = False
     blocks = max(workers * 4, len(todo) // (BATCH * 4) or 1)
     ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=min(blocks, len(todo)))
-    scored = ds.map_batches(Scorer, fn_constructor_kwargs={"bundle_path": str(bundle_path), "root": str(root),
+    scored = ds.map_batches(Scorer, fn_constructor_kwargs={"bundle": str(bundle_path), "root": str(root),
                                                            "threads": threads},
                             batch_size=BATCH, batch_format="pyarrow", concurrency=workers, num_cpus=threads)
     for batch in scored.iter_batches(batch_size=part_rows, batch_format="pyarrow"):
