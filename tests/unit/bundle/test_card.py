@@ -96,3 +96,19 @@ def test_served_card_html_markdown_and_errors(tiny_models, tmp_path):
                              ("tiny/card?version=0", 400), ("bad..name/card", 400)):
             r = requests.get(f"{url}/api/v1/models/{path}", timeout=10)
             assert r.status_code == status and "error" in r.json(), (path, r.status_code, r.text[:200])
+
+
+def test_the_served_card_needs_the_key_where_metadata_does(tiny_models, tmp_path):
+    """Under --api-key (scope 'all') the card, which carries test metrics, asks for the key as the
+    metadata route does; with the key, or under scope 'predict', it is served."""
+    from covid_cxr.serve.settings import ServeSettings
+    from covid_cxr.serve.testing import running_server
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny" / "1", models / "tiny" / "1")
+    key = {"Authorization": "Bearer k3y"}
+    with running_server(ServeSettings(models=models, api_key="k3y")) as url:
+        assert requests.get(f"{url}/api/v1/models/tiny/card", timeout=10).status_code == 401
+        assert requests.get(f"{url}/api/v1/models/tiny/card", headers=key, timeout=10).status_code == 200
+    with running_server(ServeSettings(models=models, api_key="k3y", api_key_scope="predict")) as url:
+        assert requests.get(f"{url}/api/v1/models/tiny/card", timeout=10).status_code == 200

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from covid_cxr.bundle import BundleError, load_bundle
 from covid_cxr.bundle.card import CARD_HTML, CARD_MD, card_html, card_markdown
-from covid_cxr.serve.deps import ModelName, get_repo
+from covid_cxr.serve.deps import ModelName, get_repo, require_key_to_read
 from covid_cxr.serve.protocol import ERRORS
 from covid_cxr.serve.repository import ModelNotFound, ModelRepository, ModelUnavailable
 
@@ -35,6 +35,7 @@ def read_card(repo: ModelRepository, name: str, version: int, fmt: str) -> str:
 
 
 @router.get("/api/v1/models/{name}/card", response_class=Response, responses=ERRORS,
+            dependencies=[Depends(require_key_to_read)],  # it carries test metrics, as metadata does
             summary="The model card (intended use, data, evaluation, calibration, gate, audit, limitations)")
 async def model_card(name: ModelName, version: int | None = Query(None, ge=1, description="default: the newest"),
                      format: Literal["html", "md"] = Query("html", description="html (a page) or md (Markdown)"),
