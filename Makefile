@@ -47,10 +47,11 @@ demo: $(STAMP)
 test: $(STAMP) browser web-runtime
 	$(BIN)/python -m pytest -q
 
-# The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px);
-# its few slower tests (marked slow: fuzzing, audit, fine-tuning) run in `make test`.
+# The unit tier: under a minute, no ../shared/data (tiny generated images, random weights, 64 px),
+# on both cores (pytest-xdist); its slower tests (marked slow: fuzzing, audit, fine-tuning, lung
+# U-Net training, exports) run in `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 tests/unit -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py

@@ -86,7 +86,7 @@ def run_one(name: str, data: Path, out: Path) -> dict:
     prepared = prepare(data, c.classes, c.balance, c.max_per_class, c.seed, progress=False, manifest=_MANIFEST["man"])
     r = train(data, out / "models", c, workdir=out / "work", prepared=prepared)
     took = time.perf_counter() - t + _MANIFEST["scan_s"]
-    return row_of(name, r.metrics, CONFIGS[name], took, r.timings.get("features", 0), r.bundle_path)
+    return row_of(name, r.metrics.model_dump(), CONFIGS[name], took, r.timings.get("features", 0), r.bundle_path)
 
 
 def run_ensemble(name: str, out: Path, done: dict) -> dict:

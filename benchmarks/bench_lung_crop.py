@@ -83,7 +83,7 @@ def trained(a, cfg, prepared) -> tuple[Path, dict, dict]:
         except BundleError:
             pass
     r = train(a.data, a.models, cfg, prepared=prepared)
-    return r.bundle_path, r.metrics, r.timings
+    return r.bundle_path, r.metrics.model_dump(), r.timings
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from covid_cxr.bundle.schema import BundleContent
 from covid_cxr.models.loading import load_torch
 from PIL import Image, ImageFilter
 
@@ -163,9 +164,10 @@ def refit(bundle, model, cfg, prepared, feats, out: Path, threads: int):
 
     stages = stage_features(model, prepared, cfg, out / ".work" / "feature-cache", threads)
     trust = fit_trust(model, feats, stages)
-    meta = bundle.metadata.model_dump(mode="json", exclude={"name", "version", "onnx", "software", "created"})
+    meta = bundle.metadata.model_dump(mode="json", include=set(BundleContent.model_fields) - {"lung_crop"})
     meta["trust"] = trust.info
     meta["test_metrics"]["ood_rate"] = 1 - trust.info["ood"]["test_accept_rate"]
+    meta = BundleContent.model_validate(meta)
     parity = split_images(prepared, "test")[:8]
     return write_bundle(out, bundle.metadata.name, model.eval(), meta, parity, trust=trust)
 

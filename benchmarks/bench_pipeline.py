@@ -106,7 +106,7 @@ def bench_cache_ratio(data: Path, epochs: int, per_class: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             r = train(data, Path(tmp) / "m", cfg, workdir=Path(tmp) / "w", prepared=prepared)
         res[cached] = r.timings["features"] + r.timings["train"]
-        res[(cached, "acc")] = r.metrics["accuracy"]
+        res[(cached, "acc")] = r.metrics.accuracy
     print(f"\n== head training, efficientnet_lite0, {per_class}/class, {epochs} epochs (feature extraction included)")
     print(f"  on cached features          {res[True]:7.1f} s   test accuracy {res[(True, 'acc')]:.3f}")
     print(f"  through the frozen backbone {res[False]:7.1f} s   test accuracy {res[(False, 'acc')]:.3f}")

@@ -73,7 +73,7 @@ def evaluate(bundle: Path, folder: Path, out: Path) -> dict:
     from covid_cxr.bundle import load_bundle
     from covid_cxr.evaluate.external import evaluate_folder
 
-    return evaluate_folder(load_bundle(bundle), folder, out, progress=False)
+    return evaluate_folder(load_bundle(bundle), folder, out, progress=False).model_dump()
 
 
 def line(label: str, m: dict) -> str:
@@ -107,9 +107,9 @@ def main() -> None:
         r = train(data if len(data) > 1 else data[0], a.out / "models", cfg, workdir=a.workdir or a.out / "work")
         took = time.perf_counter() - t
         lines.append(line(f"after, {label} ({took:.0f} s)", evaluate(r.bundle_path, test, a.out / f"eval-{len(data)}")))
-        b = r.metrics["before_adaptation"]
-        print(f"{label}: its own site test split n={r.metrics['n']}: before acc {b['accuracy']:.3f} -> after "
-              f"{r.metrics['accuracy']:.3f}; report {r.bundle_path / 'report' / 'metrics.md'}", flush=True)
+        b = r.metrics.before_adaptation
+        print(f"{label}: its own site test split n={r.metrics.n}: before acc {b.accuracy:.3f} -> after "
+              f"{r.metrics.accuracy:.3f}; report {r.bundle_path / 'report' / 'metrics.md'}", flush=True)
     print(f"held-out site folder: {test}")
     print("\n".join(lines))
 

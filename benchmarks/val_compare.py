@@ -28,8 +28,8 @@ def val_row(paths: str, positive: str) -> dict:
     y, p, _ = split_probabilities(members, shared_split(members), "val")
     m = compute_metrics(y, p, b.classes)
     k = b.classes.index(positive)
-    return {"bundle": " + ".join(f"{m.name} v{m.version}" for m in members) + f" ({b.input_hw[0]} px)", "n": len(y), "accuracy": m["accuracy"],
-            "macro_f1": m["macro_f1"], "log_loss": float(log_loss(y, p, labels=range(len(b.classes)))),
+    return {"bundle": " + ".join(f"{m.name} v{m.version}" for m in members) + f" ({b.input_hw[0]} px)", "n": len(y), "accuracy": m.accuracy,
+            "macro_f1": m.macro_f1, "log_loss": float(log_loss(y, p, labels=range(len(b.classes)))),
             "recall": float((p[y == k].argmax(axis=1) == k).mean()), "auc": float(roc_auc_score(y == k, p[:, k]))}
 
 

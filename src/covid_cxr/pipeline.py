@@ -46,7 +46,7 @@ def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig,
         cfg = base.model_copy(update={"arch": arch, "name": f"synthetic-{arch}" if synthetic else None})
         results[arch] = train(data_dir, models_dir, cfg, workdir=out / "work", prepared=prepared, resume=resume)
         timings[f"train+evaluate+bundle {arch}"] = time.perf_counter() - t
-        log(f"{arch}: accuracy {results[arch].metrics['accuracy']:.3f} -> {results[arch].bundle_path}")
+        log(f"{arch}: accuracy {results[arch].metrics.accuracy:.3f} -> {results[arch].bundle_path}")
 
     t = time.perf_counter()
     rows, md_path, csv_path = write_comparison(models_dir, report_dir)

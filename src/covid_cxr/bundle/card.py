@@ -110,14 +110,14 @@ def _evaluation(m: BundleMetadata, metrics: dict | None) -> list[str]:
     t = m.test_metrics
     if t is None:
         return out + [f"Test metrics: {NOT_MEASURED} (no test split was scored).", ""]
-    boot = (metrics or {}).get("ci") or {}
+    boot = t.ci.model_dump() if t.ci is not None else ((metrics or {}).get("ci") or {})
     macro_ci = _ci(boot.get("macro_f1"))
     out += [f"On the held-out test split (n = {t.n}): accuracy **{t.accuracy:.3f}**{_ci(t.accuracy_ci95)}, "
             f"macro-F1 {_f(t.macro_f1)}{macro_ci}. Accuracy and recall intervals are Wilson 95% intervals; "
             f"precision and F1 intervals are {boot.get('method', 'bootstrap')} ({NOT_MEASURED} where blank).", "",
             "| class | precision | recall | F1 | ROC AUC | support |", "|---|---|---|---|---|---|"]
     for c, e in t.per_class.items():
-        ci = (e.model_extra or {}).get("ci") or {}
+        ci = e.ci.model_dump() if e.ci is not None else {}
         out.append(f"| {c} | {e.precision:.3f}{_ci(ci.get('precision'))} | {e.recall:.3f}{_ci(e.recall_ci95)} | "
                    f"{e.f1:.3f}{_ci(ci.get('f1'))} | {_f(e.roc_auc)} | {e.support} |")
     out += ["", "Confusion matrix (rows: true class, columns: predicted, in the class order above): "
@@ -132,8 +132,9 @@ def _evaluation(m: BundleMetadata, metrics: dict | None) -> list[str]:
 
 def _calibration(m: BundleMetadata, metrics: dict | None) -> list[str]:
     cal = m.trust.calibration if m.trust else None
-    ext = (m.test_metrics.model_extra or {}) if m.test_metrics else {}
-    ece, brier = ext.get("ece", (metrics or {}).get("ece")), ext.get("brier", (metrics or {}).get("brier"))
+    t, old = m.test_metrics, metrics or {}  # report/metrics.json: for bundles whose metadata lacks them
+    ece = t.ece if t is not None and t.ece is not None else old.get("ece")
+    brier = t.brier if t is not None and t.brier is not None else old.get("brier")
     out = ["## Calibration", ""]
     if cal is None:
         out.append(f"Temperature scaling: {NOT_MEASURED} (the probabilities are the network's own).")
@@ -148,7 +149,7 @@ def _gate(m: BundleMetadata, metrics: dict | None) -> list[str]:
     out = ["## Out-of-distribution gate", ""]
     if g is None:
         return out + [f"Gate: {NOT_MEASURED} (this bundle has none: every image gets a label).", ""]
-    ood_rate = (m.test_metrics.model_extra or {}).get("ood_rate") if m.test_metrics else None
+    ood_rate = m.test_metrics.ood_rate if m.test_metrics else None
     ood_rate = ood_rate if ood_rate is not None else (metrics or {}).get("ood_rate")
     return out + [f"An image whose `ood_score` ({g.method}) exceeds {g.threshold:.4g} is rejected: no label is "
                   "given, only the probabilities on request. The threshold was set to accept "

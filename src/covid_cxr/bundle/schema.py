@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from covid_cxr.data import decode
 from covid_cxr.core.lung_config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
 from covid_cxr.core.config import TrainConfig
+from covid_cxr.core.results import Metrics, OperatingPoint
 
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"
@@ -111,29 +112,7 @@ class CamInfo(_Strict):
     parity_images: int = Field(ge=0)
 
 
-class ClassMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")  # later stages add intervals and calibration per class
-    precision: float
-    recall: float
-    f1: float
-    support: int = Field(ge=0)
-    recall_ci95: tuple[float, float] | None = None
-    roc_auc: float | None = None
-
-
-class Metrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    n: int = Field(ge=0)
-    accuracy: float
-    accuracy_ci95: tuple[float, float] | None = None
-    macro_f1: float | None = None
-    classes: list[str]
-    per_class: dict[str, ClassMetrics]
-    confusion_matrix: list[list[int]]
-
-
-class DataDescription(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DataDescription(_Strict):
     dataset_root: str
     layout: str
     manifest_sha256: str
@@ -147,6 +126,9 @@ class DataDescription(BaseModel):
     split_fractions: list[float]
     counts: dict[str, dict[str, int]] = Field(description="split -> class -> images")
     class_weights: list[float] | None = None
+    sources: dict[str, dict[str, dict[str, int]]] | None = Field(None, description="source -> split -> class -> "
+                                                                 "images, when the data came from several folders")
+    normalisation: dict[str, Any] | None = Field(None, description="as in input.normalisation (older bundles)")
 
 
 class HistorySummary(_Strict):
@@ -164,16 +146,14 @@ class Training(_Strict):
     timings_s: dict[str, float] = Field(description="seconds per step; 'total' covers the whole run")
 
 
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Calibration(_Strict):
     temperature: float = Field(gt=0, description="logits are divided by it inside model.onnx")
     fitted_on: str = "val split"
     val_nll_before: float | None = None
     val_nll_after: float | None = None
 
 
-class OODStage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class OODStage(_Strict):
     name: str = Field(description="'pooled' (the head's input) or the backbone module whose output it summarises")
     statistics: str = Field(description="what the block holds, e.g. channel means and standard deviations")
     dim: int = Field(ge=1, description="the block's width")
@@ -181,8 +161,7 @@ class OODStage(BaseModel):
     shrinkage: float | None = Field(None, description="Ledoit-Wolf shrinkage of its covariance")
 
 
-class OODGate(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fitting details (feature size, shrinkage, rates)
+class OODGate(_Strict):
     method: str = Field(description="how ood_score is computed (see covid_cxr.trust.ood): 'mahalanobis' "
                                     "(pooled features) or 'mahalanobis-stages' (Lee et al. 2018's feature ensemble)")
     threshold: float = Field(description="ood_score above it: in_distribution = 0")
@@ -191,6 +170,12 @@ class OODGate(BaseModel):
     test_accept_rate: float | None = None
     combine: str | None = Field(None, description="how the stages' scores make ood_score (mahalanobis-stages)")
     stages: list[OODStage] | None = Field(None, description="the feature blocks scored (mahalanobis-stages)")
+    score: str | None = Field(None, description="the score in words")
+    fitted_on: str | None = None
+    threshold_on: str | None = None
+    n_train: int | None = Field(None, ge=0, description="images the statistics were fitted on")
+    feature_dim: int | None = Field(None, ge=1)
+    member_thresholds: list[float] | None = Field(None, description="an ensemble's members' own thresholds")
 
 
 class TrustInfo(_Strict):
@@ -282,21 +267,30 @@ def decide(probs, index: int | None, threshold: float | None):
     return np.where(probs[:, index] >= threshold, index, pred)
 
 
-class OperatingPoint(_Strict):
-    """Decision rule: `class_name` when its probability >= threshold, otherwise the argmax."""
+class LungCropRequest(_Strict):
+    """What a --lung-crop classifier's writer is given: the crop mode and the lung bundle to copy in."""
 
-    class_name: str
-    threshold: float = Field(ge=0, le=1)
-    target_recall: float = Field(gt=0, le=1)
-    val_recall: float = Field(ge=0, le=1, description="that class's recall on the validation split at the threshold")
-    val_images: int = Field(ge=0)
-    fitted_on: str = "validation split"
-    rule: Literal["quantile", "conformal"] = Field("quantile", description="quantile: the target met on the "
-                                                   "validation images; conformal: met on new images of the same "
-                                                   "population with probability >= confidence (Beta order statistic)")
-    confidence: float | None = Field(None, gt=0, lt=1, description="conformal: the probability wanted")
-    confidence_reached: float | None = Field(None, ge=0, le=1, description="conformal: what val_images allow "
-                                             "(below confidence when there are too few)")
+    mode: Literal["box", "mask"]
+    lungs: str = Field(description="the lung segmentation bundle (MODELS/<name>[/<version>])")
+
+
+class BundleContent(_Strict):
+    """What a bundle's writer is given (covid_cxr.publish.writer.write_bundle): the model's half of
+    metadata.json. The writer adds name, version, onnx, cam, software and created, copies the lung
+    model in (`lung_crop`) and times the record; made typed where training, ensembling or
+    distillation assembles it, so a wrong field fails there, before any export."""
+
+    task: Literal["classification", "segmentation"] = "classification"
+    architecture: Architecture
+    classes: list[str] = Field(min_length=2)
+    input: InputSpec
+    training: Training | None = None
+    test_metrics: Metrics | None = None
+    operating_point: OperatingPoint | None = None
+    trust: TrustInfo | None = None
+    segmentation: Segmentation | None = None
+    lung_crop: LungCropRequest | None = None
+    site_reference: SiteReference | None = None
 
 
 Member.model_rebuild()

@@ -197,19 +197,20 @@ def lr_find_cmd(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="
     out_console.print(f"plot: {r.plot}")
 
 
-def _print_metrics(m: dict, title: str) -> None:
+def _print_metrics(m, title: str) -> None:
+    """The study's table of a Metrics (core.results), and the operating point's beside it."""
     t = Table(title=title)
     for col in ("Category", "Precision", "Recall", "F1", "Support", "ROC AUC"):
         t.add_column(col)
-    for c, e in m["per_class"].items():
-        t.add_row(c, f"{e['precision']:.3f}", f"{e['recall']:.3f}", f"{e['f1']:.3f}", str(e["support"]),
-                  "–" if e["roc_auc"] is None else f"{e['roc_auc']:.3f}")
+    for c, e in m.per_class.items():
+        t.add_row(c, f"{e.precision:.3f}", f"{e.recall:.3f}", f"{e.f1:.3f}", str(e.support),
+                  "–" if e.roc_auc is None else f"{e.roc_auc:.3f}")
     out_console.print(t)
-    lo, hi = m["accuracy_ci95"]
-    out_console.print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m['n']})")
-    op = m.get("operating_point")
+    lo, hi = m.accuracy_ci95
+    out_console.print(f"accuracy {m.accuracy:.3f} (95% CI {lo:.3f}–{hi:.3f}, n={m.n})")
+    op = m.operating_point
     if op:  # the table the bundle decides by, beside the argmax one above
-        _print_metrics(op["metrics"], f"{title}, operating point: {op['class_name']} when p >= {op['threshold']:.4f}")
+        _print_metrics(op.metrics, f"{title}, operating point: {op.class_name} when p >= {op.threshold:.4f}")
 
 
 @app.command()
@@ -226,17 +227,17 @@ def evaluate(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\
     out = out or Path("runs/evaluate") / f"{b.name}-v{b.version}-{data.resolve().name}"
     m = evaluate_folder(b, data, out)
     _print_metrics(m, f"{b.name} v{b.version} on {data}")
-    for s in m["skipped"]:
-        out_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
-    if m.get("ood_rate") is not None:
-        out_console.print(f"out of distribution: {m['ood_rate']:.1%} of the images")
-    sel = m.get("selective") or {}
+    for s in m.skipped:
+        out_console.print(f"[yellow]skipped[/] {s.path}: {s.reason}")
+    if m.ood_rate is not None:
+        out_console.print(f"out of distribution: {m.ood_rate:.1%} of the images")
+    sel = m.selective
     if sel:
-        at = ", ".join(f"{float(c):.0%} coverage {e['accuracy']:.3f}" for c, e in sel["at_coverage"].items())
-        out_console.print(f"selective prediction: AURC {sel['aurc']:.4f}; accuracy at {at}")
-    if m.get("classes_absent"):
-        out_console.print(f"absent classes: {', '.join(m['classes_absent'])} (macro-F1 over those present "
-                          f"{m['macro_f1_present']:.3f})")
+        at = ", ".join(f"{float(c):.0%} coverage {e.accuracy:.3f}" for c, e in sel.at_coverage.items())
+        out_console.print(f"selective prediction: AURC {sel.aurc:.4f}; accuracy at {at}")
+    if m.classes_absent:
+        out_console.print(f"absent classes: {', '.join(m.classes_absent)} (macro-F1 over those present "
+                          f"{m.macro_f1_present:.3f})")
     write_json(json_path, _evaluate_json(m))
     out_console.print(f"report: {out / 'metrics.md'}")
 
@@ -253,13 +254,13 @@ def _warn_if_training_data(b, data: Path) -> None:
                       f"figures are in the bundle's report (test split).", soft_wrap=True, highlight=False)
 
 
-def _evaluate_json(m: dict) -> dict:
+def _evaluate_json(m) -> dict:
     """`evaluate --json`: each figure with its bootstrap 95% interval beside it ("ci")."""
-    keys = ("precision", "recall", "f1", "support", "ci")
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m.get("ece"), "brier": m.get("brier"),
-            "ood_rate": m.get("ood_rate"), "n": m["n"], "ci": m.get("ci"), "selective": m.get("selective"),
-            "classes_absent": m.get("classes_absent", []), "macro_f1_present": m.get("macro_f1_present"),
-            "per_class": {c: {k: e[k] for k in keys if k in e} for c, e in m["per_class"].items()}}
+    out = m.model_dump(mode="json", include={"accuracy", "macro_f1", "ece", "brier", "ood_rate", "n", "ci",
+                                             "selective", "classes_absent", "macro_f1_present"})
+    keys = {"precision", "recall", "f1", "support", "ci"}
+    return {**out, "classes_absent": m.classes_absent or [],
+            "per_class": {c: e.model_dump(mode="json", include=keys) for c, e in m.per_class.items()}}
 
 
 @app.command()

@@ -11,13 +11,14 @@ from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
 from covid_cxr.core.errors import DataError
+from covid_cxr.core.results import FolderEvaluation, Metrics, ModelRef, SkippedFile
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.core.progress import progress_iter
 from covid_cxr.evaluate.selective import risk_coverage_png, selective_md, selective_metrics
 
 
-def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> dict:
+def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = True) -> FolderEvaluation:
     man = build_manifest(data_dir, classes=bundle.classes, progress=progress, allow_missing=True)
     recs = man.ok  # skipped files are listed in the manifest and the report
     if not recs:
@@ -31,16 +32,16 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     inside = [a.in_distribution if a.in_distribution is not None else np.ones(len(a.labels), bool) for a in answers]
     m = with_operating_point(compute_metrics(y, probs, bundle.classes), y, probs, bundle.metadata.operating_point)
     inside = np.concatenate(inside)
-    if bundle.has_ood:  # the share of the folder the model's gate calls unlike its training images
-        m["ood_rate"] = float(1 - inside.mean())
-    m["selective"] = selective_metrics(y, probs, inside if bundle.has_ood else None)
-    present = [c for c in bundle.classes if m["per_class"][c]["support"]]
-    if len(present) < len(bundle.classes):  # macro-F1 over every class would count absent ones as 0
-        m["classes_absent"] = [c for c in bundle.classes if c not in present]
-        m["macro_f1_present"] = float(np.mean([m["per_class"][c]["f1"] for c in present]))
-    m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
-    m["model"] = {"name": bundle.name, "version": bundle.version}
-    m["data"] = str(man.root)
+    present = [c for c in bundle.classes if m.per_class[c].support]
+    absent = len(present) < len(bundle.classes)  # macro-F1 over every class would count absent ones as 0
+    m = FolderEvaluation(**{
+        **dict(m),  # the share of the folder the model's gate calls unlike its training images:
+        "ood_rate": float(1 - inside.mean()) if bundle.has_ood else None,
+        "selective": selective_metrics(y, probs, inside if bundle.has_ood else None),
+        "classes_absent": [c for c in bundle.classes if c not in present] if absent else None,
+        "macro_f1_present": float(np.mean([m.per_class[c].f1 for c in present])) if absent else None,
+        "skipped": [SkippedFile(path=r.path, reason=r.reason) for r in man.records if r.status == "skipped"],
+        "model": ModelRef(name=bundle.name, version=bundle.version), "data": str(man.root)})
     out.mkdir(parents=True, exist_ok=True)
     man.write_csv(out / "manifest.csv")
     write_predictions(out / "predictions.csv", bundle, [r.path for r in recs], answers)
@@ -48,15 +49,15 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     if curves.is_file():
         (out / "curves.png").write_bytes(curves.read_bytes())
     risk_coverage_png(y, probs, out / "risk_coverage.png", f"{bundle.name} v{bundle.version} on {man.root.name}")
-    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m["selective"]))
+    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m.selective))
     return m
 
 
-def absent_md(m: dict) -> str:
-    if not m.get("classes_absent"):
+def absent_md(m: Metrics) -> str:
+    if not m.classes_absent:
         return ""
-    return (f"\n- classes absent from this folder: {', '.join(m['classes_absent'])}; macro-F1 over the classes "
-            f"present {m['macro_f1_present']:.3f}\n")
+    return (f"\n- classes absent from this folder: {', '.join(m.classes_absent)}; macro-F1 over the classes "
+            f"present {m.macro_f1_present:.3f}\n")
 
 
 def write_predictions(path: Path, bundle: Bundle, images: list[str], answers: list) -> None:

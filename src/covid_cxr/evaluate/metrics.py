@@ -9,6 +9,8 @@ import math
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from covid_cxr.core.results import Metrics, OperatingPoint, OperatingPointResult
+
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
@@ -21,8 +23,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                    y_pred: np.ndarray | None = None) -> dict:
-    """Everything the report, the bundle's metadata and `evaluate --json` need, JSON-ready.
+                    y_pred: np.ndarray | None = None) -> Metrics:
+    """Everything the report, the bundle's metadata and `evaluate --json` need (a strict model).
     `y_pred` defaults to the argmax (an operating point passes its own decisions)."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
@@ -50,7 +52,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | 
     return with_uncertainty(out, y_true, probs, y_pred)
 
 
-def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> dict:
+def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray) -> Metrics:
     """Add bootstrap intervals ("ci" beside each figure) and calibration (ece, brier, reliability)."""
     from covid_cxr.trust.bootstrap import bootstrap_ci
     from covid_cxr.trust.calibration import calibration_summary
@@ -62,22 +64,21 @@ def with_uncertainty(m: dict, y_true: np.ndarray, probs: np.ndarray, y_pred: np.
         m["ci"] = {"accuracy": ci["accuracy"], "macro_f1": ci["macro_f1"], "method": ci["method"]}
         for c, e in zip(classes, ci["per_class"]):
             m["per_class"][c]["ci"] = e
-    return m
+    return Metrics.model_validate(m)
 
 
-def with_operating_point(m: dict, y_true: np.ndarray, probs: np.ndarray, op) -> dict:
-    """Add `m["operating_point"]`: the same metrics with the decision threshold applied."""
+def with_operating_point(m: Metrics, y_true: np.ndarray, probs: np.ndarray, op: OperatingPoint | None) -> Metrics:
+    """`m` with `operating_point`: the same metrics with the decision threshold applied."""
     from covid_cxr.evaluate.operating_point import decide, op_index
 
-    i, t = op_index(op, m["classes"])
+    i, t = op_index(op, m.classes)
     if i is None:
         return m
-    at = compute_metrics(y_true, probs, m["classes"], decide(probs, i, t))
-    info = op if isinstance(op, dict) else op.model_dump()
-    return {**m, "operating_point": {**info, "metrics": at}}
+    at = compute_metrics(y_true, probs, m.classes, decide(probs, i, t))
+    return m.model_copy(update={"operating_point": OperatingPointResult(**op.model_dump(), metrics=at)})
 
 
-def by_source(y_true: np.ndarray, probs: np.ndarray, classes, sources: list[str], op=None) -> dict:
+def by_source(y_true: np.ndarray, probs: np.ndarray, classes, sources: list[str], op=None) -> dict[str, Metrics]:
     """Metrics per data source (several --data folders), for the report; {} for one source."""
     names = sorted(set(sources))
     if len(names) < 2:

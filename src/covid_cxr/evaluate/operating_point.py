@@ -13,8 +13,11 @@ import math
 
 import numpy as np
 
+from covid_cxr.bundle.schema import decide  # the rule lives with the bundle's contract
 from covid_cxr.core.config import parse_target
 from covid_cxr.core.errors import ConfigError
+from covid_cxr.core.results import OperatingPoint
+
 
 def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float]:
     """(k, confidence reached): the smallest k such that the k-th largest of n calibration scores,
@@ -49,10 +52,8 @@ def fit_threshold(y: np.ndarray, probs: np.ndarray, index: int, target: float,
     return float(scores[k - 1])
 
 
-from covid_cxr.bundle.schema import decide  # noqa: E402  (the rule lives with the bundle's contract)
-
-
-def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence: float | None = None) -> dict:
+def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence: float | None = None
+           ) -> OperatingPoint:
     """The bundle's `operating_point` entry, fitted on the validation split (conformal with
     `confidence`, see `fit_threshold`)."""
     name, target = parse_target(spec)
@@ -62,17 +63,15 @@ def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence:
     t = fit_threshold(y_val, p_val, i, target, confidence)
     pos = np.asarray(y_val) == i
     val_recall = float((decide(p_val, i, t)[pos] == i).mean())
-    op = {"class_name": name, "threshold": t, "target_recall": target, "val_recall": val_recall,
-          "val_images": int(pos.sum()), "fitted_on": "validation split"}
-    if confidence is not None:
-        op.update(rule="conformal", confidence=confidence,
-                  confidence_reached=conformal_rank(int(pos.sum()), target, confidence)[1])
-    return op
+    conformal = {} if confidence is None else {
+        "rule": "conformal", "confidence": confidence,
+        "confidence_reached": conformal_rank(int(pos.sum()), target, confidence)[1]}
+    return OperatingPoint(class_name=name, threshold=t, target_recall=target, val_recall=val_recall,
+                          val_images=int(pos.sum()), **conformal)
 
 
-def op_index(op, classes) -> tuple[int | None, float | None]:
-    """(class index, threshold) of an operating point (dict or OperatingPoint), or (None, None)."""
+def op_index(op: OperatingPoint | None, classes) -> tuple[int | None, float | None]:
+    """(class index, threshold) of an operating point, or (None, None)."""
     if op is None:
         return None, None
-    get = op.get if isinstance(op, dict) else (lambda k: getattr(op, k))
-    return list(classes).index(get("class_name")), float(get("threshold"))
+    return list(classes).index(op.class_name), float(op.threshold)

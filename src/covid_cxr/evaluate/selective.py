@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covid_cxr.core.results import Selective
+
 COVERAGES = (0.9, 0.8)
 
 
@@ -23,12 +25,12 @@ def risk_coverage(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
     return k / len(wrong), np.cumsum(wrong) / k
 
 
-def selective_metrics(y_true, probs, accepted=None) -> dict:
+def selective_metrics(y_true, probs, accepted=None) -> Selective | None:
     """AURC, the accuracy (and confidence threshold) at each of COVERAGES, and, given the gate's
     `accepted` (bool per image), the accuracy among accepted images and their share."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, np.float64)
     if not len(y_true):
-        return {}
+        return None
     cov, risk = risk_coverage(y_true, probs)
     conf = np.sort(probs.max(axis=1))[::-1]
     out = {"aurc": float(risk.mean()), "full_coverage_accuracy": float(1 - risk[-1]), "at_coverage": {}}
@@ -42,23 +44,23 @@ def selective_metrics(y_true, probs, accepted=None) -> dict:
         out["gate"] = {"accepted_share": float(accepted.mean()),
                        "accuracy_accepted": float(right[accepted].mean()) if accepted.any() else None,
                        "accuracy_rejected": float(right[~accepted].mean()) if (~accepted).any() else None}
-    return out
+    return Selective.model_validate(out)
 
 
-def selective_md(s: dict) -> str:
+def selective_md(s: Selective | None) -> str:
     """The report's section."""
     if not s:
         return ""
     lines = ["\n## Selective prediction (most confident first)\n",
-             f"- AURC {s['aurc']:.4f} (area under the risk-coverage curve; lower is better); "
-             f"accuracy at full coverage {s['full_coverage_accuracy']:.3f}"]
-    for c, e in s["at_coverage"].items():
-        lines.append(f"- coverage {float(c):.0%}: accuracy {e['accuracy']:.3f} on {e['images']} images "
-                     f"(confidence >= {e['min_confidence']:.3f})")
-    g = s.get("gate")
+             f"- AURC {s.aurc:.4f} (area under the risk-coverage curve; lower is better); "
+             f"accuracy at full coverage {s.full_coverage_accuracy:.3f}"]
+    for c, e in s.at_coverage.items():
+        lines.append(f"- coverage {float(c):.0%}: accuracy {e.accuracy:.3f} on {e.images} images "
+                     f"(confidence >= {e.min_confidence:.3f})")
+    g = s.gate
     if g:
-        acc = "–" if g["accuracy_accepted"] is None else f"{g['accuracy_accepted']:.3f}"
-        lines.append(f"- out-of-distribution gate: accepts {g['accepted_share']:.1%}; accuracy among accepted {acc}")
+        acc = "–" if g.accuracy_accepted is None else f"{g.accuracy_accepted:.3f}"
+        lines.append(f"- out-of-distribution gate: accepts {g.accepted_share:.1%}; accuracy among accepted {acc}")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle.reader import Bundle, BundleError, load_bundle
+from covid_cxr.bundle.schema import BundleContent
+from covid_cxr.core.results import Metrics, OperatingPoint
 from covid_cxr.data.decode import load_batch
 from covid_cxr.models.loading import load_torch
 from covid_cxr.core.config import TrainConfig
@@ -120,24 +122,24 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
     trust = ensemble_gate(bundles, val_scores, test_scores)
     if trust is not None:
-        m["ood_rate"] = 1 - trust.info["ood"]["test_accept_rate"]
+        m = m.model_copy(update={"ood_rate": 1 - trust.info["ood"]["test_accept_rate"]})
     h, w = bundles[0].input_hw
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:8]], h, w)
     ref = ensemble_reference(bundles, prepared, val_p, trust.ood.combine(val_scores) if trust is not None else None)
     return m, op, trust, parity, ref
 
 
-def ensemble_reference(bundles: list[Bundle], prepared, val_p, val_ood) -> dict | None:
+def ensemble_reference(bundles: list[Bundle], prepared, val_p, val_ood):
     """The ensemble's `site_reference`: its validation answers and the images' statistics."""
     from covid_cxr.site.reference import reference_from_files
 
     h, w = bundles[0].input_hw
     paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
-    ref = reference_from_files(paths, h, w, val_p, val_ood, list(bundles[0].classes))
-    return ref.model_dump() if ref is not None else None
+    return reference_from_files(paths, h, w, val_p, val_ood, list(bundles[0].classes))
 
 
-def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None, trust=None) -> dict:
+def content_for(bundles: list[Bundle], metrics: Metrics | None, op: OperatingPoint | None, trust=None,
+                site_reference=None) -> BundleContent:
     first = bundles[0].metadata
     cam = ",".join(f"members.{i}.backbone.{b.metadata.architecture.cam_layer}" for i, b in enumerate(bundles))
     arch = {"name": "ensemble", "timm_name": "+".join(b.metadata.architecture.timm_name for b in bundles),
@@ -146,9 +148,10 @@ def content_for(bundles: list[Bundle], metrics: dict | None, op: dict | None, tr
             "frozen_backbone": all(b.metadata.architecture.frozen_backbone for b in bundles),
             "members": [member_entry(b) for b in bundles]}
     h, w = first.input_hw
-    return {"architecture": arch, "classes": list(first.classes),
-            "input": {"height": h, "width": w, "normalisation": first.input.normalisation.model_dump()},
-            "test_metrics": metrics, "operating_point": op, "trust": trust.info if trust is not None else None}
+    return BundleContent(architecture=arch, classes=list(first.classes),
+                         input={"height": h, "width": w, "normalisation": first.input.normalisation},
+                         test_metrics=metrics, operating_point=op, trust=trust.info if trust is not None else None,
+                         site_reference=site_reference)
 
 
 def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evaluate: bool = True,
@@ -166,9 +169,8 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     if parity is None:
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)
-    content = content_for(bundles, metrics, op, trust)
-    content["site_reference"] = ref
-    model = EnsembleClassifier([load_torch(b) for b in bundles], content["architecture"]["cam_layer"],
+    content = content_for(bundles, metrics, op, trust, ref)
+    model = EnsembleClassifier([load_torch(b) for b in bundles], content.architecture.cam_layer,
                                [b.temperature for b in bundles])
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(report_dir or tmp)

@@ -20,8 +20,11 @@ from covid_cxr.bundle.schema import (
     ONNX_OUTPUT,
     OOD_OUTPUTS,
     TRUST_FILE,
+    BundleContent,
     BundleMetadata,
     CamInfo,
+    LungCrop,
+    LungCropRequest,
     OnnxInfo,
     cam_tensors,
     onnx_tensors,
@@ -170,26 +173,26 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def _metadata(content: dict, name: str, version: int, onnx: OnnxInfo, clock: Stopwatch | None) -> BundleMetadata:
-    meta = {**content, "name": name, "version": version, "onnx": onnx, "software": software_versions(),
-            "created": datetime.now(timezone.utc).replace(microsecond=0)}
-    record = "segmentation" if meta.get("task") == "segmentation" else "training"
-    if clock is not None and meta.get(record):
+def _metadata(content: BundleContent, name: str, version: int, onnx: OnnxInfo, cam: CamInfo | None,
+              lung_crop: LungCrop | None, clock: Stopwatch | None) -> BundleMetadata:
+    meta = {**dict(content), "lung_crop": lung_crop, "cam": cam, "name": name, "version": version, "onnx": onnx,
+            "software": software_versions(), "created": datetime.now(timezone.utc).replace(microsecond=0)}
+    record = "segmentation" if content.task == "segmentation" else "training"
+    if clock is not None and meta[record] is not None:
         clock.lap("bundle")
-        meta[record] = {**meta[record], "timings_s": clock.summary()}
+        meta[record] = meta[record].model_copy(update={"timings_s": clock.summary()})
     return BundleMetadata.model_validate(meta)
 
 
-def embed_lungs(staging: Path, crop: dict) -> dict:
+def embed_lungs(staging: Path, request: LungCropRequest) -> LungCrop:
     """Copy the lung model a --lung-crop classifier needs into its bundle (`lungs/`: metadata.json
     and model.onnx, checked first), so the bundle is servable anywhere without the lung bundle it
-    was trained with. `crop` = {"mode", "lungs": MODELS/lungs}; returns metadata's `lung_crop`."""
+    was trained with; returns metadata's `lung_crop`."""
     from covid_cxr.bundle.check import check_bundle
     from covid_cxr.bundle.schema import LUNGS_FOLDER
     from covid_cxr.core.files import file_sha256
 
-    crop = dict(crop)
-    src = check_bundle(crop.pop("lungs"))
+    src = check_bundle(request.lungs)
     if src.metadata.task != "segmentation":
         raise BundleError(f"{src.path}: a {src.metadata.task} model, not a lung segmentation model")
     dest = staging / LUNGS_FOLDER
@@ -197,8 +200,8 @@ def embed_lungs(staging: Path, crop: dict) -> dict:
     for name in ("metadata.json", src.metadata.onnx.file):
         shutil.copyfile(src.path / name, dest / name)
         (dest / name).chmod(0o644)
-    return {**crop, "lungs_from": f"{src.name} v{src.version} ({src.path})",
-            "onnx_sha256": file_sha256(dest / src.metadata.onnx.file)}
+    return LungCrop(mode=request.mode, lungs_from=f"{src.name} v{src.version} ({src.path})",
+                    onnx_sha256=file_sha256(dest / src.metadata.onnx.file))
 
 
 def publish_version(staging: Path, model_dir: Path, make_metadata) -> Bundle:
@@ -216,13 +219,12 @@ def publish_version(staging: Path, model_dir: Path, make_metadata) -> Bundle:
     return Bundle(model_dir / str(version), box["meta"])
 
 
-def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity_images: np.ndarray,
+def write_bundle(models_dir: str | Path, name: str, model, content: BundleContent, parity_images: np.ndarray,
                  report_dir: Path | None = None, clock: Stopwatch | None = None, trust=None) -> Bundle:
-    """Write the next version of `name`; returns the bundle. `content` holds the metadata's
-    architecture, classes, input, training, test_metrics and trust (and lung_crop: {"mode", "lungs"},
-    whose lung model is copied in); `trust` (covid_cxr.trust.fit.Trust) puts the temperature and OOD
-    gate into model.onnx. This adds the rest. Fails (and
-    publishes nothing) if the ONNX model disagrees with PyTorch or the metadata is invalid."""
+    """Write the next version of `name`; returns the bundle. `content` is the model's half of the
+    metadata (its lung_crop's lung model is copied in); `trust` (covid_cxr.trust.fit.Trust) puts the
+    temperature and OOD gate into model.onnx. This adds the rest. Fails (and publishes nothing) if
+    the ONNX model disagrees with PyTorch or the metadata is invalid."""
     from safetensors.torch import save_file
 
     if not valid_name(name):
@@ -233,25 +235,22 @@ def write_bundle(models_dir: str | Path, name: str, model, content: dict, parity
         model = model.eval()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
         (staging / "model.safetensors").chmod(0o644)
-        h, w = content["input"]["height"], content["input"]["width"]
-        task = content.get("task", "classification")
+        h, w, task = content.input.height, content.input.width, content.task
         opset = export_onnx(model, staging / "model.onnx", h, w, trust, task)
         diff = onnx_parity(model, staging / "model.onnx", parity_images, trust, task)
         if not diff <= MAX_PARITY_DIFF:
             raise BundleError(f"{staging / 'model.onnx'}: disagrees with PyTorch: max |dp| = {diff:.2e} > {MAX_PARITY_DIFF}")
         if trust is not None:
             save_trust(trust, staging / TRUST_FILE)
-        if task == "classification":
-            content = {**content, "cam": export_cam(model, staging, parity_images)}
-        ins, outs = onnx_tensors(h, w, len(content["classes"]), ood=bool((content.get("trust") or {}).get("ood")),
-                                 task=task)
+        cam = export_cam(model, staging, parity_images) if task == "classification" else None
+        ood = content.trust is not None and content.trust.ood is not None
+        ins, outs = onnx_tensors(h, w, len(content.classes), ood=ood, task=task)
         onnx = OnnxInfo(opset=opset, inputs=ins, outputs=outs, parity_max_abs_diff=diff,
                         parity_images=len(parity_images))
         if report_dir is not None and Path(report_dir).is_dir():
             shutil.copytree(report_dir, staging / "report")
-        if content.get("lung_crop"):
-            content = {**content, "lung_crop": embed_lungs(staging, content["lung_crop"])}
-        return publish_version(staging, model_dir, lambda v: _metadata(content, name, v, onnx, clock))
+        crop = embed_lungs(staging, content.lung_crop) if content.lung_crop is not None else None
+        return publish_version(staging, model_dir, lambda v: _metadata(content, name, v, onnx, cam, crop, clock))
     except BaseException:
         discard(staging)
         raise

@@ -9,6 +9,7 @@ model, on the site's own test split (and per source when the original data is mi
 from __future__ import annotations
 
 from covid_cxr.core.errors import ConfigError
+from covid_cxr.core.results import Metrics
 from covid_cxr.models.loading import load_torch
 
 
@@ -49,7 +50,7 @@ def start_model(cfg, prepared):
     return model, f"bundle {b.name} v{b.version} (backbone {weights_digest(model.backbone)})"
 
 
-def before_metrics(model, inputs, prepared, cfg) -> dict:
+def before_metrics(model, inputs, prepared, cfg) -> Metrics:
     """The bundle as it was, on the same test split (and per source): what adaptation is judged against."""
     import copy
 
@@ -59,17 +60,17 @@ def before_metrics(model, inputs, prepared, cfg) -> dict:
     return decision_metrics(frozen, inputs, prepared, cfg.model_copy(update={"target_recall": None}))
 
 
-def before_after_md(before: dict, after: dict) -> str:
+def before_after_md(before: Metrics, after: Metrics) -> str:
     """Before/after lines for the report (overall and per source)."""
-    def line(label: str, m: dict) -> str:
-        cov = m["per_class"].get("COVID-19", {}).get("recall", float("nan"))
-        return f"| {label} | {m['n']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | {cov:.3f} |"
+    def line(label: str, m: Metrics) -> str:
+        cov = m.recall("COVID-19")
+        return f"| {label} | {m.n} | {m.accuracy:.3f} | {m.macro_f1:.3f} | {float('nan') if cov is None else cov:.3f} |"
 
     rows = ["\n## Site adaptation: before (the --init-from bundle) and after, same test split\n",
             "| model, test images | n | accuracy | macro-F1 | COVID-19 recall |", "|---|---|---|---|---|",
             line("before, all", before), line("after, all", after)]
-    for s in after.get("by_source") or {}:
-        rows += [line(f"before, {s}", before["by_source"][s]), line(f"after, {s}", after["by_source"][s])]
+    for s in after.by_source or {}:
+        rows += [line(f"before, {s}", before.by_source[s]), line(f"after, {s}", after.by_source[s])]
     return "\n".join(rows) + "\n"
 
 

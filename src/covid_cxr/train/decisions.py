@@ -4,11 +4,12 @@ tables when the data came from several folders."""
 
 from __future__ import annotations
 
+from covid_cxr.core.results import Metrics
 from covid_cxr.evaluate.metrics import by_source, with_operating_point
 from covid_cxr.evaluate.operating_point import choose
 
 
-def decision_metrics(model, inputs, prepared, cfg, trust=None) -> dict:
+def decision_metrics(model, inputs, prepared, cfg, trust=None) -> Metrics:
     """The test split's metrics as the bundle answers: temperature-scaled probabilities (with ECE,
     Brier and the OOD rate when `trust` is given), and the operating point fitted on the validation
     split's scaled probabilities."""
@@ -26,12 +27,4 @@ def decision_metrics(model, inputs, prepared, cfg, trust=None) -> dict:
         op = choose(yv, scale(pv), classes, cfg.target_recall, cfg.target_confidence)
     m = with_operating_point(add_trust_metrics(y, raw, classes, trust), y, probs, op)
     per_source = by_source(y, probs, classes, [r.source for r in prepared.splits["test"]], op)
-    if per_source:
-        m["by_source"] = per_source
-    return m
-
-
-def operating_point_of(metrics: dict) -> dict | None:
-    """The bundle's `operating_point` entry (the fitted rule, without its test metrics)."""
-    op = metrics.get("operating_point")
-    return {k: v for k, v in op.items() if k != "metrics"} if op else None
+    return m.model_copy(update={"by_source": per_source or None})

@@ -16,6 +16,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from covid_cxr.bundle.schema import BundleContent
+from covid_cxr.core.results import Metrics
 from covid_cxr.data import PreparedData, prepare
 from covid_cxr.data.dataset import FeatureDataModule, ImageDataModule, labels_of
 from covid_cxr.data.decode import load_batch
@@ -25,7 +27,7 @@ from covid_cxr.evaluate.report import write_report
 from covid_cxr.models import Classifier, get_spec
 from covid_cxr.core.config import TrainConfig
 from covid_cxr.train.distributed import Dist, launch, strategy
-from covid_cxr.train.decisions import decision_metrics, operating_point_of
+from covid_cxr.train.decisions import decision_metrics
 from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
@@ -39,7 +41,7 @@ PARITY_IMAGES = 8
 @dataclass
 class TrainResult:
     bundle_path: Path | None  # None in the processes of a multi-process run other than the main one
-    metrics: dict
+    metrics: Metrics | None
     history: list[dict]
     timings: dict[str, float]
 
@@ -183,7 +185,7 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     curves_png(history.epochs, run.report / "curves.png", f"{cfg.bundle_name}: training curves")
     atomic_write_json(run.report / "history.json", history.epochs)
     if before is not None:
-        metrics["before_adaptation"] = before
+        metrics = metrics.model_copy(update={"before_adaptation": before})
     write_report(metrics, run.report, title, before_after_md(before, metrics) if before else "")
     return metrics
 
@@ -202,29 +204,30 @@ def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, c
     return fit_trust(model, feats, stages)
 
 
-def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
-                   cached: bool, lr_suggestion: float | None, trust=None) -> dict:
-    """The metadata a bundle's writer completes (see covid_cxr.bundle.schema.BundleMetadata)."""
+def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: Metrics,
+                   cached: bool, lr_suggestion: float | None, trust=None) -> BundleContent:
+    """The model's half of its metadata (the writer completes it; covid_cxr.bundle.schema)."""
     spec = get_spec(cfg.arch)
     epochs = history.epochs
     best = max(epochs, key=lambda h: h.get("val_acc", -1)) if epochs else {}
-    return {
-        "architecture": {"name": cfg.arch, "timm_name": spec.timm_name, "weights": source,
-                         "hidden": list(cfg.hidden), "cam_layer": spec.cam_layer,
-                         "dropout": spec.head_dropout if cfg.dropout is None else cfg.dropout,
-                         "frozen_backbone": not cfg.finetune},
-        "classes": list(prepared.classes),
-        "input": {"height": cfg.size, "width": cfg.size,
-                  "normalisation": {"mean": prepared.mean, "std": prepared.std}},
-        "training": {"config": cfg, "data": prepared.describe(), "feature_cache": cached,
-                     "history": {"epochs_run": len(epochs), "best_epoch": best.get("epoch", 0),
-                                 "best_val_acc": best.get("val_acc"), "lr_range_test_suggestion": lr_suggestion},
-                     "timings_s": {}},
-        "test_metrics": metrics,
-        "trust": trust.info if trust is not None else None,
+    return BundleContent(
+        architecture={"name": cfg.arch, "timm_name": spec.timm_name, "weights": source,
+                      "hidden": list(cfg.hidden), "cam_layer": spec.cam_layer,
+                      "dropout": spec.head_dropout if cfg.dropout is None else cfg.dropout,
+                      "frozen_backbone": not cfg.finetune},
+        classes=list(prepared.classes),
+        input={"height": cfg.size, "width": cfg.size, "normalisation": {"mean": prepared.mean, "std": prepared.std}},
+        training={"config": cfg, "data": prepared.describe(), "feature_cache": cached,
+                  "history": {"epochs_run": len(epochs), "best_epoch": best.get("epoch", 0),
+                              "best_val_acc": best.get("val_acc"), "lr_range_test_suggestion": lr_suggestion},
+                  "timings_s": {}},
+        test_metrics=metrics,
+        operating_point=metrics.operating_point.rule_only() if metrics.operating_point else None,
+        trust=trust.info if trust is not None else None,
         # lung-only input: the writer copies the lung model in, so every reader crops the same way
-        "lung_crop": {"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
-    }
+        lung_crop={"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
+        site_reference=site_reference(prepared, cfg, trust),
+    )
 
 
 def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
@@ -236,14 +239,13 @@ def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
         say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
 
 
-def site_reference(prepared: PreparedData, cfg: TrainConfig, trust) -> dict | None:
+def site_reference(prepared: PreparedData, cfg: TrainConfig, trust):
     """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
     and image statistics, what `covid-cxr site check` compares a new site against."""
     from covid_cxr.site.reference import reference_from_files
 
     paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
-    ref = reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
-    return ref.model_dump() if ref is not None else None
+    return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
 
 
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
@@ -287,7 +289,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         inputs = Inputs(inputs.net, inputs.datamodule, feats)
     clock.lap("train")
     if not dist.is_main:  # the main process evaluates and writes the one bundle
-        return TrainResult(None, {}, history.epochs, clock.summary())
+        return TrainResult(None, None, history.epochs, clock.summary())
     if cfg.progress:
         say("fitting the gate and the temperature on the validation split; evaluating on the test split")
     trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
@@ -297,8 +299,6 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)
-    content["operating_point"] = operating_point_of(metrics)
-    content["site_reference"] = site_reference(prepared, cfg, trust)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from covid_cxr.bundle.schema import BundleContent
 from covid_cxr.core.lung_config import LungConfig
 from covid_cxr.data.lung_masks import LungPairs, group_split, load_pairs
 from covid_cxr.models.lung_unet import MaskModel, build_unet, frozen_modules
@@ -190,12 +191,12 @@ def describe_data(pairs: LungPairs, split: dict[str, list[int]], cfg: LungConfig
 
 
 def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, history: History, metrics: dict,
-                   mean: float, std: float) -> dict:
-    """The metadata a bundle's writer completes (task segmentation; see bundle.schema.Segmentation)."""
+                   mean: float, std: float) -> BundleContent:
+    """The model's half of its metadata (task segmentation; see bundle.schema.Segmentation)."""
     from covid_cxr.core.architectures import get_spec
 
     best = max(history.epochs, key=lambda h: h.get("val_dice", -1)) if history.epochs else {}
-    return {
+    return BundleContent.model_validate({
         "task": "segmentation",
         "architecture": {"name": f"unet-{cfg.encoder}", "timm_name": get_spec(cfg.encoder).timm_name,
                          "weights": source, "hidden": list(cfg.decoder_channels), "dropout": 0.0,
@@ -205,7 +206,7 @@ def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, histor
         "segmentation": {"config": cfg, "data": describe_data(pairs, split, cfg), "test_metrics": metrics,
                          "history": {"epochs_run": len(history.epochs), "best_epoch": best.get("epoch", 0),
                                      "best_val_dice": best.get("val_dice")}},
-    }
+    })
 
 
 @dataclass

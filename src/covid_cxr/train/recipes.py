@@ -75,4 +75,4 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
     with step("ensemble"):
         say(f"averaging {len(paths)} members, evaluating on the shared test split")
         b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
-    return b.path, b.metadata.test_metrics.model_dump()
+    return b.path, b.metadata.test_metrics

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from covid_cxr.core.config import check_available
+from covid_cxr.core.results import Metrics
 
 EXPERIMENT = "covid-cxr"
 
@@ -45,20 +46,20 @@ def make_logger(cfg, workdir: Path):
     return logger
 
 
-def final_metrics(metrics: dict) -> dict[str, float]:
+def final_metrics(metrics: Metrics) -> dict[str, float]:
     """Flat, numeric test metrics: accuracy, macro F1 and per-class precision/recall/F1/AUC."""
-    out = {"test_accuracy": metrics["accuracy"]}
-    if metrics.get("macro_f1") is not None:
-        out["test_macro_f1"] = metrics["macro_f1"]
-    for cls, m in metrics["per_class"].items():
+    out = {"test_accuracy": metrics.accuracy}
+    if metrics.macro_f1 is not None:
+        out["test_macro_f1"] = metrics.macro_f1
+    for cls, m in metrics.per_class.items():
         key = cls.replace(" ", "_")
         for k in ("precision", "recall", "f1", "roc_auc"):
-            if m.get(k) is not None:
-                out[f"test_{k}_{key}"] = float(m[k])
+            if getattr(m, k) is not None:
+                out[f"test_{k}_{key}"] = float(getattr(m, k))
     return out
 
 
-def log_result(logger, metrics: dict, bundle_path: Path, epochs: int) -> None:
+def log_result(logger, metrics: Metrics, bundle_path: Path, epochs: int) -> None:
     """After the bundle is written: the test metrics, and where the bundle is."""
     if not logger:
         return

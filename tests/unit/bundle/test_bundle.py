@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covid_cxr.bundle import BundleError, BundleMetadata, check_bundle, load_bundle
-from covid_cxr.bundle.schema import json_schema
+from covid_cxr.bundle.schema import BundleContent, json_schema
 from covid_cxr.cli import app
 from covid_cxr.models.loading import load_torch
 
@@ -55,7 +55,7 @@ def test_format1_bundle_loads_and_evaluates(bundle_copy, tiny_data, tmp_path):
     assert b.metadata.training.history.epochs_run >= 1 and b.metadata.test_metrics.n > 0
     assert b.metadata.onnx.opset is None  # format 1 did not record it
     m = evaluate_folder(b, tiny_data, tmp_path / "report", progress=False)
-    assert m["n"] == 36 and 0 <= m["accuracy"] <= 1
+    assert m.n == 36 and 0 <= m.accuracy <= 1
 
 
 def _break(path: Path, how: str) -> None:
@@ -124,14 +124,18 @@ def test_a_failed_write_publishes_nothing_and_the_next_one_does(tiny_models, tmp
     import covid_cxr.publish.writer as writer
 
     b = load_bundle(tiny_models / "tiny")
-    content = b.metadata.model_dump(include={"architecture", "classes", "input"})
+    raw = b.metadata.model_dump(include={"architecture", "classes", "input"})
+    content = BundleContent.model_validate(raw)
     model, images = load_torch(b), np.zeros((1, 64, 64), np.float32)
     monkeypatch.setattr(writer, "onnx_parity", lambda *a, **k: 1.0)  # a bad export
     with pytest.raises(BundleError, match="disagrees with PyTorch"):
         writer.write_bundle(tmp_path, "m", model, content, images)
     monkeypatch.undo()
-    with pytest.raises(Exception, match="input.channels"):  # metadata that fails the schema, after the export
-        writer.write_bundle(tmp_path, "m", model, {**content, "input": {**content["input"], "channels": 3}}, images)
+    with pytest.raises(ValueError, match="input.channels"):  # a wrong field fails where the content is made
+        BundleContent.model_validate({**raw, "input": {**raw["input"], "channels": 3}})
+    op = {"class_name": "nope", "threshold": 0.5, "target_recall": 0.9, "val_recall": 0.9, "val_images": 3}
+    with pytest.raises(ValueError, match="operating_point.class_name"):  # whole-metadata rules: after the export
+        writer.write_bundle(tmp_path, "m", model, content.model_copy(update={"operating_point": op}), images)
     assert list((tmp_path / "m").iterdir()) == []  # no half-written version, no staging folder
     assert writer.write_bundle(tmp_path, "m", model, content, images).version == 1
     assert check_bundle(tmp_path / "m").metadata.training is None

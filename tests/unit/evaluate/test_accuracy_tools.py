@@ -29,7 +29,7 @@ def test_threshold_reaches_the_target_recall_and_only_adds_predictions_of_the_cl
         assert (pred[y == 0] == 0).mean() >= target
         assert set(np.flatnonzero(p.argmax(1) == 0)) <= set(np.flatnonzero(pred == 0))  # never removes
     op = choose(y, p, ["COVID-19", "Normal", "Viral Pneumonia"], "COVID-19=0.97")
-    assert op["val_recall"] >= 0.97 and op["class_name"] == "COVID-19"
+    assert op.val_recall >= 0.97 and op.class_name == "COVID-19"
 
 
 @pytest.mark.parametrize("bad", ["COVID-19", "COVID-19=1.5", "=0.9", "COVID-19=0"])
@@ -58,8 +58,8 @@ def test_the_operating_point_is_stored_reported_and_used(op_models, tiny_data, t
     b = load_bundle(op_models / "op")
     op = b.metadata.operating_point
     assert op.class_name == "COVID-19" and op.val_recall == 1.0 and 0 <= op.threshold <= 1
-    m = b.metadata.test_metrics.model_extra["operating_point"]["metrics"]
-    assert m["per_class"]["COVID-19"]["recall"] >= b.metadata.test_metrics.per_class["COVID-19"].recall
+    m = b.metadata.test_metrics.operating_point.metrics
+    assert m.per_class["COVID-19"].recall >= b.metadata.test_metrics.per_class["COVID-19"].recall
     md = (b.report_dir / "metrics.md").read_text()
     assert "## Argmax" in md and "## At the operating point: COVID-19 when p >=" in md
     probs = np.array([[op.threshold, 1 - op.threshold, 0.0], [0.0, 1.0, 0.0]])
@@ -196,7 +196,7 @@ def test_staged_finetune_from_a_bundle_changes_only_the_last_stages(tiny_models,
     changed = [k for k in old if k.startswith("backbone.blocks.6.") and not (old[k] == new[k]).all()]
     assert changed and any(k.startswith("backbone.conv_head") and not (old[k] == new[k]).all() for k in old)
     assert [h.get("stage") for h in r.history] == [None, 2, 2]
-    assert r.metrics["before_adaptation"]["n"] == r.metrics["n"]
+    assert r.metrics.before_adaptation.n == r.metrics.n
     assert "Site adaptation: before" in (b.report_dir / "metrics.md").read_text()
     assert list((tmp_path / "work" / "feature-cache" / "backbones").glob("*-trunk6-stats*.onnx"))
 
@@ -230,7 +230,7 @@ def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatc
                         SimpleNamespace(bundle_path=tmp_path / c.name))
     monkeypatch.setattr(ensemble, "build_ensemble", lambda paths, out, name, target_recall=None: built.update(
         paths=paths, name=name, target_recall=target_recall) or SimpleNamespace(
-        path=tmp_path / name, metadata=SimpleNamespace(test_metrics=SimpleNamespace(model_dump=dict))))
+        path=tmp_path / name, metadata=SimpleNamespace(test_metrics=None)))
     train_recipe("accurate", tmp_path / "data", tmp_path / "models", TrainConfig())
     assert len(trained) == 3 and len(built["paths"]) == 3 and built["name"] == "accurate"
     assert built["target_recall"] == "COVID-19=0.98"

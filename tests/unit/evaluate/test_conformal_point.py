@@ -47,9 +47,10 @@ def test_choose_records_the_rule():
     p /= p.sum(1, keepdims=True)
     plain = choose(y, p, ["COVID-19", "Normal", "Viral"], "COVID-19=0.95")
     conf = choose(y, p, ["COVID-19", "Normal", "Viral"], "COVID-19=0.95", confidence=0.9)
-    assert "rule" not in plain and conf["rule"] == "conformal" and conf["confidence_reached"] >= 0.9
-    assert conf["threshold"] <= plain["threshold"] and conf["val_recall"] >= plain["val_recall"]
-    assert OperatingPoint.model_validate(conf).rule == "conformal"
-    assert OperatingPoint.model_validate(plain).rule == "quantile"
+    assert plain.rule == "quantile" and plain.confidence is None
+    assert conf.rule == "conformal" and conf.confidence_reached >= 0.9
+    assert conf.threshold <= plain.threshold and conf.val_recall >= plain.val_recall
     with pytest.raises(ValueError):
-        OperatingPoint.model_validate({**conf, "confidence": 1.5})
+        OperatingPoint.model_validate({**conf.model_dump(), "confidence": 1.5})
+    with pytest.raises(ValueError, match="extra"):  # strict: a misspelt field fails where it is made
+        OperatingPoint.model_validate({**conf.model_dump(), "treshold": 0.5})

@@ -21,11 +21,11 @@ def test_risk_coverage_by_hand():
     cov, risk = risk_coverage(y, probs)
     assert np.allclose(cov, [0.25, 0.5, 0.75, 1.0]) and np.allclose(risk, [0, 0.5, 1 / 3, 0.25])
     s = selective_metrics(y, probs, accepted=np.array([True, False, True, True]))
-    assert np.isclose(s["aurc"], np.mean([0, 0.5, 1 / 3, 0.25]))
-    assert s["at_coverage"]["0.90"] == {"accuracy": 0.75, "images": 4, "min_confidence": 0.6}
-    assert s["at_coverage"]["0.80"]["images"] == 4  # ceil(3.2)
-    assert s["gate"] == {"accepted_share": 0.75, "accuracy_accepted": 1.0, "accuracy_rejected": 0.0}
-    assert selective_metrics([], np.zeros((0, 2))) == {}
+    assert np.isclose(s.aurc, np.mean([0, 0.5, 1 / 3, 0.25]))
+    assert s.at_coverage["0.90"].model_dump() == {"accuracy": 0.75, "images": 4, "min_confidence": 0.6}
+    assert s.at_coverage["0.80"].images == 4  # ceil(3.2)
+    assert s.gate.model_dump() == {"accepted_share": 0.75, "accuracy_accepted": 1.0, "accuracy_rejected": 0.0}
+    assert selective_metrics([], np.zeros((0, 2))) is None
 
 
 def test_declining_the_least_confident_helps_a_model_whose_confidence_means_something():
@@ -37,7 +37,7 @@ def test_declining_the_least_confident_helps_a_model_whose_confidence_means_some
     pred = np.where(right, y, (y + 1) % 3)
     probs[np.arange(1000), pred] += sure
     s = selective_metrics(y, probs)
-    assert s["at_coverage"]["0.80"]["accuracy"] > s["at_coverage"]["0.90"]["accuracy"] > s["full_coverage_accuracy"]
+    assert s.at_coverage["0.80"].accuracy > s.at_coverage["0.90"].accuracy > s.full_coverage_accuracy
 
 
 def test_evaluate_accepts_a_folder_lacking_classes_and_refuses_one_with_none(tiny_models, tiny_data, tmp_path):

@@ -130,6 +130,7 @@ def test_cam_metadata_and_file_must_agree(bundle_copy, tiny_models):
         load_bundle(bundle_copy).cam_session()
 
 
+@pytest.mark.slow  # exports the graph and checks it against pytorch-grad-cam
 def test_add_cam_publishes_the_next_version(bundle_copy):
     from typer.testing import CliRunner
 

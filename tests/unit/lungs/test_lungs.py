@@ -53,6 +53,9 @@ def lung_data(tmp_path_factory):
     return root
 
 
+SLOW_LUNGS = pytest.mark.slow  # these need lung_models: a lung U-Net trained for the module (~15 s quiet)
+
+
 @pytest.fixture(scope="module")
 def lung_models(tmp_path_factory, lung_data):
     from covid_cxr.core.lung_config import LungConfig
@@ -77,6 +80,7 @@ def test_group_split_keeps_duplicates_together_and_every_source_everywhere(lung_
         assert {pairs.sources[i] for i in split[s]} == {"a", "b"}
 
 
+@SLOW_LUNGS
 def test_lung_bundle_is_a_checked_segmentation_bundle(lung_models):
     from covid_cxr.bundle import check_bundle
     from covid_cxr.lungs.segment import LungSegmenter
@@ -98,6 +102,7 @@ def test_classifier_bundle_is_refused_as_lung_model(tiny_models):
         LungSegmenter.from_bundle(tiny_models / "tiny")
 
 
+@SLOW_LUNGS
 def test_segmentation_metadata_needs_its_record(lung_models):
     from pydantic import ValidationError
 
@@ -112,6 +117,7 @@ def test_segmentation_metadata_needs_its_record(lung_models):
         BundleMetadata.model_validate(raw)
 
 
+@SLOW_LUNGS
 def test_evaluate_writes_dice_per_source_and_segment_skips_bad_files(lung_models, lung_data, tmp_path):
     out = tmp_path / "m.json"
     res = CliRunner().invoke(app, ["lungs", "evaluate", "--model", str(lung_models / "lungs"), "--data",
@@ -170,6 +176,7 @@ def test_lung_only_crops_keep_size_and_drop_outside():
     assert masked[0, 0] == 0 and np.allclose(masked[mask], img[mask])
 
 
+@SLOW_LUNGS
 def test_upload_api_adds_lung_fields_and_skips_the_lung_bundle(tiny_models, lung_models, lung_data, tmp_path):
     """A lung bundle beside the classifier is not served as a model; with --lungs the upload API
     reports the lung check and where Grad-CAM looks."""
@@ -207,6 +214,7 @@ def test_lung_crop_needs_a_lung_model_and_changes_the_run():
     assert cache_key("a", "s", 64, 0.5, 0.2) != cache_key("a", "s", 64, 0.5, 0.2, "box", "MODELS/lungs")
 
 
+@SLOW_LUNGS
 def test_the_audit_takes_its_lung_fields_from_the_lung_model(lung_models, tiny_data):
     """Issue 11 item 5: `audit --lungs` masks come from the segmentation bundle, not the fixed region."""
     from covid_cxr.data.decode import load_batch
@@ -228,6 +236,7 @@ def band_lungs(tmp_path_factory, lung_models):
     happens (the 1-epoch fixture's masks do not). Its record is lung_models' own."""
     import torch
 
+    from covid_cxr.bundle.schema import BundleContent
     from covid_cxr.publish.writer import write_bundle
 
     class Band(torch.nn.Module):
@@ -235,7 +244,8 @@ def band_lungs(tmp_path_factory, lung_models):
             return torch.sigmoid(60 * (0.5 - x)) * torch.sigmoid(60 * (x - 0.15))
 
     meta = json.loads(next((lung_models / "lungs").glob("*/metadata.json")).read_text())
-    content = {k: meta[k] for k in ("task", "architecture", "classes", "input", "segmentation")}
+    content = BundleContent.model_validate({k: meta[k] for k in ("task", "architecture", "classes", "input",
+                                                                 "segmentation")})
     parity = np.stack([draw_pair(np.random.default_rng(s))[0] for s in range(2)]).astype(np.float32)
     out = tmp_path_factory.mktemp("band-lungs")
     return write_bundle(out, "lungs", Band(), content, parity).path
@@ -259,6 +269,7 @@ def crop_classifier(tmp_path_factory, tiny_data, band_lungs):
     return path
 
 
+@SLOW_LUNGS
 def test_a_lung_crop_bundle_crops_wherever_it_is_read(crop_classifier, band_lungs):
     """Issue 11b: the reader (predict, evaluate, audit) and the server run a --lung-crop bundle on
     the cropped images, with the lung model it carries; whole images give other answers."""
@@ -282,6 +293,7 @@ def test_a_lung_crop_bundle_crops_wherever_it_is_read(crop_classifier, band_lung
     np.testing.assert_allclose(served[:, :3], want, atol=1e-6)
 
 
+@SLOW_LUNGS
 def test_bundle_check_refuses_a_lung_crop_bundle_without_its_own_lung_model(crop_classifier, tmp_path):
     import shutil
 
@@ -341,6 +353,7 @@ def test_fast_mask_steps_match_the_reference_ones():
     np.testing.assert_allclose(grow(probs, 40, 48), np.stack([resize(p, 40, 48) for p in probs]), atol=1e-5)
 
 
+@SLOW_LUNGS
 def test_serve_refuses_a_lung_crop_bundle_whose_lung_model_fails_its_sha256(crop_classifier, tmp_path):
     """Issue 17 item 9: the server verifies the embedded lung model as `bundle check` does; a
     tampered lungs/model.onnx makes that model unavailable (503, saying why), the intact one answers."""

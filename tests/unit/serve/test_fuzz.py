@@ -122,6 +122,7 @@ def predict_bodies(draw) -> bytes:
                           st.binary(max_size=256), st.just(("[" * draw(st.integers(1, 3000))).encode())))
 
 
+@pytest.mark.slow  # many Hypothesis examples through the parser
 def test_predict_parser_raises_only_bad_request():
     """Every body either parses to valid instances or raises BadRequest, and the cases ran (valid
     bodies are rare among the draws: test_valid_predict_bodies_parse holds the accepting side)."""

@@ -42,6 +42,7 @@ def test_gradcam_upload_without_torch(tiny_models):
     assert got["torch"] is False
 
 
+@pytest.mark.slow  # torch Grad-CAM in a server process, twice
 @pytest.mark.parametrize("damage", ["no cam", "broken cam"])
 def test_gradcam_upload_of_a_bundle_without_cam(bundle_copy, damage):
     if damage == "no cam":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 
+import pytest
 import requests
 
 from covid_cxr.serve.repository import UNKNOWN_MODEL
@@ -13,6 +14,7 @@ from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.serve.testing import running_server
 
 
+@pytest.mark.slow  # hundreds of requests through a live server
 def test_random_model_names_do_not_grow_metrics(tiny_models):
     with running_server(ServeSettings(models=tiny_models)) as base, requests.Session() as s:
         for _ in range(500):

@@ -50,6 +50,7 @@ def test_onnx_features_agree_with_torch_and_the_backbone_is_cached(tiny_data, mo
     assert weights_digest(other.backbone) != weights_digest(model.backbone)
 
 
+@pytest.mark.slow  # the trunk exported and run through ONNX Runtime and torch
 def test_extract_through_onnxruntime_fills_the_cache_like_torch(tiny_data, model, cache_dir, tmp_path):
     import hashlib
 
