@@ -63,8 +63,8 @@ async def metadata(repo: ModelRepository, name: str, version: int | None) -> TFM
     meta = model.bundle.metadata
     h, w = meta.input_hw
     extra = meta.model_dump(mode="json", include={"classes", "input", "architecture", "test_metrics"})
-    if model.monitor is not None:  # the site monitor's window of recent answers against the reference
-        extra["site_monitor"] = model.monitor.snapshot()
+    if model.monitor is not None:  # the window's shift tests (~ms): off the event loop, as predictions are
+        extra["site_monitor"] = await anyio.to_thread.run_sync(model.monitor.snapshot)
     return TFModelMetadataResponse(
         model_spec={"name": name, "signature_name": "", "version": str(model.version)},
         metadata={"signature_def": signature_def(h, w, len(meta.classes), with_ood=meta.has_ood), **extra})
