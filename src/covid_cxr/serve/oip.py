@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from covid_cxr.bundle import ONNX_INPUT
 from covid_cxr.export.tensors import oip_datatype
 from covid_cxr.serve.limits import DecodeLimits
-from covid_cxr.serve.protocol import BadRequest, as_numbers, check_values, decode_image, parse_json
+from covid_cxr.serve.protocol import BadRequest, as_numbers, check_values, decode_image, may_hold_bools, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -59,6 +59,7 @@ class ParsedRequest:
     raw: bytes | None  # the input's binary data, when sent with the binary extension
     outputs: list[tuple[str, bool]] | None = field(default=None)  # (name, binary?) asked for; None: all
     binary_default: bool = False
+    bools: bool = True  # the JSON may hold a boolean (protocol.may_hold_bools)
 
 
 def parse_infer(body: bytes, header_length: str | None) -> ParsedRequest:
@@ -83,7 +84,7 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedRequest:
         (o.name, bool(o.parameters.get("binary_data", req.parameters.get("binary_data_output", False))))
         for o in req.outputs]
     return ParsedRequest(req.id, req.inputs[0], blobs.get(ONNX_INPUT), outs,
-                         bool(req.parameters.get("binary_data_output", False)))
+                         bool(req.parameters.get("binary_data_output", False)), may_hold_bools(body[:n]))
 
 
 def _binary_inputs(inputs: list[InferInput], rest: bytes) -> dict[str, bytes]:
@@ -121,10 +122,10 @@ def image_batch(req: ParsedRequest, height: int, width: int, max_instances: int,
                          "or BYTES [N] (encoded image files)")
     if t.shape != [n, height, width, 1]:
         raise BadRequest(f"input {t.name!r}: shape {t.shape} does not match the model's [N, {height}, {width}, 1]")
-    return check_values(_fp32_elements(t, req.raw).reshape(t.shape))
+    return check_values(_fp32_elements(t, req.raw, req.bools).reshape(t.shape))
 
 
-def _fp32_elements(t: InferInput, raw: bytes | None) -> np.ndarray:
+def _fp32_elements(t: InferInput, raw: bytes | None, bools: bool = True) -> np.ndarray:
     count = int(np.prod(t.shape))
     if raw is not None:
         if len(raw) != 4 * count:
@@ -132,7 +133,7 @@ def _fp32_elements(t: InferInput, raw: bytes | None) -> np.ndarray:
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
     if not isinstance(t.data, list):
         raise BadRequest(f"input {t.name!r}: 'data' must be a list of numbers")
-    x = as_numbers(t.data, f"input {t.name!r}: 'data'").reshape(-1)
+    x = as_numbers(t.data, f"input {t.name!r}: 'data'", bools).reshape(-1)
     if x.size != count:
         raise BadRequest(f"input {t.name!r}: {x.size} values in 'data' for shape {t.shape}")
     return x

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from covid_cxr.serve.oip import image_batch, parse_infer
-from covid_cxr.serve.protocol import BadRequest, parse_predict
+from covid_cxr.serve.protocol import BadRequest, may_hold_bools, parse_predict
 from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.serve.testing import running_server
 
@@ -53,6 +53,15 @@ def test_tf_serving_refuses_booleans_among_numbers_too():
     good[0][0] = True
     with pytest.raises(BadRequest, match="booleans"):
         parse_predict(json.dumps({"instances": [good]}).encode(), H, W, 8)
+
+
+def test_the_boolean_check_is_skipped_only_where_the_json_cannot_hold_one():
+    assert not may_hold_bools(b'{"instances": [[0.5, 1, 2e-3]]}')
+    assert may_hold_bools(b'{"instances": [[0.5, true]]}') and may_hold_bools(b'[false]')
+    assert may_hold_bools(b'{"b64": "trueXYZ"}')  # inside a string too: the check runs, never skipped wrongly
+    body = json.dumps({"instances": [[[0.5] * W] * (H - 1) + [[0.5] * (W - 1) + [True]]]}).encode()
+    with pytest.raises(BadRequest, match="booleans"):  # the body holds `true`: still refused
+        parse_predict(body, H, W, 8)
 
 
 @pytest.mark.parametrize("where", ["data", "parameters", "outside"])
