@@ -69,17 +69,23 @@ def serve(
     except ValidationError as exc:
         e = exc.errors()[0]
         fail(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}")
-    from covid_cxr.bundle.runtime import RuntimeRefused, check_choice, openvino_core
+    _check_runtime(settings)
+    _log_to_stderr(log_level)
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
+                timeout_graceful_shutdown=5, http=http_protocol(settings.header_timeout_s))
 
-    try:  # a precision ONNX Runtime lacks, or OpenVINO not installed: say so now, not once per model load
+
+def _check_runtime(settings: ServeSettings) -> None:
+    """A precision ONNX Runtime lacks, or OpenVINO not installed: say so now, not once per model load."""
+    from covid_cxr.bundle.runtime import RuntimeRefused, check_choice, openvino_core
+    from covid_cxr.cli.common import fail
+
+    try:
         check_choice(settings.runtime, settings.precision)
         if settings.runtime == "openvino":
             openvino_core()
     except RuntimeRefused as exc:
         fail(str(exc))
-    _log_to_stderr(log_level)
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=5, http=http_protocol(settings.header_timeout_s))
 
 
 def _log_to_stderr(level: str) -> None:
