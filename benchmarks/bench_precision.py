@@ -8,7 +8,7 @@ split and on the test split (the gate threshold refitted on validation where tha
 against bench_ood's out-of-distribution test sets; and the decision of the rule.
 
 Usage: python benchmarks/bench_precision.py --model MODELS/<name> --data DIR [--threads 2]
-       [--rounds 3] [--no-int8] [--json precision.json]
+       [--rounds 3] [--no-int8] [--depths 1,3,10,30] [--json precision.json]
 """
 
 from __future__ import annotations
@@ -127,11 +127,30 @@ def measure(args) -> dict:
         ref = answers["ort fp32"]
         rows = {n: agreement(bundle, ref, a, n.split()[1]) for n, a in answers.items()}
         speed = speeds(bundle, sess, sets["test"], args.rounds, args.seconds)
+        cuts = depths(bundle, sets["val"], ref["val"], args.threads, args.depths) if args.depths else {}
     for n in rows:
         rows[n].update(speed[n])
         rows[n].update({f"ratio_batch{b}": speed[n][f"batch{b}"] / speed["ort fp32"][f"batch{b}"] for b in (16, 1)})
     return {"bundle": f"{bundle.name} v{bundle.version}", "architecture": bundle.metadata.architecture.name,
-            "threads": args.threads, "rounds": args.rounds, "variants": rows}
+            "threads": args.threads, "rounds": args.rounds, "variants": rows, "bf16_depths": cuts}
+
+
+def depths(bundle, val: np.ndarray, ref, threads: int, counts: list[int]) -> dict:
+    """bf16 for only the first N convolutions, fp32 after (head and gate included): does any cut
+    keep the answers? Changes against ONNX Runtime fp32 on the validation split."""
+    from covid_cxr.bundle.runtime import OpenVinoSession, compile_openvino
+    from covid_cxr.publish.precision import answers_with, compare
+
+    out = {}
+    for n in counts:
+        session = OpenVinoSession(compile_openvino(bundle.onnx_path, "bf16-split", threads, bf16_convs=n))
+        rec = compare(bundle, ref, answers_with(bundle, session, val), "bf16-split")
+        out[str(n)] = {"val_n": rec.n, "val_changed_predictions": rec.changed_predictions,
+                       "val_changed_gate": rec.changed_gate, "val_changed_gate_as_written": rec.changed_gate_as_written,
+                       "max_abs_diff_val": rec.max_abs_diff, "accepted": rec.accepted}
+        print(f"  first {n} convolutions in bf16: {rec.summary()} (as written: {rec.changed_gate_as_written}); "
+              f"max |dp| {rec.max_abs_diff:.3f}; {'accepted' if rec.accepted else 'refused'}", flush=True)
+    return out
 
 
 def show(result: dict) -> None:
@@ -157,12 +176,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="speed rounds (variants interleaved)")
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per variant, batch size and round")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="quantize with NNCF too")
+    ap.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], default=[],
+                    help="also: bf16 for only the first N convolutions, e.g. 1,3,10,30 (validation changes)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     load0, started = os.getloadavg(), datetime.now(timezone.utc)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = measure(args)
     show(result)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result.update({"commit": commit, "date": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
                    "load_before": load0, "load_after": os.getloadavg()})
     print(f"commit {commit}; load average before {load0[0]:.2f} / after {os.getloadavg()[0]:.2f}")

@@ -93,10 +93,12 @@ def _tensor(port) -> _Tensor:
 CONVOLUTIONS = ("Convolution", "GroupConvolution")
 
 
-def _tail_ops(model) -> set:
+def _tail_ops(model, bf16_convs: int | None = None) -> set:
     """The ops after the convolutions: everything that is not a convolution or feeds one (the last
-    block's activation, pooling, head, softmax, the gate's statistics and arithmetic)."""
-    stack = [op for op in model.get_ordered_ops() if op.get_type_name() in CONVOLUTIONS]
+    block's activation, pooling, head, softmax, the gate's statistics and arithmetic).
+    `bf16_convs`: only the first that many convolutions (in graph order) and what feeds them count
+    as the trunk; the later ones join the tail (how deep bf16 may go, measured by bench_precision)."""
+    stack = [op for op in model.get_ordered_ops() if op.get_type_name() in CONVOLUTIONS][:bf16_convs]
     trunk = set()
     while stack:
         op = stack.pop()
@@ -107,14 +109,15 @@ def _tail_ops(model) -> set:
             if op not in trunk and op.get_type_name() not in ("Parameter", "Constant")}
 
 
-def split_model(model):
-    """(backbone, tail): two models cut where the spatial part ends. The backbone answers the
-    tensors the tail reads (rank-4 activations of the last block and the gate's stages); the tail
-    takes them as inputs and answers the bundle's outputs. Modifies `model`."""
+def split_model(model, bf16_convs: int | None = None):
+    """(backbone, tail): two models cut where the spatial part ends (or after `bf16_convs`
+    convolutions). The backbone answers the tensors the tail reads (activations of the last block
+    and the gate's stages); the tail takes them as inputs and answers the bundle's outputs.
+    Modifies `model`."""
     import openvino as ov
     from openvino import opset13 as ops
 
-    tail = _tail_ops(model)
+    tail = _tail_ops(model, bf16_convs)
     cut: dict = {}  # backbone output -> the tail's parameter standing for it
     for op in list(tail):
         for port in op.inputs():
@@ -173,13 +176,13 @@ class OpenVinoSession:
         return (OOD_OUTPUTS[0],) if self.gate_threshold is not None and OOD_OUTPUTS[1] in names else ()
 
 
-def compile_openvino(model_path: Path, precision: str, threads: int = 0) -> tuple:
+def compile_openvino(model_path: Path, precision: str, threads: int = 0, bf16_convs: int | None = None) -> tuple:
     """model.onnx (or a variant's IR) compiled for the CPU at `precision`: fp32 pinned explicitly
     (OpenVINO would pick bf16 on its own on CPUs with AMX), one stream, `threads` (0: all cores).
     bf16-split: two models, the backbone in bf16 and the tail (head, gate) in fp32."""
     core = openvino_core()
     model = core.read_model(str(model_path))
-    parts = split_model(model) if precision == "bf16-split" else (model,)
+    parts = split_model(model, bf16_convs) if precision == "bf16-split" else (model,)
     hints = ("bf16", "f32") if precision == "bf16-split" else (OV_PRECISION[precision],)
     try:
         return tuple(core.compile_model(m, "CPU", _config(h, threads)) for m, h in zip(parts, hints))
