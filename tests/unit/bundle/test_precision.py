@@ -18,8 +18,11 @@ from covid_cxr.bundle.runtime import RuntimeRefused
 from covid_cxr.cli import app
 from covid_cxr.publish.precision import add_precision, refit_threshold
 
-pytest.importorskip("openvino")
+ov = pytest.importorskip("openvino")
 runner = CliRunner()
+# bf16 needs AVX-512 BF16 or AMX; elsewhere OpenVINO runs a bf16 hint in fp32 and nothing can differ
+needs_bf16 = pytest.mark.skipif("BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+                                reason="this CPU has no bf16")
 
 
 def images(n: int = 6, seed: int = 0) -> np.ndarray:
@@ -62,6 +65,7 @@ def test_measuring_refuses_fp32_and_unknown_precisions(measured):
         add_precision(measured, "fp32")
 
 
+@needs_bf16
 def test_an_accepted_variant_serves_close_to_fp32(measured):
     fp32 = load_bundle(measured)
     b = load_bundle(measured, runtime="openvino", precision="bf16")
@@ -134,3 +138,26 @@ def test_refit_accepts_as_many_as_fp32_did():
     assert 3.0 < t < 4.0 and int(np.sum(scores <= t)) == 3
     assert np.sum(scores <= refit_threshold(np.zeros(5, bool), scores)) == 0  # none accepted: none
     assert np.sum(scores <= refit_threshold(np.ones(5, bool), scores)) == 5
+
+
+def _layers(compiled) -> set[tuple[str, str]]:
+    """(layer type, precision it runs in) of a compiled model, as OpenVINO's CPU plugin chose."""
+    return {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in compiled.get_runtime_model().get_ordered_ops()}
+
+
+@needs_bf16
+def test_bf16_split_runs_convolutions_in_bf16_and_head_and_gate_in_fp32(tiny_models):
+    from covid_cxr.bundle.runtime import compile_openvino
+
+    onnx = load_bundle(tiny_models / "tiny").onnx_path
+    (whole,) = compile_openvino(onnx, "bf16", 1)
+    assert ("FullyConnected", "bf16") in _layers(whole)  # what the split is for: bf16 reaches the head
+    backbone, tail = compile_openvino(onnx, "bf16-split", 1)
+    assert ("Convolution", "bf16") in _layers(backbone)
+    assert not {t for t, _ in _layers(backbone)} & {"FullyConnected", "Softmax"}
+    assert ("FullyConnected", "f32") in _layers(tail) and ("Softmax", "f32") in _layers(tail)
+    assert not any(p == "bf16" for _, p in _layers(tail))
+    assert len(backbone.outputs) > 1  # the last block and the gate's stages cross the cut
+    (fp32,) = compile_openvino(onnx, "fp32", 1)
+    assert not any(p == "bf16" for _, p in _layers(fp32))  # fp32 pinned (OpenVINO picks bf16 on AMX)
