@@ -24,9 +24,11 @@ from covid_cxr.bundle.schema import (
     BundleMetadata,
     upgrade,
 )
+from covid_cxr.bundle.runtime import check_choice, check_variant
 from covid_cxr.bundle.store import FILES, versions
 from covid_cxr.core.errors import UserError
 from covid_cxr.core.files import file_sha256
+from covid_cxr.core.precision import DEFAULT_PRECISION, DEFAULT_RUNTIME
 
 
 class BundleError(UserError):
@@ -65,6 +67,8 @@ class Bundle:
     _session: object = field(default=None, repr=False)
     step_state: dict = field(default_factory=dict, repr=False)  # what a preparation step keeps open
     _cam: object = field(default=None, repr=False)
+    runtime: str = "onnxruntime"  # what session() runs model.onnx on (core.precision.RUNTIMES)
+    precision: str = "fp32"  # a lower one only as an accepted variant (metadata.json precision_variants)
 
     @property
     def name(self) -> str:
@@ -91,7 +95,8 @@ class Bundle:
         return self.path / "report"
 
     def session(self):
-        """ONNX Runtime session for model.onnx (created once per Bundle, checked against the metadata)."""
+        """The session for model.onnx on the bundle's runtime and precision (created once per Bundle,
+        checked against the metadata): ONNX Runtime, or OpenVINO's answering like one."""
         if self._session is None:
             self._session = open_checked_session(self)
         return self._session
@@ -275,8 +280,12 @@ def resolve(path: str | Path, version: int | None = None) -> Path:
     return path / str(version or vs[-1])
 
 
-def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
-    """Open a bundle: metadata validated against the schema, its files present. BundleError otherwise."""
+def load_bundle(path: str | Path, version: int | None = None, runtime: str = DEFAULT_RUNTIME,
+                precision: str = DEFAULT_PRECISION) -> Bundle:
+    """Open a bundle: metadata validated against the schema, its files present. BundleError otherwise;
+    RuntimeRefused for a runtime/precision it may not run with (a lower precision needs an accepted
+    measurement in metadata.json)."""
+    check_choice(runtime, precision)
     path = resolve(path, version)
     meta, stored = _read_metadata(path)
     for name in FILES[1:]:
@@ -289,7 +298,8 @@ def load_bundle(path: str | Path, version: int | None = None) -> Bundle:
             if not (path / meta.lung_crop.folder / name).is_file():
                 raise BundleError(f"{path / meta.lung_crop.folder / name}: missing (the lung model that "
                                   "metadata.json's lung_crop needs)")
-    return Bundle(path, meta, stored)
+    check_variant(meta, precision)
+    return Bundle(path, meta, stored, runtime=runtime, precision=precision)
 
 
 def load_embedded_lungs(bundle: Bundle) -> Bundle:
@@ -326,7 +336,15 @@ def open_session(onnx_path: Path, threads: int = 0, spinning: bool = True):
 
 
 def open_checked_session(bundle: Bundle, threads: int = 0, spinning: bool = True):
-    """A session for the bundle's model.onnx whose tensors match the metadata (BundleError if not)."""
+    """A session for the bundle's model.onnx whose tensors match the metadata (BundleError if not),
+    on the bundle's runtime (OpenVINO: at its precision, the variant's gate threshold applied)."""
+    if bundle.runtime == "openvino":
+        from covid_cxr.bundle.runtime import open_openvino
+
+        variant = check_variant(bundle.metadata, bundle.precision)
+        session = open_openvino(bundle.path, bundle.metadata, bundle.precision, threads, variant)
+        check_session(bundle, session)
+        return session
     try:
         session = open_session(bundle.onnx_path, threads, spinning)
     except Exception as exc:  # onnxruntime raises its own exception types for broken files

@@ -112,6 +112,36 @@ class CamInfo(_Strict):
     parity_images: int = Field(ge=0)
 
 
+class PrecisionVariant(_Strict):
+    """One lower-precision way of running the bundle (`covid-cxr bundle precision`), measured against
+    the bundle's own fp32 answers (ONNX Runtime) on its validation split; it serves only if accepted."""
+
+    runtime: Literal["openvino"] = "openvino"
+    precision: str = Field(description="bf16 | bf16-split (head and gate fp32) | int8 (NNCF; gate unquantized)")
+    measured_on: str = Field("val split", description="the images compared")
+    n: int = Field(ge=0, description="images compared")
+    changed_predictions: int = Field(ge=0, description="images whose decided label differs from fp32's")
+    changed_gate: int | None = Field(None, ge=0, description="images whose gate verdict differs (with "
+                                     "gate_threshold where set); None without a gate")
+    changed_gate_as_written: int | None = Field(None, ge=0, description="gate verdicts changed at the "
+                                                "threshold in model.onnx (before any refit)")
+    gate_threshold: float | None = Field(None, description="the gate's threshold refitted on this variant's "
+                                         "validation scores (accepting as many as fp32 does); None: as written")
+    max_abs_diff: float = Field(ge=0, description="largest |p_variant - p_fp32| over every class and image")
+    rule: str = Field(description="what acceptance required")
+    accepted: bool
+    file: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$",
+                             description="the variant's own model file in the bundle (int8: OpenVINO IR)")
+    software: dict[str, str] = {}
+    measured: datetime
+
+    def summary(self) -> str:
+        gate = "" if self.changed_gate is None else f", {self.changed_gate}/{self.n} gate verdicts changed " \
+            f"({self.changed_gate / max(self.n, 1):.1%})"
+        return (f"{self.changed_predictions}/{self.n} predictions changed "
+                f"({self.changed_predictions / max(self.n, 1):.1%}){gate} on the {self.measured_on}")
+
+
 class DataDescription(_Strict):
     dataset_root: str
     layout: str
@@ -322,6 +352,9 @@ class BundleMetadata(_Strict):
                                                  "monitor compare a site against (absent in older bundles)")
     cam: CamInfo | None = Field(None, description="Grad-CAM inside the bundle (cam.onnx); absent in bundles "
                                 "written before it, and where the closed form does not hold")
+    precision_variants: dict[str, PrecisionVariant] | None = Field(
+        None, description="lower precisions measured against this bundle's fp32 answers (`covid-cxr bundle "
+        "precision`); only accepted ones serve; absent: none measured")
     software: dict[str, str] = {}
     created: datetime
 
@@ -347,6 +380,9 @@ class BundleMetadata(_Strict):
             raise ValueError(f"site_reference.predicted names classes the model lacks: {sorted(ref.predicted)}")
         if self.cam is not None and self.task != "classification":  # its shapes: checked against the file
             raise ValueError("cam (cam.onnx) belongs to classifiers only")
+        for key, variant in (self.precision_variants or {}).items():
+            if key != variant.precision:
+                raise ValueError(f"precision_variants.{key} holds a measurement of {variant.precision!r}")
         if self.operating_point is not None and self.operating_point.class_name not in self.classes:
             raise ValueError(f"operating_point.class_name {self.operating_point.class_name!r} is not a class")
         return self

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from covid_cxr.core.precision import VARIANTS
+
 bundle_app = typer.Typer(no_args_is_help=True, help="Inspect model bundles.")
 
 
@@ -42,6 +44,30 @@ def add_cam(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest ver
     b = add(src.path)
     Console().print(f"bundle: {b.path} ({b.name} v{b.version}: v{src.version} + cam.onnx, max |d| vs "
                     f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})", soft_wrap=True)
+
+
+@bundle_app.command("precision")
+def precision(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest version) or MODELS/<name>/<version>")],
+              precision: Annotated[str, typer.Option("--precision", help="the variant to measure: "
+                                                     f"{' | '.join(VARIANTS)} (OpenVINO)")] = "bf16",
+              data: Annotated[Optional[Path], typer.Option("--data", help="the bundle's training data where it is "
+                                                           "now (default: the folder metadata.json names)")] = None,
+              threads: Annotated[int, typer.Option(help="OpenVINO threads (0: every core)", min=0)] = 0):
+    """Measure a lower precision against the bundle's own fp32 answers on its validation split and
+    publish the next version recording the decision: accepted only if <= 0.5 % of predictions and
+    <= 0.5 % of gate verdicts change (the gate's threshold refitted where that helps)."""
+    from rich.console import Console
+
+    from covid_cxr.cli.common import open_bundle
+    from covid_cxr.publish.precision import add_precision
+
+    src = open_bundle(path)
+    b = add_precision(src.path, precision, data, threads=threads)
+    v = b.metadata.precision_variants[precision]
+    verdict = "accepted" if v.accepted else "refused"
+    Console().print(f"{precision} {verdict}: {v.summary()}; max |dp| {v.max_abs_diff:.1e}"
+                    + ("" if v.gate_threshold is None else f"; gate threshold refitted to {v.gate_threshold:.4g}")
+                    + f"\nbundle: {b.path} ({b.name} v{b.version}: v{src.version} + this decision)", soft_wrap=True)
 
 
 @bundle_app.command("schema")

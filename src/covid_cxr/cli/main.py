@@ -13,6 +13,7 @@ from covid_cxr.cli.common import (Commands, JsonOpt, config_option, fail, need_f
                                   write_json)
 from covid_cxr.cli.common import err_console as console
 from covid_cxr.core.errors import UserError
+from covid_cxr.core.precision import DEFAULT_PRECISION, DEFAULT_RUNTIME
 from covid_cxr.core.config import DEFAULTS, STUDY_MAX_PER_CLASS, TrainConfig
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -285,10 +286,17 @@ def predict(images: Annotated[list[Path], typer.Argument(help="Image files (PNG,
             model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>]")],
             json_path: JsonOpt = None,
             lungs: Annotated[Optional[Path], typer.Option("--lungs", help="Lung segmentation bundle: add its "
-                                                          "sanity check (a failed one: out of distribution?)")] = None):
+                                                          "sanity check (a failed one: out of distribution?)")] = None,
+            runtime: Annotated[str, typer.Option(help="what runs model.onnx: onnxruntime | openvino")] = DEFAULT_RUNTIME,
+            precision: Annotated[str, typer.Option(help="fp32 | bf16 | bf16-split | int8 (OpenVINO; only a variant "
+                                                   "`bundle precision` accepted)")] = DEFAULT_PRECISION):
     """Label and class probabilities per image (through the bundle's ONNX model). An image the gate
     rejects gets no label: its probabilities stay in the table and the JSON."""
+    from covid_cxr.bundle import load_bundle
+
     b = open_bundle(model)
+    if (runtime, precision) != (DEFAULT_RUNTIME, DEFAULT_PRECISION):
+        b = load_bundle(b.path, runtime=runtime, precision=precision)  # RuntimeRefused: one line, exit 2
     seg = _lung_segmenter(lungs)
     results = [_predict_one(b, p, seg) for p in images]
     write_json(json_path, {"model": b.name, "version": b.version, "results": results})

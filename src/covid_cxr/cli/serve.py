@@ -40,6 +40,8 @@ def serve(
     intra_op_threads: int = typer.Option(None, help=f"{F['intra_op_threads'].description} (default: CPU cores)"),
     inference_workers: int = _opt("inference_workers"),
     ort_spinning: bool = _opt("ort_spinning", "--ort-spinning/--no-ort-spinning"),
+    runtime: str = _opt("runtime"),
+    precision: str = _opt("precision"),
     default_model: str = _opt("default_model"),
     monitor_window: int = _opt("monitor_window"),
     lungs: Path = typer.Option(None, "--lungs", help=F["lungs"].description, exists=True, file_okay=False),
@@ -61,15 +63,29 @@ def serve(
                  decode_budget_pixels=decode_budget_pixels, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                  max_instances=max_instances, rescan_seconds=rescan_seconds, inference_workers=inference_workers,
                  ort_spinning=ort_spinning, default_model=default_model, lungs=lungs, intra_op_threads=intra_op_threads,
-                 monitor_window=monitor_window)
+                 monitor_window=monitor_window, runtime=runtime, precision=precision)
     try:
         settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         e = exc.errors()[0]
         fail(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}")
+    _check_runtime(settings)
     _log_to_stderr(log_level)
     uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level=log_level,
                 timeout_graceful_shutdown=5, http=http_protocol(settings.header_timeout_s))
+
+
+def _check_runtime(settings: ServeSettings) -> None:
+    """A precision ONNX Runtime lacks, or OpenVINO not installed: say so now, not once per model load."""
+    from covid_cxr.bundle.runtime import RuntimeRefused, check_choice, openvino_core
+    from covid_cxr.cli.common import fail
+
+    try:
+        check_choice(settings.runtime, settings.precision)
+        if settings.runtime == "openvino":
+            openvino_core()
+    except RuntimeRefused as exc:
+        fail(str(exc))
 
 
 def _log_to_stderr(level: str) -> None:

@@ -369,7 +369,7 @@ class ModelRepository:
         return msg
 
     def _open(self, name: str, version: int) -> tuple[Bundle, object]:
-        bundle = load_bundle(self.root / name, version)
+        bundle = load_bundle(self.root / name, version, self.settings.runtime, self.settings.precision)
         session = open_checked_session(bundle, self.settings.intra_op_threads, self.settings.ort_spinning)
         h, w = bundle.input_hw
         session.run([ONNX_OUTPUT], {ONNX_INPUT: np.zeros((1, h, w, 1), np.float32)})  # warm-up

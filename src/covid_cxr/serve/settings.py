@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from covid_cxr.core.precision import DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 from covid_cxr.data.decode import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
@@ -57,6 +58,11 @@ class ServeSettings(BaseModel):
                                   description="ONNX Runtime threads per call")
     inference_workers: int = Field(1, ge=1, description="batches run at the same time (one per worker)")
     ort_spinning: bool = Field(False, description="let ONNX Runtime's idle threads spin (busy-wait)")
+    runtime: Literal[RUNTIMES] = Field(DEFAULT_RUNTIME, description="what runs model.onnx: onnxruntime | "
+                                       "openvino (the `openvino` extra)")
+    precision: Literal[PRECISIONS] = Field(DEFAULT_PRECISION, description="fp32 | bf16 | bf16-split | int8 "
+                                           "(OpenVINO); a lower one serves only where `covid-cxr bundle precision` "
+                                           "measured and accepted it for that bundle")
     lungs: Path | None = Field(None, description="lung segmentation bundle (MODELS/lungs): the upload API adds "
                                "the lung check and where Grad-CAM looks by lung zone")
     # 200: at that size the window's tests see a real-source site within its first 10-20 films
