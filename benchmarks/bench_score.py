@@ -82,7 +82,7 @@ def main() -> None:
 
             start_ray("local", 2 * args.threads)
             for workers in (1, 2):
-                rows[f"score --ray local, {workers} worker(s)"] = timed_score(
+                rows[f"score --ray, {workers} worker(s)"] = timed_score(
                     args.model, manifest, Path(tmp) / f"ray{workers}", ray="local", workers=workers,
                     threads=args.threads)
     print(f"{len(files)} images, {args.threads} ONNX Runtime thread(s) per process/worker, "
@@ -92,7 +92,7 @@ def main() -> None:
     base = rows["bare ONNX Runtime, 1 process"]
     print(f"score / bare ONNX Runtime: {rows['score, 1 process'] / base:.2f} (target >= 0.90)")
     if not args.no_ray:
-        one, two = rows["score --ray local, 1 worker(s)"], rows["score --ray local, 2 worker(s)"]
+        one, two = rows["score --ray, 1 worker(s)"], rows["score --ray, 2 worker(s)"]
         print(f"Ray 2 workers / 1 worker: {two / one:.2f} (target >= 1.6)")
 
 

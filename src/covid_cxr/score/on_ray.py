@@ -1,4 +1,4 @@
-"""`covid-cxr score --ray`: the same Scorer on Ray Data, one actor per worker.
+"""`covid-cxr score --ray [--ray-address ADDRESS]`: the same Scorer on Ray Data, one actor per worker.
 
 Each worker opens the bundle itself (from its path: covid-cxr must be installed where the workers
 run, and the bundle folder and the images readable there under the same paths) and decodes and scores its batches; the driver writes the parts,
@@ -33,7 +33,8 @@ def start_ray(address: str, cpus: int) -> bool:
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UserError(f"--ray {address}: cannot reach a Ray cluster: {str(exc).splitlines()[0]}") from None
+        where = "--ray" if address == "local" else f"--ray-address {address}"
+        raise UserError(f"{where}: cannot reach a Ray cluster: {str(exc).splitlines()[0]}") from None
     return True
 
 
