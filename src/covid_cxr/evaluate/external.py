@@ -11,6 +11,7 @@ from covid_cxr.bundle import Bundle
 from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
 from covid_cxr.core.errors import DataError
+from covid_cxr.core.files import atomic_folder
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.core.progress import progress_iter
@@ -41,14 +42,15 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
     m["skipped"] = [{"path": r.path, "reason": r.reason} for r in man.records if r.status == "skipped"]
     m["model"] = {"name": bundle.name, "version": bundle.version}
     m["data"] = str(man.root)
-    out.mkdir(parents=True, exist_ok=True)
-    man.write_csv(out / "manifest.csv")
-    write_predictions(out / "predictions.csv", bundle, [r.path for r in recs], answers)
-    curves = bundle.report_dir / "curves.png"
-    if curves.is_file():
-        (out / "curves.png").write_bytes(curves.read_bytes())
-    risk_coverage_png(y, probs, out / "risk_coverage.png", f"{bundle.name} v{bundle.version} on {man.root.name}")
-    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m["selective"]))
+    title = f"{bundle.name} v{bundle.version} on {man.root.name}"
+    with atomic_folder(out) as tmp:  # a failure or an interrupt leaves no half-written report
+        man.write_csv(tmp / "manifest.csv")
+        write_predictions(tmp / "predictions.csv", bundle, [r.path for r in recs], answers)
+        curves = bundle.report_dir / "curves.png"
+        if curves.is_file():
+            (tmp / "curves.png").write_bytes(curves.read_bytes())
+        risk_coverage_png(y, probs, tmp / "risk_coverage.png", title)
+        write_report(m, tmp, title, absent_md(m) + selective_md(m["selective"]))
     return m
 
 
