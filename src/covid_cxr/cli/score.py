@@ -50,7 +50,7 @@ def score(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     engine = "in one process" if where is None else f"on Ray ({where}, {workers} workers)"
     Console().print(f"{s.scored} images scored ({s.errors} unreadable, {s.rejected} rejected by the gate), "
                     f"{s.skipped} already in {out}; {s.rate:.1f} images/s {engine}; {s.parts} new parts",
-                    soft_wrap=True, highlight=False)
+                    highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -219,8 +219,8 @@ class Progress:
             self.last = now
             rate = self.done / (now - self.t0)
             left = self.total - self.skipped - self.done
-            log.info("score: %d/%d images (%d done before), %.1f images/s, ETA %s", self.skipped + self.done,
-                     self.total, self.skipped, rate, time.strftime("%H:%M:%S", time.gmtime(left / max(rate, 1e-9))))
+            log.info("score: %d/%d images, %.1f/s, ETA %s (%d before)", self.skipped + self.done, self.total,
+                     rate, time.strftime("%H:%M:%S", time.gmtime(left / max(rate, 1e-9))), self.skipped)
 
     def summary(self, parts: int) -> ScoreSummary:
         return ScoreSummary(self.total, self.skipped, self.done, self.errors, self.rejected,
@@ -247,8 +247,8 @@ def score_archive(model: str | Path, data: str | Path, out: str | Path, threads:
     done = parts.done()
     todo = [p for p in paths if p not in done]
     progress = Progress(len(paths), len(paths) - len(todo))
-    log.info("score: %d images in %s, %d already in %s, %d to score with %s v%d", len(paths), data,
-             progress.skipped, out, len(todo), bundle.name, bundle.version)
+    log.info("score: %s v%d on %d images in %s", bundle.name, bundle.version, len(paths), data)  # <= 80 columns
+    log.info("score: %d to score, %d already in %s", len(todo), progress.skipped, out)
     if todo:
         if ray is None:
             tables = _local(bundle, root, todo, threads, part_rows)
