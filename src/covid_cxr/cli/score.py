@@ -29,7 +29,7 @@ def score(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
                                              "with a 'path' column (relative to the manifest's folder).")],
           out: Annotated[Path, typer.Option("--out", help="Output: a folder of Parquet parts (e.g. preds.parquet); "
                                             "rows already there are skipped.")],
-          ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data, on a Ray cluster started here "
+          ray: Annotated[bool, typer.Option("--ray", help="Run on Ray, on a Ray cluster started here "
                                             "(one CPU per worker).")] = False,
           ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on "
                                                              "the running Ray cluster at ADDRESS ('auto', "

@@ -41,10 +41,18 @@ class ScoreSummary:
     rejected: int  # of them, images the gate rejected
     seconds: float
     parts: int
+    first: tuple[float, int] = (0.0, 0)  # (seconds, rows) when the first rows came back: the start-up
 
     @property
     def rate(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_rate(self) -> float:
+        """Images per second after the first rows came back: what a long archive runs at, start-up
+        (Ray workers, bundle loading) left out."""
+        s, n = self.first
+        return (self.scored - n) / (self.seconds - s) if self.seconds > s and self.scored > n else 0.0
 
 
 def list_images(source: Path) -> tuple[Path, list[str]]:
@@ -207,10 +215,13 @@ class Progress:
         self.total, self.skipped = total, skipped
         self.done = self.errors = self.rejected = 0
         self.t0 = self.last = time.perf_counter()
+        self.first = (0.0, 0)
 
     def add(self, table) -> None:
         import pyarrow.compute as pc
 
+        if not self.done:
+            self.first = (time.perf_counter() - self.t0, table.num_rows)
         self.done += table.num_rows
         self.errors += table.num_rows - table.column("error").null_count
         self.rejected += int(pc.sum(pc.invert(table.column("in_distribution"))).as_py() or 0)
@@ -224,7 +235,7 @@ class Progress:
 
     def summary(self, parts: int) -> ScoreSummary:
         return ScoreSummary(self.total, self.skipped, self.done, self.errors, self.rejected,
-                            time.perf_counter() - self.t0, parts)
+                            time.perf_counter() - self.t0, parts, self.first)
 
 
 def _local(bundle: Bundle, root: Path, todo: list[str], threads: int, part_rows: int):

@@ -105,8 +105,12 @@ def test_scoring_does_not_import_torch(tiny_models, archive, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_gives_the_rows_of_one_process(tiny_models, archive, tmp_path):
+@pytest.mark.parametrize("engine", ["actors", "data"])
+def test_ray_gives_the_rows_of_one_process(tiny_models, archive, tmp_path, engine, monkeypatch):
     pytest.importorskip("ray.data", reason="--ray needs Ray Data: pip install -e '.[archive]'")
+    from covid_cxr.score import on_ray
+
+    monkeypatch.setattr(on_ray, "ENGINE", engine)
     one = score_archive(tiny_models / "tiny", archive, tmp_path / "one", part_rows=8)
     on_ray = score_archive(tiny_models / "tiny", archive, tmp_path / "ray", part_rows=8, ray="local", workers=2)
     assert on_ray.scored == one.scored == 37 and on_ray.errors == 1
@@ -128,7 +132,7 @@ def test_ray_is_a_flag_and_an_address_implies_it(tiny_models, archive, tmp_path)
     res = _score_cli(*common, "--out", str(tmp_path / "a"), "--ray", "auto")
     assert res.returncode == 2 and "auto" in res.stderr and not (tmp_path / "a").exists(), res.stderr
     res = _score_cli(*common, "--out", str(tmp_path / "b"), "--ray-address", "nonsense")
-    if "needs Ray Data" not in res.stderr:
+    if "--ray needs Ray" not in res.stderr:  # Ray not installed: the other message
         assert "--ray-address nonsense: cannot reach a Ray cluster" in res.stderr, res.stderr
     assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: ")
     assert not list((tmp_path / "b").glob("*.parquet"))
