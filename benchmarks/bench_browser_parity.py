@@ -4,9 +4,11 @@ For each picture: the largest |p_browser - p_server| over the classes, whether t
 the time each side takes (the browser's from choosing the file to the answer, the model already
 loaded; the server's from the upload API's latency_ms). Picture kinds: real X-rays (PNG, as the
 dataset ships them), uniform noise, a large tinted RGB PNG (decode.py's box reduce), and the kinds
-outside the 1e-4 promise, measured to say how far off they are: JPEG (grayscale and colour: the
-server decodes a colour JPEG straight to luma with libjpeg, the browser to RGB first) and PNG with
-transparency (the browser composites it before the box reduce, PIL after).
+outside the 1e-4 promise, measured to say how far off they are: JPEG (grayscale, colour, and a large
+colour JPEG, 2691 px, that the server decodes at 1/4 scale in libjpeg's DCT, `Image.draft`, where the
+browser decodes it whole and box-reduces; a colour JPEG's luma is its Y plane on both sides, through
+WebCodecs in the browser) and PNG with transparency (the browser composites it before the box
+reduce, PIL after).
 
 Needs Debian's chromium and `make web-runtime`.
 Usage: python benchmarks/bench_browser_parity.py --models MODELS --data DIR [--per-class 3]
@@ -44,6 +46,7 @@ def pictures(data: Path, per_class: int, out: Path) -> list[tuple[str, Path]]:
         "large-rgb.png": tinted(first.resize((1401, 1503))),
         "gray.jpg": first.convert("L"),
         "colour.jpg": tinted(first),
+        "large-colour.jpg": tinted(first.resize((2691, 2691))),
         "alpha.png": first.convert("RGBA"),
     }
     w, h = first.size

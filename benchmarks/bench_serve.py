@@ -163,7 +163,7 @@ class Server:
 
         self.port = free_port()
         cmd = [sys.executable, "-m", "covid_cxr", "serve", "--models", str(models), "--port", str(self.port),
-               "--log-level", "warning", "--batching" if batching else "--no-batching", *extra]
+               "--log-level", "warning", *([] if batching else ["--no-batching"]), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while True:

@@ -15,7 +15,7 @@ from covid_cxr.data.split import SPLITS
 from covid_cxr.evaluate.compare import to_markdown, write_comparison
 from covid_cxr.evaluate.report import metrics_table_md
 from covid_cxr.train.fit import TrainConfig, TrainResult, train
-from covid_cxr.core.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from covid_cxr.core.files import atomic_folder, atomic_write_csv, atomic_write_json, atomic_write_text
 
 
 def write_splits(prepared, path: Path) -> None:
@@ -26,11 +26,10 @@ def write_splits(prepared, path: Path) -> None:
 
 def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig, synthetic: bool = False,
                  resume: bool = False, log=print) -> dict:
+    """Every stage; the report folder appears whole at the end (core.files.atomic_folder), so a
+    failed or interrupted run leaves none, only what --resume needs (train.fit.tidy_failed_run)."""
     out = Path(out)
-    report_dir = out / "report"
     models_dir = out / "models"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    tag = "SYNTHETIC DATA — " if synthetic else ""
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -49,7 +48,19 @@ def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig,
         log(f"{arch}: accuracy {results[arch].metrics.accuracy:.3f} -> {results[arch].bundle_path}")
 
     t = time.perf_counter()
-    rows, md_path, csv_path = write_comparison(models_dir, report_dir)
+    with atomic_folder(out / "report") as tmp:
+        rows = write_summary(tmp, data_dir, out, prepared, base, results, synthetic, timings, t)
+    summary = {"report": str(out / "report" / "summary.md"), "models": str(models_dir), "timings_s": timings,
+               "comparison": rows, "synthetic": synthetic}
+    atomic_write_json(out / "report" / "summary.json", summary)
+    return summary
+
+
+def write_summary(report_dir: Path, data_dir: Path, out: Path, prepared, base: TrainConfig,
+                  results: dict[str, TrainResult], synthetic: bool, timings: dict[str, float], t0: float) -> list:
+    """The run's report folder: comparison table, each model's figures, summary.md; the rows."""
+    rows, _, _ = write_comparison(out / "models", report_dir)
+    tag = "SYNTHETIC DATA — " if synthetic else ""
     md = [f"# {tag}covid-cxr run: {Path(data_dir).name}\n\n"]
     if synthetic:
         md.append("> **SYNTHETIC DATA**: drawn images, not radiographs. These numbers test the software only.\n\n")
@@ -65,10 +76,7 @@ def run_pipeline(data_dir: Path, out: Path, archs: list[str], base: TrainConfig,
         shutil.copy(r.bundle_path / "report" / "curves.png", report_dir / f"{arch}_curves.png")
         md.append(f"## {arch}\n\nBundle: `{rel}`; epochs run {len(r.history)}\n\n{metrics_table_md(r.metrics)}\n"
                   f"![{arch} confusion](./{arch}_confusion.png) ![{arch} curves](./{arch}_curves.png)\n\n")
-    timings["compare+report"] = time.perf_counter() - t
+    timings["compare+report"] = time.perf_counter() - t0
     md.append("## Seconds per stage\n\n" + "\n".join(f"- {k}: {v:.1f}" for k, v in timings.items()) + "\n")
     atomic_write_text(report_dir / "summary.md", "".join(md))
-    summary = {"report": str(report_dir / "summary.md"), "models": str(models_dir), "timings_s": timings,
-               "comparison": rows, "synthetic": synthetic}
-    atomic_write_json(report_dir / "summary.json", summary)
-    return summary
+    return rows

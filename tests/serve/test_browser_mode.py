@@ -1,7 +1,7 @@
 """The web page's in-browser mode in real chromium: the same answers as the server, the image never sent.
 
-Same PNGs both ways (real X-rays, a noise picture, a large RGB picture that takes decode.py's box
-reduce): the browser's probabilities equal the upload API's within 1e-4 and the gate agrees; a
+Same files both ways (real X-ray PNGs, a colour JPEG, a noise picture, a large RGB picture that takes
+decode.py's box reduce): the browser's probabilities equal the upload API's within 1e-4 and the gate agrees; a
 rejected image shows no label; DICOM and non-images are refused with a reason; every request stays
 on our own server (no CDN) and none carries the image.
 """
@@ -34,7 +34,8 @@ pytestmark = [
 
 
 def _pictures(data_dir: Path, out: Path) -> list[Path]:
-    """Six real X-rays, uniform noise, and a 1401 x 1503 tinted RGB enlargement (box reduce k=2, odd edges)."""
+    """Six real X-rays, a tinted colour JPEG of one, uniform noise, and a 1401 x 1503 tinted RGB
+    enlargement (box reduce k=2, odd edges)."""
     files = [p for ps in sample_images(data_dir, per_class=2).values() for p in ps]
     rng = np.random.default_rng(0)
     noise = out / "noise.png"
@@ -43,7 +44,10 @@ def _pictures(data_dir: Path, out: Path) -> list[Path]:
     rgb = Image.open(files[0]).convert("RGB").resize((1401, 1503), Image.Resampling.BICUBIC)
     tint = np.asarray(rgb, dtype=np.int16) + np.array([12, -5, 3], dtype=np.int16)
     Image.fromarray(np.clip(tint, 0, 255).astype(np.uint8)).save(big)
-    return [*files, noise, big]
+    colour = out / "tinted.jpg"  # luma from the JPEG's own Y plane (1.3e-4 off when recomputed from RGB)
+    tinted = np.asarray(Image.open(files[1]).convert("RGB"), dtype=np.int16) + np.array([12, -5, 3], dtype=np.int16)
+    Image.fromarray(np.clip(tinted, 0, 255).astype(np.uint8)).save(colour, quality=90)
+    return [*files, colour, noise, big]
 
 
 def _server_answers(base: str, files: list[Path]) -> dict[str, dict]:

@@ -33,7 +33,7 @@ def audit(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     con.print(("[bold red]shortcut suspected[/]" if r["shortcut_suspected"] else "[green]no shortcut found[/]")
               + f" ({b.name} v{b.version} on {data})")
     for p in r["probes"].values():
-        con.print(f"- {p['verdict']}", soft_wrap=True)
+        con.print(f"- {p['verdict']}")
     con.print(f"report: {out / 'audit.md'}")
 
 

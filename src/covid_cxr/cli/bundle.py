@@ -15,20 +15,22 @@ bundle_app = typer.Typer(no_args_is_help=True, help="Inspect model bundles.")
 @bundle_app.command("check")
 def check(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest version) or MODELS/<name>/<version>")]):
     """Schema valid, files present, ONNX inputs/outputs as the metadata says, one image runs.
-    Exit 0 and one line on success; exit 2 and one line naming the file and the fault otherwise."""
+    Exit 0 and `ok: PATH` (then what it holds, wrapped to the terminal) on success; exit 2 and one
+    line naming the file and the fault otherwise."""
     from rich.console import Console
 
     from covid_cxr.cli.common import open_bundle
 
     b = open_bundle(path)
     fmt = f"format {b.format_on_disk}" + (" (read as 2)" if b.format_on_disk == 1 else "")
-    Console().print(f"ok: {b.path} ({b.name} v{b.version}, {fmt}, {b.metadata.task}, "
-                    f"{b.metadata.architecture.name}, input {b.input_hw[0]}x{b.input_hw[1]}, "
-                    f"classes {', '.join(b.classes)})", soft_wrap=True)
+    con = Console(highlight=False)
+    con.print(f"ok: {b.path}", soft_wrap=True)  # one unbroken line a script can read
+    con.print(f"    {b.name} v{b.version}, {fmt}, {b.metadata.task}, {b.metadata.architecture.name}, "
+              f"input {b.input_hw[0]}x{b.input_hw[1]}, classes {', '.join(b.classes)}")
     if b.metadata.lung_crop is not None:
         crop = b.metadata.lung_crop
-        Console().print(f"lung-only input: {crop.mode} crop by its own lung model ({crop.folder}/, "
-                        f"from {crop.lungs_from})", soft_wrap=True)
+        con.print(f"    lung-only input: {crop.mode} crop by its own lung model ({crop.folder}/, "
+                  f"from {crop.lungs_from})")
 
 
 @bundle_app.command("add-cam")
@@ -43,7 +45,7 @@ def add_cam(path: Annotated[Path, typer.Argument(help="MODELS/<name> (newest ver
     src = open_bundle(path)
     b = add(src.path)
     Console().print(f"bundle: {b.path} ({b.name} v{b.version}: v{src.version} + cam.onnx, max |d| vs "
-                    f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})", soft_wrap=True)
+                    f"pytorch-grad-cam {b.metadata.cam.parity_max_abs_diff:.1e})")
 
 
 @bundle_app.command("precision")
@@ -97,7 +99,7 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
     b = build_ensemble(members, out, name, evaluate, target_recall)
     m = b.metadata.test_metrics
     extra = f"; test accuracy {m.accuracy:.3f}, n={m.n}" if m else ""
-    Console().print(f"bundle: {b.path} ({len(members)} members{extra})", soft_wrap=True)
+    Console().print(f"bundle: {b.path} ({len(members)} members{extra})")
 
 
 def register_ensemble(app: typer.Typer) -> None:

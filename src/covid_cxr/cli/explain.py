@@ -38,7 +38,7 @@ def resolve_class(value: Optional[str], classes: list[str]) -> Optional[int]:
 
 def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, DICOM).")],
-    model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (newest version if omitted).")],
+    model: Annotated[Path, typer.Option("--model", help="The model: MODELS/<name> (its newest version) or a version folder.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>_cam.png and <stem>_cam.npy.")],
     method: Annotated[str, typer.Option("--method", help="gradcam | gradcam++ | xgradcam | eigencam | "
                                         "layercam | hirescam | scorecam (slow: one forward per channel)")] = "gradcam",
@@ -83,7 +83,7 @@ def explain_command(
 
     console.print(_table(f"{bundle.name} v{bundle.version} — {method}, layer {explainer.layer_name}", rows,
                          segmenter is not None))
-    console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}", soft_wrap=True)
+    console.print(f"{len(rows)} explained, {len(skipped)} skipped; written to {out}")
     if not rows:
         raise typer.Exit(1)
 

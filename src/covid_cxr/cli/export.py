@@ -15,7 +15,7 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
            format: Annotated[str, typer.Option("--format", help="triton: a Triton Inference Server "
                                                "model repository")] = "triton",
            model: Annotated[Optional[list[str]], typer.Option("--model", help="Only this model (repeatable).")] = None,
-           all_versions: Annotated[bool, typer.Option(help="Every version (Triton serves all); "
+           all_versions: Annotated[bool, typer.Option("--all-versions", help="Every version (Triton serves all); "
                                                       "default: the newest")] = False,
            max_batch_size: Annotated[int, typer.Option(min=1, help="Triton's max_batch_size "
                                                        "(dynamic batching up to it)")] = 64,
@@ -35,8 +35,7 @@ def export(models: Annotated[Path, typer.Option("--models", help="Model reposito
     written = export_triton(models, out, model, all_versions, max_batch_size, backend)
     for d in written:
         vs = sorted(p.name for p in d.iterdir() if p.is_dir())
-        Console().print(f"{d}: config.pbtxt ({backend} backend), labels.txt, versions {', '.join(vs)}",
-                        soft_wrap=True)
+        Console().print(f"{d}: config.pbtxt ({backend} backend), labels.txt, versions {', '.join(vs)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -33,7 +33,7 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
               max_images: Annotated[Optional[int], _opt("max_images")] = D.max_images,
               patience: Annotated[int, _opt("patience")] = D.patience, seed: Annotated[int, _opt("seed")] = D.seed,
               max_minutes: Annotated[Optional[float], _opt("max_minutes")] = D.max_minutes,
-              resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+              resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = False,
               progress: Annotated[bool, typer.Option(help="Progress on stderr (a bar on a terminal, lines in a log).")] = True):
     """U-Net lung segmenter (pretrained EfficientNet-Lite encoder) -> MODELS/<name>/<version>."""
     from pydantic import ValidationError
@@ -76,7 +76,7 @@ def _print(m: dict, title: str) -> None:
 def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/<version>] (a segmentation bundle)")],
                  data: Annotated[Path, typer.Option("--data", help="Folder with images/ and masks/ (manifest.csv optional).")],
                  json_path: JsonOpt = None,
-                 held_out: Annotated[bool, typer.Option(help="Only the pairs of the bundle's own test split.")] = False):
+                 held_out: Annotated[bool, typer.Option("--held-out", help="Only the pairs of the bundle's own test split.")] = False):
     """Dice and IoU of the bundle's masks, overall and per manifest `source`, at the images' own size."""
     from covid_cxr.cli.common import err_console
     from covid_cxr.evaluate.lungs import evaluate_folder

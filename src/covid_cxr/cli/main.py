@@ -50,7 +50,7 @@ HiddenOpt = Annotated[Optional[str], typer.Option(help="Head hidden sizes, comma
 DropoutOpt = Annotated[Optional[float], _opt("dropout")]
 PrecisionOpt = Annotated[Optional[str], _opt("precision")]
 TargetRecallOpt = Annotated[Optional[str], _opt("target_recall")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
 AcceleratorOpt = Annotated[Optional[str], _opt("accelerator")]
 DevicesOpt = Annotated[Optional[int], _opt("devices")]
 NodesOpt = Annotated[Optional[int], _opt("num_nodes")]
@@ -125,7 +125,7 @@ def data_inspect(data_dir: Annotated[Path, typer.Argument(help="Dataset folder (
 
 @data_app.command("download")
 def data_download(dest: Annotated[Path, typer.Argument(help="Folder to put the dataset in.")],
-                  force: Annotated[bool, typer.Option(help="Download again even if already there.")] = False):
+                  force: Annotated[bool, typer.Option("--force", help="Download again even if already there.")] = False):
     """Fetch the COVID-19 Radiography Database from Kaggle (kagglehub; its usual credentials)."""
     from covid_cxr.data.download import download
 
@@ -252,7 +252,7 @@ def _warn_if_training_data(b, data: Path) -> None:
     if d == root or d in root.parents or root in d.parents:
         console.print(f"[yellow]warning:[/] {data} overlaps the folder this model was trained from "
                       f"({t.data.dataset_root}): these figures include its training images. The held-out "
-                      f"figures are in the bundle's report (test split).", soft_wrap=True, highlight=False)
+                      f"figures are in the bundle's report (test split).", highlight=False)
 
 
 def _evaluate_json(m) -> dict:

@@ -41,10 +41,10 @@ def check(model: Annotated[Path, typer.Option("--model", help="MODELS/<name>\\[/
     colour = {"fit": "green", SHIFT: "bold red"}.get(r.verdict, "yellow")
     con.print(f"[{colour}]{r.verdict}[/] ({b.name} v{b.version} on {escape(str(data))}: {r.n} images, "
               f"{len(result.batch.skipped)} skipped)")
-    con.print(escape(summary_words(r)), soft_wrap=True)
+    con.print(escape(summary_words(r)))
     for s in r.signals:
         con.print(f"  {'*' if s.moved else ' '} {s.name}: p(Holm) {s.p_adjusted:.2g}, {s.effect_name} {s.effect:.2f}")
-    con.print("next step: " + escape(next_step(result)), soft_wrap=True)
+    con.print("next step: " + escape(next_step(result)))
     if out is not None:
         con.print(f"report: {escape(str(out / 'report.md'))}")
     if fail_on_shift and r.verdict == SHIFT:

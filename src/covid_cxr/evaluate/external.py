@@ -12,6 +12,7 @@ from covid_cxr.data import build_manifest
 from covid_cxr.data.decode import load_batch
 from covid_cxr.core.errors import DataError
 from covid_cxr.core.results import FolderEvaluation, Metrics, ModelRef, SkippedFile
+from covid_cxr.core.files import atomic_folder
 from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
 from covid_cxr.evaluate.report import write_report
 from covid_cxr.core.progress import progress_iter
@@ -42,14 +43,15 @@ def evaluate_folder(bundle: Bundle, data_dir: Path, out: Path, progress: bool = 
         "macro_f1_present": float(np.mean([m.per_class[c].f1 for c in present])) if absent else None,
         "skipped": [SkippedFile(path=r.path, reason=r.reason) for r in man.records if r.status == "skipped"],
         "model": ModelRef(name=bundle.name, version=bundle.version), "data": str(man.root)})
-    out.mkdir(parents=True, exist_ok=True)
-    man.write_csv(out / "manifest.csv")
-    write_predictions(out / "predictions.csv", bundle, [r.path for r in recs], answers)
-    curves = bundle.report_dir / "curves.png"
-    if curves.is_file():
-        (out / "curves.png").write_bytes(curves.read_bytes())
-    risk_coverage_png(y, probs, out / "risk_coverage.png", f"{bundle.name} v{bundle.version} on {man.root.name}")
-    write_report(m, out, f"{bundle.name} v{bundle.version} on {man.root.name}", absent_md(m) + selective_md(m.selective))
+    title = f"{bundle.name} v{bundle.version} on {man.root.name}"
+    with atomic_folder(out) as tmp:  # a failure or an interrupt leaves no half-written report
+        man.write_csv(tmp / "manifest.csv")
+        write_predictions(tmp / "predictions.csv", bundle, [r.path for r in recs], answers)
+        curves = bundle.report_dir / "curves.png"
+        if curves.is_file():
+            (tmp / "curves.png").write_bytes(curves.read_bytes())
+        risk_coverage_png(y, probs, tmp / "risk_coverage.png", title)
+        write_report(m, tmp, title, absent_md(m) + selective_md(m.selective))
     return m
 
 

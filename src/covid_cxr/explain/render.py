@@ -141,13 +141,14 @@ class GraphExplainer:
 
 
 def cam_overlay(bundle, pixels_hw: np.ndarray, class_index: int, alpha: float = 0.4, threads: int = 0,
-                spinning: bool = True) -> tuple[bytes, np.ndarray]:
+                spinning: bool = True, prepared: bool = False) -> tuple[bytes, np.ndarray]:
     """(overlay PNG, map H x W in [0, 1]) of one decoded image through the bundle's cam.onnx: resized
-    to its input, prepared (lung crop) as model.onnx sees it. The server's Grad-CAM: no torch."""
+    to its input, prepared (lung crop) as model.onnx sees it, unless `prepared` says it already was
+    (the server reuses the classifier's prepared pixels). The server's Grad-CAM: no torch."""
     from covid_cxr.data.decode import resize
 
     h, w = bundle.input_hw
     pixels = np.clip(resize(as_batch(pixels_hw)[0], h, w), 0.0, 1.0)
-    seen = bundle.prepare(pixels[None])[0]
+    seen = pixels if prepared else bundle.prepare(pixels[None])[0]
     cam = bundle.cam_maps(seen[None], threads, spinning)[0, int(class_index)]
     return png_bytes(overlay(seen, cam, alpha)), cam

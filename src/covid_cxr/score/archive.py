@@ -41,10 +41,18 @@ class ScoreSummary:
     rejected: int  # of them, images the gate rejected
     seconds: float
     parts: int
+    first: tuple[float, int] = (0.0, 0)  # (seconds, rows) when the first rows came back: the start-up
 
     @property
     def rate(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_rate(self) -> float:
+        """Images per second after the first rows came back: what a long archive runs at, start-up
+        (Ray workers, bundle loading) left out."""
+        s, n = self.first
+        return (self.scored - n) / (self.seconds - s) if self.seconds > s and self.scored > n else 0.0
 
 
 def list_images(source: Path) -> tuple[Path, list[str]]:
@@ -207,10 +215,13 @@ class Progress:
         self.total, self.skipped = total, skipped
         self.done = self.errors = self.rejected = 0
         self.t0 = self.last = time.perf_counter()
+        self.first = (0.0, 0)
 
     def add(self, table) -> None:
         import pyarrow.compute as pc
 
+        if not self.done:
+            self.first = (time.perf_counter() - self.t0, table.num_rows)
         self.done += table.num_rows
         self.errors += table.num_rows - table.column("error").null_count
         self.rejected += int(pc.sum(pc.invert(table.column("in_distribution"))).as_py() or 0)
@@ -219,12 +230,12 @@ class Progress:
             self.last = now
             rate = self.done / (now - self.t0)
             left = self.total - self.skipped - self.done
-            log.info("score: %d/%d images (%d done before), %.1f images/s, ETA %s", self.skipped + self.done,
-                     self.total, self.skipped, rate, time.strftime("%H:%M:%S", time.gmtime(left / max(rate, 1e-9))))
+            log.info("score: %d/%d images, %.1f/s, ETA %s (%d before)", self.skipped + self.done, self.total,
+                     rate, time.strftime("%H:%M:%S", time.gmtime(left / max(rate, 1e-9))), self.skipped)
 
     def summary(self, parts: int) -> ScoreSummary:
         return ScoreSummary(self.total, self.skipped, self.done, self.errors, self.rejected,
-                            time.perf_counter() - self.t0, parts)
+                            time.perf_counter() - self.t0, parts, self.first)
 
 
 def _local(bundle: Bundle, root: Path, todo: list[str], threads: int, part_rows: int):
@@ -247,8 +258,8 @@ def score_archive(model: str | Path, data: str | Path, out: str | Path, threads:
     done = parts.done()
     todo = [p for p in paths if p not in done]
     progress = Progress(len(paths), len(paths) - len(todo))
-    log.info("score: %d images in %s, %d already in %s, %d to score with %s v%d", len(paths), data,
-             progress.skipped, out, len(todo), bundle.name, bundle.version)
+    log.info("score: %s v%d on %d images in %s", bundle.name, bundle.version, len(paths), data)  # <= 80 columns
+    log.info("score: %d to score, %d already in %s", len(todo), progress.skipped, out)
     if todo:
         if ray is None:
             tables = _local(bundle, root, todo, threads, part_rows)

@@ -93,12 +93,20 @@ class LoadedModel:
         return self.bundle.input_hw
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """One ONNX Runtime call (blocking): n x H x W x 1 float32 -> n x classes; with an
-        out-of-distribution gate, ood_score and in_distribution follow as two more columns."""
-        probs, score, inside = run_classifier(self.bundle, self.session, x)
+        """One ONNX Runtime call (blocking) on prepared input (`prepare`): n x H x W x 1 float32 ->
+        n x classes; with an out-of-distribution gate, ood_score and in_distribution follow."""
+        probs, score, inside = run_classifier(self.bundle, self.session, x, prepared=True)
         if score is None:
             return probs
         return np.concatenate([probs, score[:, None], inside[:, None].astype(probs.dtype)], axis=1)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """n x H x W x 1 -> what model.onnx takes (the bundle's lung crop, if any; else `x` itself).
+        Done per request, before the batcher, so the upload API can hand the same prepared pixels
+        to Grad-CAM instead of cropping the lungs a second time."""
+        if self.bundle.metadata.lung_crop is None:
+            return x
+        return self.bundle.prepare(x[..., 0])[..., None]
 
     def preparing(self):
         """Context for the time a request spends decoding its input (lets the batcher wait for it)."""
@@ -108,17 +116,19 @@ class LoadedModel:
         """n x classes probabilities (what serving_default answers)."""
         return (await self.predict_rows(x))[:, :len(self.classes)]
 
-    async def predict_with_ood(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(probabilities, ood_score, in_distribution as bool); the last two None without a gate."""
-        rows = await self.predict_rows(x)
+    async def predict_with_ood(self, x: np.ndarray, prepared: bool = False
+                               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(probabilities, ood_score, in_distribution as bool); the last two None without a gate.
+        `prepared`: `x` already went through `prepare`."""
+        rows = await self.predict_rows(x, prepared)
         c = len(self.classes)
         if rows.shape[1] == c:
             return rows, None, None
         return rows[:, :c], rows[:, c], rows[:, c + 1] > 0.5
 
-    async def answer(self, x: np.ndarray) -> Answers:
+    async def answer(self, x: np.ndarray, prepared: bool = False) -> Answers:
         """Probabilities, the bundle's decided labels and the gate's verdict (the upload API's answer)."""
-        return self.bundle.answers(*await self.predict_with_ood(x))
+        return self.bundle.answers(*await self.predict_with_ood(x, prepared))
 
     async def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every ONNX output by name (what the Open Inference Protocol answers), through the same
@@ -128,7 +138,9 @@ class LoadedModel:
             return {ONNX_OUTPUT: probs}
         return dict(zip((ONNX_OUTPUT, *OOD_OUTPUTS), (probs, score, inside.astype(probs.dtype))))
 
-    async def predict_rows(self, x: np.ndarray) -> np.ndarray:
+    async def predict_rows(self, x: np.ndarray, prepared: bool = False) -> np.ndarray:
+        if not prepared and self.bundle.metadata.lung_crop is not None:
+            x = await anyio.to_thread.run_sync(self.prepare, x)
         rows = await self._predict_rows(x)
         if self.monitor is not None:
             self.monitor.append(rows)  # the monitor's only work on the request path
@@ -153,13 +165,14 @@ class LoadedModel:
         """Grad-CAM overlay PNG (blocking)."""
         return self.gradcam(pixels, class_index)[0]
 
-    def gradcam(self, pixels: np.ndarray, class_index: int) -> tuple[bytes, np.ndarray]:
+    def gradcam(self, pixels: np.ndarray, class_index: int, prepared: bool = False) -> tuple[bytes, np.ndarray]:
         """(overlay PNG, raw map H x W in [0, 1]) at the model's input size (blocking), from the
         bundle's cam.onnx through ONNX Runtime: the server never imports torch. A bundle without
-        cam.onnx raises NoCamGraph, whose message says how to add one."""
+        cam.onnx raises NoCamGraph, whose message says how to add one. `prepared`: `pixels` already
+        went through `prepare` (the upload API's, reused)."""
         from covid_cxr.explain.render import cam_overlay
 
-        return cam_overlay(self.bundle, pixels, class_index, threads=self.threads, spinning=False)
+        return cam_overlay(self.bundle, pixels, class_index, threads=self.threads, spinning=False, prepared=prepared)
 
     async def close(self) -> None:
         if self.batcher is not None:

@@ -18,7 +18,7 @@ MB = 1024 * 1024
 class ServeSettings(BaseModel):
     """Everything the app factory needs; no module-level state is read anywhere else."""
 
-    models: Path = Field(description="model repository: MODELS/<name>/<version>/")
+    models: Path = Field(description="model repository (MODELS, holding <name>/<version>/ folders)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8501, description="TCP port (TF Serving's REST default)")
     api_key: str | None = Field(None, description="bearer token clients must send (None: every route open)")

@@ -31,7 +31,7 @@ from covid_cxr.train.decisions import decision_metrics
 from covid_cxr.features.cache import cached_features
 from covid_cxr.train.module import ClassifierModule, History
 from covid_cxr.train.tracking import log_result, make_logger
-from covid_cxr.core.files import Stopwatch, atomic_write_json
+from covid_cxr.core.files import Stopwatch, atomic_write_json, missing_folders, remove_if_empty
 from covid_cxr.core.progress import say, step
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -77,6 +77,8 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunD
     run = RunDir(workdir / cfg.run_id())
     if dist.is_main and not resume and run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)
+    if dist.is_main:  # a report left by a killed run: every run rebuilds its report from the start
+        shutil.rmtree(run.report, ignore_errors=True)
     if resume and (run.checkpoints / "last.ckpt").is_file():
         check_checkpoint(run.checkpoints / "last.ckpt")  # before any work, not after features and LR test
     run.root.mkdir(parents=True, exist_ok=True)
@@ -250,16 +252,42 @@ def site_reference(prepared: PreparedData, cfg: TrainConfig, trust):
 
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
           prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
-    """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
-    from covid_cxr.publish.writer import write_bundle
-    from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
+    """Train one architecture and write its bundle to ``models_out/<name>/<version>``; a failure or
+    an interrupt leaves only what --resume needs (tidy_failed_run)."""
+    from covid_cxr.train.adapt import adapted_config
 
     dist = launch(cfg)  # several processes: from here on, this runs in each
     clock = Stopwatch()
     cfg = adapted_config(cfg)  # --init-from: architecture, size and head from the bundle
     models_out = Path(models_out)
     workdir = Path(workdir) if workdir else models_out / ".work"
+    created = missing_folders(models_out) + missing_folders(workdir)
     run = start_run(cfg, workdir, resume, dist)
+    try:
+        return _train_run(data_dir, models_out, cfg, workdir, run, dist, clock, prepared, resume)
+    except BaseException:  # an error or an interrupt (Lightning turns Ctrl-C into SystemExit)
+        if dist.is_main:
+            tidy_failed_run(run, created)
+        raise
+
+
+def tidy_failed_run(run: RunDir, created: list[Path]) -> None:
+    """What a failed or interrupted run leaves: its checkpoints (what --resume continues from), the
+    feature cache (content-addressed: the next run reuses it) and the tracking store (the run's
+    record). What goes: the half-built report (every run rebuilds it), the run folder when it holds
+    no checkpoint (nothing to resume from), and the folders this run created, when left empty."""
+    shutil.rmtree(run.report, ignore_errors=True)
+    if not any(run.root.rglob("*.ckpt")):
+        shutil.rmtree(run.root, ignore_errors=True)
+    remove_if_empty(created)
+
+
+def _train_run(data_dir, models_out: Path, cfg: TrainConfig, workdir: Path, run: RunDir, dist: Dist,
+               clock: Stopwatch, prepared: PreparedData | None, resume: bool) -> TrainResult:
+    """train() after its run folder is set up: data, features, fit, trust layer, report, bundle."""
+    from covid_cxr.publish.writer import write_bundle
+    from covid_cxr.train.adapt import before_metrics, start_model
+
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
                                    progress=cfg.progress)
     if cfg.init_from:

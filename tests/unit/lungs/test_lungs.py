@@ -289,7 +289,8 @@ def test_a_lung_crop_bundle_crops_wherever_it_is_read(crop_classifier, band_lung
     got = b.predict(x)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert np.abs(got - whole).max() > 1e-4
-    served = LoadedModel("cropped", 1, b, open_session(b.onnx_path)).run(x[..., None])
+    loaded = LoadedModel("cropped", 1, b, open_session(b.onnx_path))  # the server prepares, then runs
+    served = loaded.run(loaded.prepare(x[..., None]))
     np.testing.assert_allclose(served[:, :3], want, atol=1e-6)
 
 

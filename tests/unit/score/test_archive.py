@@ -105,8 +105,12 @@ def test_scoring_does_not_import_torch(tiny_models, archive, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_gives_the_rows_of_one_process(tiny_models, archive, tmp_path):
+@pytest.mark.parametrize("engine", ["actors", "data"])
+def test_ray_gives_the_rows_of_one_process(tiny_models, archive, tmp_path, engine, monkeypatch):
     pytest.importorskip("ray.data", reason="--ray needs Ray Data: pip install -e '.[archive]'")
+    from covid_cxr.score import on_ray
+
+    monkeypatch.setattr(on_ray, "ENGINE", engine)
     one = score_archive(tiny_models / "tiny", archive, tmp_path / "one", part_rows=8)
     on_ray = score_archive(tiny_models / "tiny", archive, tmp_path / "ray", part_rows=8, ray="local", workers=2)
     assert on_ray.scored == one.scored == 37 and on_ray.errors == 1
@@ -114,3 +118,32 @@ def test_ray_gives_the_rows_of_one_process(tiny_models, archive, tmp_path):
     b = read_predictions(tmp_path / "ray").sort_by("path").to_pylist()
     assert [r["path"] for r in a] == [r["path"] for r in b] and [r["label"] for r in a] == [r["label"] for r in b]
     assert max(abs(x["prob:Normal"] - y["prob:Normal"]) for x, y in zip(a, b) if x["error"] is None) <= 1e-6
+
+
+def _score_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "covid_cxr", "score", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ray_is_a_flag_and_an_address_implies_it(tiny_models, archive, tmp_path):
+    """`--ray` takes no value (a value is refused); `--ray-address` goes to Ray (here an address Ray
+    cannot parse: one line, exit 2, nothing written); neither scores in this process."""
+    common = ["--model", str(tiny_models / "tiny"), "--data", str(archive)]
+    res = _score_cli(*common, "--out", str(tmp_path / "a"), "--ray", "auto")
+    assert res.returncode == 2 and "auto" in res.stderr and not (tmp_path / "a").exists(), res.stderr
+    res = _score_cli(*common, "--out", str(tmp_path / "b"), "--ray-address", "nonsense")
+    if "--ray needs Ray" not in res.stderr:  # Ray not installed: the other message
+        assert "--ray-address nonsense: cannot reach a Ray cluster" in res.stderr, res.stderr
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: ")
+    assert not list((tmp_path / "b").glob("*.parquet"))
+    res = _score_cli(*common, "--out", str(tmp_path / "c"))
+    assert res.returncode == 0 and "in one process" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ray_flag_alone_runs_on_a_local_cluster(tiny_models, archive, tmp_path):
+    pytest.importorskip("ray.data", reason="--ray needs Ray Data: pip install -e '.[archive]'")
+    res = _score_cli("--model", str(tiny_models / "tiny"), "--data", str(archive), "--out", str(tmp_path / "p"),
+                     "--ray", "--workers", "2", "--threads", "1")
+    assert res.returncode == 0 and "on Ray (local, 2 workers)" in res.stdout, res.stderr[-2000:]
+    assert read_predictions(tmp_path / "p").num_rows == 37

@@ -49,10 +49,11 @@ async def upload_model(repo: ModelRepository, settings: ServeSettings, name: str
     return await repo.get(name)
 
 
-async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, pixels: np.ndarray, idx: int) -> np.ndarray | None:
-    """Adds the overlay; returns the raw map (None when Grad-CAM failed)."""
+async def add_gradcam(out: UploadPrediction, loaded: LoadedModel, prepared: np.ndarray, idx: int) -> np.ndarray | None:
+    """Adds the overlay of the classifier's own prepared pixels; returns the raw map (None when
+    Grad-CAM failed)."""
     try:
-        png, cam = await anyio.to_thread.run_sync(loaded.gradcam, pixels, idx)
+        png, cam = await anyio.to_thread.run_sync(loaded.gradcam, prepared, idx, True)
         out.gradcam_png = base64.b64encode(png).decode("ascii")
         return cam
     except Exception as exc:  # the prediction stands; say why the picture is missing
@@ -88,7 +89,10 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     async with loaded.preparing():
         pixels = await anyio.to_thread.run_sync(decode_image, data, h, w, file.filename or "file",
                                                 get_limits(request))
-    ans = await loaded.answer(pixels[None, :, :, None])  # the bundle's operating point, else the argmax
+    x = pixels[None, :, :, None]
+    if loaded.bundle.metadata.lung_crop is not None:  # once: the classifier and Grad-CAM see the same crop
+        x = await anyio.to_thread.run_sync(loaded.prepare, x)
+    ans = await loaded.answer(x, prepared=True)  # the bundle's operating point, else the argmax
     idx = int(ans.labels[0])
     row = ans.row(0, loaded.classes)
     out = UploadPrediction(label=row["label"], probabilities=row["probabilities"], model=loaded.name,
@@ -96,7 +100,7 @@ async def upload_predict(request: Request, file: UploadFile = File(..., descript
     if row["in_distribution"] is not None:
         out.in_distribution, out.ood_score = row["in_distribution"], row["ood_score"]
         out.warning = None if out.in_distribution else OOD_WARNING
-    cam = await add_gradcam(out, loaded, pixels, idx) if gradcam else None
+    cam = await add_gradcam(out, loaded, x[0, :, :, 0], idx) if gradcam else None
     if settings.lungs is not None:
         await add_lungs(out, settings, pixels, cam)
     out.latency_ms = round((time.perf_counter() - request.state.t0) * 1000.0, 3)

@@ -1,6 +1,9 @@
 // In-browser mode: classify with the bundle's model.onnx in onnxruntime-web (WASM); the image never leaves
 // this machine. The pixels are prepared exactly as covid_cxr.data.decode prepares them on the server
 // (PIL's box reduce, ITU-R 601 luma, PIL's antialiased bilinear resize in float32), so both answer alike.
+// A colour JPEG's luma is its own Y plane, as the server's libjpeg gives it (Image.draft("L")), read
+// through WebCodecs' ImageDecoder where the browser offers it; recomputing luma from the decoded RGB
+// is up to 4 grey levels off where the RGB was clipped at 0 or 255.
 (function () {
   "use strict";
   const REDUCING_GAP = 3.0;  // data/decode.py: no box reduce below 3 x the model's input size
@@ -55,32 +58,64 @@
     ctx.fillRect(0, 0, width, height);
     ctx.drawImage(bitmap, 0, 0);
     bitmap.close();
-    return { data: ctx.getImageData(0, 0, width, height).data, width, height };
+    return { data: ctx.getImageData(0, 0, width, height).data, width, height, channels: 4 };
+  }
+
+  const YUV = new Set(["I420", "I420A", "I422", "I422A", "I444", "I444A", "NV12"]);  // Y plane first
+
+  // A JPEG's Y plane (8-bit luma, as libjpeg decodes it to grayscale), or null where this browser cannot
+  // give it: no WebCodecs (an insecure http:// origin), a frame in RGB (CMYK, some grayscale JPEGs), or an
+  // EXIF rotation or flip (then the RGB route, which applies it).
+  async function jpegLuma(file, head) {
+    if (!(head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) || typeof ImageDecoder === "undefined") return null;
+    let frame;
+    try {
+      const decoder = new ImageDecoder({ data: await file.arrayBuffer(), type: "image/jpeg" });
+      frame = (await decoder.decode()).image;
+      decoder.close();
+      if (!YUV.has(frame.format) || frame.rotation || frame.flip) return null;
+      const rect = frame.visibleRect, buf = new Uint8Array(frame.allocationSize());
+      const { offset, stride } = (await frame.copyTo(buf))[0];
+      const width = rect.width, height = rect.height, data = new Uint8Array(width * height);
+      for (let y = 0; y < height; y++) {
+        const row = offset + (y + rect.y) * stride + rect.x;
+        data.set(buf.subarray(row, row + width), y * width);
+      }
+      return { data, width, height, channels: 1 };
+    } catch (e) {
+      return null;  // the RGB route below says what is wrong with the file, if anything
+    } finally {
+      if (frame) frame.close();
+    }
   }
 
   // PIL's Image.reduce(k) on 8-bit channels (Reduce.c): per box, the rounded mean with PIL's fixed-point
   // arithmetic; boxes cut by the right or bottom edge average the pixels they have.
   function reduce(img, k) {
-    const { data, width, height } = img;
-    const ow = Math.ceil(width / k), oh = Math.ceil(height / k), out = new Uint8ClampedArray(ow * oh * 4);
+    const { data, width, height, channels } = img;
+    const ow = Math.ceil(width / k), oh = Math.ceil(height / k), out = new Uint8ClampedArray(ow * oh * channels);
     for (let oy = 0; oy < oh; oy++) {
       const y0 = oy * k, y1 = Math.min(y0 + k, height);
       for (let ox = 0; ox < ow; ox++) {
         const x0 = ox * k, x1 = Math.min(x0 + k, width), n = (y1 - y0) * (x1 - x0);
         const amend = Math.floor(n / 2), multiplier = Math.trunc(Math.fround(4294967296 / Math.fround(256 * n)));
-        for (let c = 0; c < 4; c++) {
+        for (let c = 0; c < channels; c++) {
           let ss = amend;
-          for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) ss += data[(y * width + x) * 4 + c];
-          out[(oy * ow + ox) * 4 + c] = Math.floor(ss * multiplier / 16777216);
+          for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) ss += data[(y * width + x) * channels + c];
+          out[(oy * ow + ox) * channels + c] = Math.floor(ss * multiplier / 16777216);
         }
       }
     }
-    return { data: out, width: ow, height: oh };
+    return { data: out, width: ow, height: oh, channels };
   }
 
   // PIL's convert("L") (ITU-R 601-2 luma in 16-bit fixed point), then / 255 in float32.
   function gray(img) {
     const { data, width, height } = img, out = new Float32Array(width * height);
+    if (img.channels === 1) {  // already luma (a JPEG's Y plane)
+      for (let i = 0; i < out.length; i++) out[i] = data[i] / 255;
+      return out;
+    }
     for (let i = 0; i < out.length; i++) {
       const l = (data[4 * i] * 19595 + data[4 * i + 1] * 38470 + data[4 * i + 2] * 7471 + 0x8000) >>> 16;
       out[i] = l / 255;
@@ -141,8 +176,10 @@
       throw new Error("DICOM files are not read in the browser (no JS reader applies the modality and VOI " +
         "LUTs as the server does): use server mode ('On the server') for .dcm files");
     }
-    let img;
-    try { img = await rgba(file); } catch (e) { throw new Error("not a PNG or JPEG image this browser can read"); }
+    let img = await jpegLuma(file, bytes);
+    if (!img) {
+      try { img = await rgba(file); } catch (e) { throw new Error("not a PNG or JPEG image this browser can read"); }
+    }
     if (img.width * img.height > spec.max_pixels) {
       throw new Error(`too many pixels: ${img.width}x${img.height} > ${spec.max_pixels}`);
     }
