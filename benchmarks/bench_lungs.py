@@ -127,17 +127,17 @@ def main() -> None:
         return latency_only(a.model, a.data, a.out)
     seg = LungSegmenter.from_bundle(a.model)
     meta = seg.bundle.metadata.segmentation
-    pairs = load_pairs(a.data, None, only=set(meta.data["test_ids"]))
+    pairs = load_pairs(a.data, None, only=set(meta.data.test_ids))
     t = time.perf_counter()
     preds = np.concatenate([seg.masks(pairs.images[i:i + 64]) for i in range(0, len(pairs.ids), 64)])
     per_image_ms = (time.perf_counter() - t) * 1000 / len(pairs.ids)
-    m = evaluate_pairs(preds, pairs, worst=12)
+    m = evaluate_pairs(preds, pairs, worst=12).model_dump()
     lat = latency(seg, pairs.images[0])
     sanity = {"reference_fail": int(sum(not sanity_check(t).ok for t in pairs.masks)),
               "model_fail": int(sum(not sanity_check(p).ok for p in preds)), "n": len(preds)}
     result = {"bundle": str(seg.bundle.path), "held_out": {k: m[k] for k in ("dice", "iou", "n", "per_source", "worst")},
               "latency_256px": lat, "batch_ms_per_image": round(per_image_ms, 2), "sanity": sanity,
-              "training_s": meta.timings_s, "config": meta.config.model_dump(), "split": meta.data["counts"]}
+              "training_s": meta.timings_s, "config": meta.config.model_dump(), "split": meta.data.counts}
     atomic_write_json(a.out / "bench_lungs.json", result)
     rng = np.random.default_rng(0)
     chosen = pick(pairs, m, rng)

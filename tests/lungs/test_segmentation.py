@@ -41,7 +41,7 @@ def test_a_short_training_on_real_masks_clears_the_floor(lung_data, tmp_path):
 
     cfg = LungConfig(max_images=240, epochs=2, max_minutes=None, progress=False)
     result = train_lungs(lung_data, tmp_path / "models", cfg, workdir=tmp_path / "work")
-    m = result.metrics
+    m = result.metrics.model_dump()
     print(f"held-out Dice {m['dice']:.3f} (n = {m['n']}), per source "
           f"{ {s: round(v['dice'], 3) for s, v in m['per_source'].items()} }")
     assert m["n"] >= 30 and m["dice"] >= FLOOR and m["dice_median"] >= FLOOR, m

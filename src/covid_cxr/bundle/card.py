@@ -104,9 +104,10 @@ def _shortcuts(m: BundleMetadata) -> list[str]:
 def _evaluation(m: BundleMetadata, metrics: dict | None) -> list[str]:
     out = ["## Evaluation", ""]
     if m.task == "segmentation":
-        t = (m.segmentation.test_metrics or {}) if m.segmentation else {}
-        return out + [f"Lung masks on the held-out split: Dice {_f(t.get('dice'))}, IoU {_f(t.get('iou'))} "
-                      f"(n = {t.get('n', NOT_MEASURED)}).", ""]
+        t = m.segmentation.test_metrics if m.segmentation else None
+        if t is None:
+            return out + [f"Lung masks on the held-out split: {NOT_MEASURED}.", ""]
+        return out + [f"Lung masks on the held-out split: Dice {_f(t.dice)}, IoU {_f(t.iou)} (n = {t.n}).", ""]
     t = m.test_metrics
     if t is None:
         return out + [f"Test metrics: {NOT_MEASURED} (no test split was scored).", ""]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from covid_cxr.data import decode
 from covid_cxr.core.lung_config import CROP_DILATE, CROP_MARGIN, MAX_AREA, MIN_AREA, MIN_BLOB_SHARE, LungConfig
 from covid_cxr.core.config import TrainConfig
-from covid_cxr.core.results import Metrics, OperatingPoint
+from covid_cxr.core.results import MaskMetrics, Metrics, OperatingPoint
 
 FORMAT_VERSION = 2
 ONNX_INPUT = "image"
@@ -256,14 +256,28 @@ class SanityLimits(_Strict):
     blobs: int = 2
 
 
+class SegmentationData(_Strict):
+    """The lung-mask pairs a segmentation bundle was trained on, and its split."""
+
+    dataset_root: str
+    manifest_sha256: str
+    pairs: int = Field(ge=0)
+    skipped: int = Field(ge=0)
+    duplicate_groups: int = Field(ge=0)
+    split_fractions: list[float]
+    seed: int
+    counts: dict[str, dict[str, int]] = Field(description="split -> source -> pairs")
+    test_ids: list[str] = Field(description="the test split's pair ids (`lungs evaluate --held-out`)")
+
+
 class Segmentation(_Strict):
     """A segmentation bundle's training record and test figures (task == "segmentation")."""
 
     config: LungConfig
     threshold: float = Field(0.5, gt=0, lt=1, description="mask = probability >= threshold")
-    data: dict[str, Any] = Field(description="dataset, split counts per source, test ids")
+    data: SegmentationData
     history: SegmentationHistory
-    test_metrics: dict[str, Any] | None = Field(None, description="dice, iou, per_source, n (images' own size)")
+    test_metrics: MaskMetrics | None = Field(None, description="on the test split, at the images' own size")
     sanity: SanityLimits = SanityLimits()
     timings_s: dict[str, float] = {}
 

@@ -59,16 +59,16 @@ def train_cmd(data: Annotated[Path, typer.Option("--data", help="Folder with ima
     typer.echo(f"bundle: {r.bundle_path} (training {r.timings.get('total', 0):.0f} s)")
 
 
-def _print(m: dict, title: str) -> None:
+def _print(m, title: str) -> None:
+    """A MaskMetrics (core.results) per source and overall."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
     for col in ("source", "n", "Dice", "IoU", "Dice median", "Dice min"):
         t.add_column(col)
-    for src, e in [*m["per_source"].items(), ("all", m)]:
-        t.add_row(src, str(e["n"]), f"{e['dice']:.4f}", f"{e['iou']:.4f}", f"{e['dice_median']:.4f}",
-                  f"{e['dice_min']:.4f}")
+    for src, e in [*m.per_source.items(), ("all", m)]:
+        t.add_row(src, str(e.n), f"{e.dice:.4f}", f"{e.iou:.4f}", f"{e.dice_median:.4f}", f"{e.dice_min:.4f}")
     Console().print(t)
 
 
@@ -84,12 +84,12 @@ def evaluate_cmd(model: Annotated[Path, typer.Option("--model", help="MODELS/<na
     from covid_cxr.cli.common import write_json
 
     seg = LungSegmenter.from_bundle(model)
-    only = set(seg.bundle.metadata.segmentation.data.get("test_ids", [])) if held_out else None
+    only = set(seg.bundle.metadata.segmentation.data.test_ids) if held_out else None
     m, skipped = evaluate_folder(seg, data, only=only)
     for path, why in skipped:
         err_console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True, highlight=False)
     _print(m, f"{seg.bundle.name} v{seg.bundle.version} on {data}")
-    write_json(json_path, {k: m[k] for k in ("dice", "iou", "per_source", "n", "worst")})
+    write_json(json_path, m.model_dump(mode="json", include={"dice", "iou", "per_source", "n", "worst"}))
 
 
 @lungs_app.command("segment")

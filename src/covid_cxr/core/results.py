@@ -134,6 +134,27 @@ class Metrics(_Strict):
         return e.recall if e is not None else None
 
 
+class MaskSummary(_Strict):
+    """Lung masks against the reference masks, mean over images (evaluate/lungs.py)."""
+
+    dice: float
+    iou: float
+    dice_median: float
+    dice_min: float
+    n: int = Field(ge=0)
+
+
+class WorstMask(_Strict):
+    id: str
+    source: str
+    dice: float
+
+
+class MaskMetrics(MaskSummary):
+    per_source: dict[str, MaskSummary]
+    worst: list[WorstMask] = Field([], description="the images with the lowest Dice, worst first")
+
+
 class SkippedFile(_Strict):
     path: str
     reason: str

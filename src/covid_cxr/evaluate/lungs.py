@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from covid_cxr.core.results import MaskMetrics
+
 
 def dice_iou(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two bool masks (both empty: 1, 1: nothing to find, nothing found)."""
@@ -24,9 +26,9 @@ def _summary(values: list[tuple[float, float]]) -> dict:
             "dice_min": float(d.min()), "n": len(values)}
 
 
-def evaluate_pairs(pred_masks: np.ndarray, pairs, worst: int = 8) -> dict:
-    """{"dice", "iou", "per_source": {source: {...}}, "n", "worst": [(id, dice)...]} for predicted
-    masks against `pairs.masks` (same order and size)."""
+def evaluate_pairs(pred_masks: np.ndarray, pairs, worst: int = 8) -> MaskMetrics:
+    """Dice and IoU (overall, per source, the worst images) of predicted masks against
+    `pairs.masks` (same order and size)."""
     per_image = [dice_iou(p, t) for p, t in zip(pred_masks, pairs.masks)]
     by_source: dict[str, list] = defaultdict(list)
     for src, v in zip(pairs.sources, per_image):
@@ -35,10 +37,11 @@ def evaluate_pairs(pred_masks: np.ndarray, pairs, worst: int = 8) -> dict:
     out["per_source"] = {s: _summary(v) for s, v in sorted(by_source.items())}
     order = np.argsort([v[0] for v in per_image])[:worst]
     out["worst"] = [{"id": pairs.ids[k], "source": pairs.sources[k], "dice": round(per_image[k][0], 4)} for k in order]
-    return out
+    return MaskMetrics.model_validate(out)
 
 
-def evaluate_folder(segmenter, root, batch: int = 64, only: set[str] | None = None) -> tuple[dict, list[tuple[str, str]]]:
+def evaluate_folder(segmenter, root, batch: int = 64, only: set[str] | None = None
+                    ) -> tuple[MaskMetrics, list[tuple[str, str]]]:
     """A bundle's masks against a folder laid out like lung-masks, at the images' own size.
     Pairs of another size than the first are resized to it; returns (metrics, skipped files with reasons)."""
     from covid_cxr.data.lung_masks import load_pairs

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from covid_cxr.bundle.schema import BundleContent
+from covid_cxr.core.results import MaskMetrics
 from covid_cxr.core.lung_config import LungConfig
 from covid_cxr.data.lung_masks import LungPairs, group_split, load_pairs
 from covid_cxr.models.lung_unet import MaskModel, build_unet, frozen_modules
@@ -171,7 +172,7 @@ def torch_probabilities(model: MaskModel):
     return run
 
 
-def test_metrics(model: MaskModel, root: Path, test_ids: list[str], cfg: LungConfig) -> dict:
+def test_metrics(model: MaskModel, root: Path, test_ids: list[str], cfg: LungConfig) -> MaskMetrics:
     """Dice/IoU on the test split at the images' own size (as `lungs evaluate` measures a bundle)."""
     from covid_cxr.evaluate.lungs import evaluate_pairs
     from covid_cxr.lungs.segment import THRESHOLD, predict_probabilities, two_largest
@@ -190,7 +191,7 @@ def describe_data(pairs: LungPairs, split: dict[str, list[int]], cfg: LungConfig
             "test_ids": [pairs.ids[i] for i in split["test"]]}
 
 
-def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, history: History, metrics: dict,
+def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, history: History, metrics: MaskMetrics,
                    mean: float, std: float) -> BundleContent:
     """The model's half of its metadata (task segmentation; see bundle.schema.Segmentation)."""
     from covid_cxr.core.architectures import get_spec
@@ -212,7 +213,7 @@ def bundle_content(cfg: LungConfig, source: str, pairs: LungPairs, split, histor
 @dataclass
 class LungResult:
     bundle_path: Path
-    metrics: dict
+    metrics: MaskMetrics
     history: list[dict]
     timings: dict[str, float]
 
@@ -236,7 +237,7 @@ def train_lungs(data_dir: str | Path, models_out: str | Path, cfg: LungConfig, w
     clock.lap("train")
     metrics = test_metrics(model, pairs.root, [pairs.ids[i] for i in split["test"]], cfg)
     atomic_write_json(run.report / "history.json", history.epochs)
-    atomic_write_json(run.report / "test_metrics.json", metrics)
+    atomic_write_json(run.report / "test_metrics.json", metrics.model_dump(mode="json"))
     clock.lap("evaluate")
     content = bundle_content(cfg, source, pairs, split, history, metrics, mean, std)
     parity = pairs.images[split["test"][:PARITY_IMAGES] or split["val"][:PARITY_IMAGES]]
