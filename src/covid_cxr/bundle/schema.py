@@ -302,6 +302,18 @@ class OperatingPoint(_Strict):
 Member.model_rebuild()
 
 
+class Distillation(_Strict):
+    """Where a distilled model's soft labels came from (`--distil-from`, the accurate recipe's student)."""
+
+    name: str = Field(description="the teacher bundle's name")
+    version: PositiveInt = Field(description="the teacher bundle's version")
+    architecture: str = Field(description="the teacher's architecture ('ensemble' for an ensemble)")
+    members: list[str] = Field([], description="an ensemble teacher's member architectures")
+    temperature: float = Field(gt=0, description="the temperature both sides were softened by")
+    soft_weight: float = Field(ge=0, le=1, description="the soft labels' share of the loss")
+    teacher_test_accuracy: float | None = Field(None, description="the teacher's accuracy on the shared test split")
+
+
 class BundleMetadata(_Strict):
     """`metadata.json` of MODELS/<name>/<version>/.
 
@@ -328,6 +340,8 @@ class BundleMetadata(_Strict):
                                                  "monitor compare a site against (absent in older bundles)")
     cam: CamInfo | None = Field(None, description="Grad-CAM inside the bundle (cam.onnx); absent in bundles "
                                 "written before it, and where the closed form does not hold")
+    distilled_from: Distillation | None = Field(None, description="the teacher whose soft labels trained it "
+                                                "(absent: trained on the true labels alone)")
     software: dict[str, str] = {}
     created: datetime
 

@@ -251,6 +251,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
     from covid_cxr.publish.writer import write_bundle
     from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
+    from covid_cxr.train.distil import check_student, teacher_record
 
     dist = launch(cfg)  # several processes: from here on, this runs in each
     clock = Stopwatch()
@@ -265,6 +266,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
 
         exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
     report_skipped(prepared)
+    check_student(cfg, prepared)  # --distil-from: refused now, not after the features
     clock.lap("data")
     model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
@@ -299,6 +301,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
                              trust)
     content["operating_point"] = operating_point_of(metrics)
     content["site_reference"] = site_reference(prepared, cfg, trust)
+    content["distilled_from"] = teacher_record(cfg)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

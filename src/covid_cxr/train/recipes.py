@@ -3,7 +3,9 @@ the measurements that chose them in docs/results/accuracy.md (benchmarks/bench_a
 
 A recipe is one or more member configurations (TrainConfig fields over the defaults). One member:
 an ordinary bundle. Several: each member is trained on the same split (same seed) into the work
-folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>.
+folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>. With a
+`student`, that ensemble is the teacher, MODELS/<name>-teacher (kept for audit), and the student
+distilled from it on the same split (train/distil.py) is the recipe's bundle, MODELS/<name>.
 Options given on the command line (TrainConfig.model_fields_set) win over the recipe, even when a
 given value equals the default.
 """
@@ -22,6 +24,7 @@ class Recipe:
     members: tuple[dict, ...]
     why: str
     common: dict = field(default_factory=dict)
+    student: dict | None = None  # distil the members' ensemble into one model of these settings
 
 
 RECIPES: dict[str, Recipe] = {
@@ -33,20 +36,29 @@ RECIPES: dict[str, Recipe] = {
     # trained at the default lr, and the recipe repeats them. Its operating point keeps the rule it was
     # measured with (validation quantile at 0.98, target_confidence None) until the ensemble is
     # measured under the conformal rule (accuracy.md, section 3: on frozen lite0 it costs accuracy).
+    # The ensemble is served through its student, lite0 at 224 px (what the serving target is
+    # measured against: docs/results/serving.md), distilled on the same views (accuracy.md, section 6).
     "accurate": Recipe(
         tuple({"arch": f"efficientnet_lite{i}", "image_size": 256, "finetune": True, "finetune_views": 3,
                "finetune_epochs": 8} for i in (0, 1, 2)),
-        "ensemble of staged fine-tuned lite0/1/2 at 256 px on all images, COVID-19 operating point 0.98",
-        {"balance": "weights", "target_recall": "COVID-19=0.98", "target_confidence": None, "lr_find": False}),
+        "lite0 at 224 px distilled from an ensemble of staged fine-tuned lite0/1/2 at 256 px on all images, "
+        "COVID-19 operating point 0.98",
+        {"balance": "weights", "target_recall": "COVID-19=0.98", "target_confidence": None, "lr_find": False},
+        student={"arch": "efficientnet_lite0", "image_size": 224, "finetune": True, "finetune_views": 3,
+                 "finetune_epochs": 8}),
 }
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
 
 
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
-    try:
-        recipe = RECIPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
+    recipe = get_recipe(name)
     given = {k: getattr(base, k) for k in base.model_fields_set if k != "name"}  # what the user typed
     out = []
     for i, member in enumerate(recipe.members):
@@ -56,12 +68,24 @@ def recipe_configs(name: str, base) -> list:
     return out
 
 
+def student_config(name: str, base, teacher: Path):
+    """The student's TrainConfig: the recipe's common settings and `student`, the teacher given;
+    options set on the command line win where the student has no setting of its own (its arch,
+    size and fine-tuning are the recipe's: the ones the serving target was measured with)."""
+    recipe = get_recipe(name)
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name" and k not in recipe.student}
+    fields = {**base.model_dump(), **recipe.common, **recipe.student, **given}
+    return type(base)(**{**fields, "name": base.name or name, "distil_from": str(teacher)})
+
+
 def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
     """Train recipe `name`; returns (bundle path, test metrics)."""
     from covid_cxr.train.fit import train
 
     cfgs = recipe_configs(name, base)
+    student = get_recipe(name).student
     bundle_name = base.name or name
+    teacher_name = f"{bundle_name}-teacher" if student else bundle_name
     if len(cfgs) == 1:
         r = train(data, models_out, cfgs[0], resume=resume)
         return r.bundle_path, r.metrics
@@ -74,5 +98,10 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
             paths.append(train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path)
     with step("ensemble"):
         say(f"averaging {len(paths)} members, evaluating on the shared test split")
-        b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
-    return b.path, b.metadata.test_metrics.model_dump()
+        b = build_ensemble(paths, models_out, teacher_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
+    if not student:
+        return b.path, b.metadata.test_metrics.model_dump()
+    with step(f"student ({student['arch']} at {student.get('image_size')} px, distilled from {b.name} v{b.version})"):
+        r = train(data, models_out, student_config(name, base, b.path), workdir=Path(models_out) / ".work",
+                  resume=resume)
+    return r.bundle_path, r.metrics
