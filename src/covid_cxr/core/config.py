@@ -132,12 +132,6 @@ class TrainConfig(BaseModel):
                              "(not --finetune)")
         return self
 
-    @model_validator(mode="after")
-    def _distil_staged(self) -> TrainConfig:
-        if self.distil_from and not self.finetune:
-            raise ValueError("--distil-from trains the student by staged fine-tuning: add --finetune")
-        return self
-
     @field_validator("target_recall")
     @classmethod
     def _target_form(cls, v: str | None) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covid_cxr.core.config import DISTIL
 from covid_cxr.core.errors import ConfigError
 from covid_cxr.core.progress import say, step
 
@@ -59,7 +60,8 @@ def get_recipe(name: str) -> Recipe:
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
     recipe = get_recipe(name)
-    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name"}  # what the user typed
+    # what the user typed; the teacher options are the student's (a recipe's members learn from the labels)
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name" and k not in DISTIL}
     out = []
     for i, member in enumerate(recipe.members):
         fields = {**base.model_dump(), **recipe.common, **member, **given}  # explicit options win
@@ -79,17 +81,33 @@ def student_config(name: str, base, teacher: Path):
 
 
 def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
-    """Train recipe `name`; returns (bundle path, test metrics)."""
+    """Train recipe `name`; returns (bundle path, test metrics). A recipe with a student, given
+    --distil-from TEACHER, trains the student alone from that teacher (its members are not retrained)."""
     from covid_cxr.train.fit import train
 
     cfgs = recipe_configs(name, base)
     student = get_recipe(name).student
-    bundle_name = base.name or name
-    teacher_name = f"{bundle_name}-teacher" if student else bundle_name
     if len(cfgs) == 1:
         r = train(data, models_out, cfgs[0], resume=resume)
         return r.bundle_path, r.metrics
+    if student and base.distil_from:
+        teacher = Path(base.distil_from)
+    else:
+        b = train_ensemble(cfgs, data, models_out, f"{base.name or name}-teacher" if student else base.name or name,
+                           resume)
+        if not student:
+            return b.path, b.metadata.test_metrics.model_dump()
+        teacher = b.path
+    with step(f"student ({student['arch']} at {student.get('image_size')} px, distilled from {teacher})"):
+        r = train(data, models_out, student_config(name, base, teacher), workdir=Path(models_out) / ".work",
+                  resume=resume)
+    return r.bundle_path, r.metrics
+
+
+def train_ensemble(cfgs: list, data, models_out: Path, bundle_name: str, resume: bool):
+    """The members, each trained on the same split into the work folder, averaged into one bundle."""
     from covid_cxr.publish.ensemble import build_ensemble
+    from covid_cxr.train.fit import train
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
     paths = []
@@ -98,10 +116,4 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
             paths.append(train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path)
     with step("ensemble"):
         say(f"averaging {len(paths)} members, evaluating on the shared test split")
-        b = build_ensemble(paths, models_out, teacher_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
-    if not student:
-        return b.path, b.metadata.test_metrics.model_dump()
-    with step(f"student ({student['arch']} at {student.get('image_size')} px, distilled from {b.name} v{b.version})"):
-        r = train(data, models_out, student_config(name, base, b.path), workdir=Path(models_out) / ".work",
-                  resume=resume)
-    return r.bundle_path, r.metrics
+        return build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
