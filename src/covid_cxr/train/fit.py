@@ -84,8 +84,10 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunD
 
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
                     source: str, dist: Dist | None = None) -> Inputs:
+    from covid_cxr.train.distil import check_student
     from covid_cxr.train.finetune import staged_supported
 
+    check_student(cfg, prepared)  # --distil-from: refused before any feature is extracted
     if cfg.cache_features and (not cfg.finetune or staged_supported(cfg.arch)):  # staged: head first
         feats = cached_features(model, prepared, cfg, source, cache_dir, dist)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
@@ -205,6 +207,8 @@ def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, c
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
                    cached: bool, lr_suggestion: float | None, trust=None) -> dict:
     """The metadata a bundle's writer completes (see covid_cxr.bundle.schema.BundleMetadata)."""
+    from covid_cxr.train.distil import teacher_record
+
     spec = get_spec(cfg.arch)
     epochs = history.epochs
     best = max(epochs, key=lambda h: h.get("val_acc", -1)) if epochs else {}
@@ -224,6 +228,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
         "trust": trust.info if trust is not None else None,
         # lung-only input: the writer copies the lung model in, so every reader crops the same way
         "lung_crop": {"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
+        "distilled_from": teacher_record(cfg),  # the teacher, for a student (--distil-from)
     }
 
 
@@ -251,7 +256,6 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     """Train one architecture and write its bundle to ``models_out/<name>/<version>``."""
     from covid_cxr.publish.writer import write_bundle
     from covid_cxr.train.adapt import adapted_config, before_metrics, start_model
-    from covid_cxr.train.distil import check_student, teacher_record
 
     dist = launch(cfg)  # several processes: from here on, this runs in each
     clock = Stopwatch()
@@ -266,7 +270,6 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
 
         exclude_seen(prepared, cfg)  # val/test: only images the bundle never trained on
     report_skipped(prepared)
-    check_student(cfg, prepared)  # --distil-from: refused now, not after the features
     clock.lap("data")
     model, source = start_model(cfg, prepared)
     inputs = training_inputs(model, prepared, cfg, workdir / "feature-cache", source, dist)
@@ -301,7 +304,6 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
                              trust)
     content["operating_point"] = operating_point_of(metrics)
     content["site_reference"] = site_reference(prepared, cfg, trust)
-    content["distilled_from"] = teacher_record(cfg)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,

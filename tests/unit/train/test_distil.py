@@ -118,7 +118,7 @@ def test_a_teacher_that_does_not_fit_the_data_is_refused(teacher, tiny_data, tmp
     bad = {"classes": (["COVID-19", "Normal"], "classes"), "seed": (1, "another split"),
            "arch": ("vgg16", "staged fine-tuning")}
     for field, (value, message) in bad.items():
-        cfg = TrainConfig(**{**STAGED, field: value}, distil_from=str(path), name="student")
+        cfg = TrainConfig(**{**STAGED, "weights": "none", field: value}, distil_from=str(path), name="student")
         with pytest.raises(ConfigError, match=message):
             train(tiny_data, tmp_path / "models", cfg, workdir=tmp_path / "work")
     assert not (tmp_path / "models" / "student").exists()
