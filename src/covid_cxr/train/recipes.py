@@ -64,7 +64,7 @@ def recipe_configs(name: str, base) -> list:
     given = {k: getattr(base, k) for k in base.model_fields_set if k != "name" and k not in DISTIL}
     out = []
     for i, member in enumerate(recipe.members):
-        fields = {**base.model_dump(), **recipe.common, **member, **given}  # explicit options win
+        fields = {**base.model_dump(exclude=set(DISTIL)), **recipe.common, **member, **given}  # explicit options win
         fields["name"] = (base.name or name) if len(recipe.members) == 1 else f"{name}-member{i}"
         out.append(type(base)(**fields))
     return out
