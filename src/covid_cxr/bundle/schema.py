@@ -318,6 +318,18 @@ class LungCropRequest(_Strict):
     lungs: str = Field(description="the lung segmentation bundle (MODELS/<name>[/<version>])")
 
 
+class Distillation(_Strict):
+    """Where a distilled model's soft labels came from (`--distil-from`, the accurate recipe's student)."""
+
+    name: str = Field(description="the teacher bundle's name")
+    version: PositiveInt = Field(description="the teacher bundle's version")
+    architecture: str = Field(description="the teacher's architecture ('ensemble' for an ensemble)")
+    members: list[str] = Field([], description="an ensemble teacher's member architectures")
+    temperature: float = Field(gt=0, description="the temperature both sides were softened by")
+    soft_weight: float = Field(ge=0, le=1, description="the soft labels' share of the loss")
+    teacher_test_accuracy: float | None = Field(None, description="the teacher's accuracy on the shared test split")
+
+
 class BundleContent(_Strict):
     """What a bundle's writer is given (covid_cxr.publish.writer.write_bundle): the model's half of
     metadata.json. The writer adds name, version, onnx, cam, software and created, copies the lung
@@ -335,6 +347,7 @@ class BundleContent(_Strict):
     segmentation: Segmentation | None = None
     lung_crop: LungCropRequest | None = None
     site_reference: SiteReference | None = None
+    distilled_from: Distillation | None = None
 
 
 Member.model_rebuild()
@@ -369,6 +382,8 @@ class BundleMetadata(_Strict):
     precision_variants: dict[str, PrecisionVariant] | None = Field(
         None, description="lower precisions measured against this bundle's fp32 answers (`covid-cxr bundle "
         "precision`); only accepted ones serve; absent: none measured")
+    distilled_from: Distillation | None = Field(None, description="the teacher whose soft labels trained it "
+                                                "(absent: trained on the true labels alone)")
     software: dict[str, str] = {}
     created: datetime
 

@@ -88,6 +88,12 @@ class TrainConfig(BaseModel):
                                      "(conformal, evaluate/operating_point.py); None: met on the validation split only")
     init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
                                                      "architecture, input size, normalisation and weights")
+    distil_from: str | None = Field(None, description="distil this teacher bundle (an ensemble too) into the "
+                                    "model: staged --finetune trained on its soft labels (train/distil.py)")
+    distil_temperature: float = Field(2.0, gt=0, description="distillation: temperature both sides' "
+                                      "probabilities are softened by")
+    distil_weight: float = Field(0.7, ge=0, le=1, description="distillation: the soft labels' share of the "
+                                 "loss (the rest: cross-entropy on the true labels)")
     classes: list[str] | None = Field(None, description="classes to use (default: all three)")
     name: str | None = Field(None, description="bundle name (default: the architecture)")
     progress: bool = Field(True, exclude=True, description="progress bars (not recorded)")
@@ -148,9 +154,13 @@ class TrainConfig(BaseModel):
         for k in PLACEMENT:  # at their defaults (one process) they leave older run ids as they were
             if d[k] == DEFAULT_PLACEMENT[k] or self.world_size == 1:
                 d.pop(k)
+        for k in DISTIL:  # likewise without a teacher
+            if not self.distil_from:
+                d.pop(k)
         return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
 DEFAULTS = TrainConfig()
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
 DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
+DISTIL = ("distil_from", "distil_temperature", "distil_weight")

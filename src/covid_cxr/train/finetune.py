@@ -115,10 +115,12 @@ def augment_batch(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class ViewDataset(Dataset):
-    """(cached trunk activations of one view, label); training draws a view per image per epoch."""
+    """(cached trunk activations of one view, label[, the teacher's probabilities on that view]);
+    training draws a view per image per epoch."""
 
-    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor, seed: int, random_view: bool):
-        self.views, self.labels, self.random_view = views, labels, random_view
+    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor, seed: int, random_view: bool,
+                 soft: list[torch.Tensor] | None = None):
+        self.views, self.labels, self.random_view, self.soft = views, labels, random_view, soft
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -126,17 +128,20 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int):
         v = int(self.rng.integers(len(self.views))) if self.random_view else 0
-        return self.views[v][i].float(), self.labels[i]
+        item = (self.views[v][i].float(), self.labels[i])
+        return item if self.soft is None else (*item, self.soft[v][i])
 
 
 class ViewDataModule(L.LightningDataModule):
-    def __init__(self, acts: dict, batch_size: int, seed: int):
+    """`soft`: the teacher's probabilities per training view (distillation, train/distil.py)."""
+
+    def __init__(self, acts: dict, batch_size: int, seed: int, soft: list[torch.Tensor] | None = None):
         super().__init__()
-        self.acts, self.batch_size, self.seed = acts, batch_size, seed
+        self.acts, self.batch_size, self.seed, self.soft = acts, batch_size, seed, soft
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         views, labels = self.acts[split]
-        ds = ViewDataset(views, labels, self.seed, random_view=train)
+        ds = ViewDataset(views, labels, self.seed, random_view=train, soft=self.soft if train else None)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train,
                           generator=torch.Generator().manual_seed(self.seed))
 
@@ -287,9 +292,17 @@ def finetune_stage(model, prepared, cfg, run, cache_dir: Path, history, resume: 
     materialise(model)
     model.freeze_backbone(trainable=get_spec(cfg.arch).finetune_modules)
     top = Top(model, first_trainable_block(cfg.arch))
-    module = FinetuneModule(top, cfg.lr, prepared.class_weights, cfg.finetune_lr_factor, cfg.finetune_epochs)
+    args = (top, cfg.lr, prepared.class_weights, cfg.finetune_lr_factor, cfg.finetune_epochs)
+    soft = None
+    if cfg.distil_from:  # a student: the teacher's soft labels on the same views (train/distil.py)
+        from covid_cxr.train.distil import DistilModule, teacher_targets
+
+        soft = teacher_targets(cfg, prepared, cache_dir)
+        module = DistilModule(*args, cfg.distil_temperature, cfg.distil_weight)
+    else:
+        module = FinetuneModule(*args)
     stage_cfg = cfg.model_copy(update={"epochs": cfg.finetune_epochs})
-    data = ViewDataModule(acts, cfg.batch_size, cfg.seed)
+    data = ViewDataModule(acts, cfg.batch_size, cfg.seed, soft)
     stage2 = fit(Inputs(top, data, None), prepared, stage_cfg, RunDir(run.root / "finetune"), resume, module=module)
     last = history.epochs[-1]["epoch"] if history.epochs else 0
     history.epochs += [{**row, "epoch": last + row["epoch"], "stage": 2} for row in stage2.epochs]

@@ -88,8 +88,10 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunD
 
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
                     source: str, dist: Dist | None = None) -> Inputs:
+    from covid_cxr.train.distil import check_student
     from covid_cxr.train.finetune import staged_supported
 
+    check_student(cfg, prepared)  # --distil-from: refused before any feature is extracted
     if cfg.cache_features and (not cfg.finetune or staged_supported(cfg.arch)):  # staged: head first
         feats = cached_features(model, prepared, cfg, source, cache_dir, dist)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
@@ -209,6 +211,8 @@ def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, c
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: Metrics,
                    cached: bool, lr_suggestion: float | None, trust=None) -> BundleContent:
     """The model's half of its metadata (the writer completes it; covid_cxr.bundle.schema)."""
+    from covid_cxr.train.distil import teacher_record
+
     spec = get_spec(cfg.arch)
     epochs = history.epochs
     best = max(epochs, key=lambda h: h.get("val_acc", -1)) if epochs else {}
@@ -229,6 +233,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
         # lung-only input: the writer copies the lung model in, so every reader crops the same way
         lung_crop={"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
         site_reference=site_reference(prepared, cfg, trust),
+        distilled_from=teacher_record(cfg),  # the teacher, for a student (--distil-from)
     )
 
 

@@ -37,10 +37,14 @@ class ClassifierModule(L.LightningModule):
         loss_sum, correct, n = sums.tolist()
         return {"train_loss": loss_sum / n, "train_acc": correct / n} if n else {}
 
+    def compute_loss(self, logits: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; `extra`: what a subclass's data adds to (x, y) (distillation: soft labels)."""
+        return self.loss_fn(logits, y)
+
     def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y, *extra = batch
         logits = self(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.compute_loss(logits, y, *extra)
         acc = (logits.argmax(1) == y).float().mean()
         if stage == "train":
             self._epoch_sums += torch.tensor([loss.item() * len(y), acc.item() * len(y), len(y)])

@@ -3,7 +3,9 @@ the measurements that chose them in docs/results/accuracy.md (benchmarks/bench_a
 
 A recipe is one or more member configurations (TrainConfig fields over the defaults). One member:
 an ordinary bundle. Several: each member is trained on the same split (same seed) into the work
-folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>.
+folder, and one ensemble bundle averaging them is written as MODELS/<name>/<version>. With a
+`student`, that ensemble is the teacher, MODELS/<name>-teacher (kept for audit), and the student
+distilled from it on the same split (train/distil.py) is the recipe's bundle, MODELS/<name>.
 Options given on the command line (TrainConfig.model_fields_set) win over the recipe, even when a
 given value equals the default.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covid_cxr.core.config import DISTIL
 from covid_cxr.core.errors import ConfigError
 from covid_cxr.core.progress import say, step
 
@@ -22,6 +25,7 @@ class Recipe:
     members: tuple[dict, ...]
     why: str
     common: dict = field(default_factory=dict)
+    student: dict | None = None  # distil the members' ensemble into one model of these settings
 
 
 RECIPES: dict[str, Recipe] = {
@@ -33,39 +37,77 @@ RECIPES: dict[str, Recipe] = {
     # trained at the default lr, and the recipe repeats them. Its operating point keeps the rule it was
     # measured with (validation quantile at 0.98, target_confidence None) until the ensemble is
     # measured under the conformal rule (accuracy.md, section 3: on frozen lite0 it costs accuracy).
+    # The ensemble is served through its student, lite0 at 224 px (what the serving target is
+    # measured against: docs/results/serving.md), distilled on the same views (accuracy.md, section 6).
     "accurate": Recipe(
         tuple({"arch": f"efficientnet_lite{i}", "image_size": 256, "finetune": True, "finetune_views": 3,
                "finetune_epochs": 8} for i in (0, 1, 2)),
-        "ensemble of staged fine-tuned lite0/1/2 at 256 px on all images, COVID-19 operating point 0.98",
-        {"balance": "weights", "target_recall": "COVID-19=0.98", "target_confidence": None, "lr_find": False}),
+        "lite0 at 224 px distilled from an ensemble of staged fine-tuned lite0/1/2 at 256 px on all images, "
+        "COVID-19 operating point 0.98",
+        {"balance": "weights", "target_recall": "COVID-19=0.98", "target_confidence": None, "lr_find": False},
+        student={"arch": "efficientnet_lite0", "image_size": 224, "finetune": True, "finetune_views": 3,
+                 "finetune_epochs": 8}),
 }
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
 
 
 def recipe_configs(name: str, base) -> list:
     """The member TrainConfigs of recipe `name` over `base` (a TrainConfig from the CLI)."""
-    try:
-        recipe = RECIPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
-    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name"}  # what the user typed
+    recipe = get_recipe(name)
+    # what the user typed; the teacher options are the student's (a recipe's members learn from the labels)
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name" and k not in DISTIL}
     out = []
     for i, member in enumerate(recipe.members):
-        fields = {**base.model_dump(), **recipe.common, **member, **given}  # explicit options win
+        fields = {**base.model_dump(exclude=set(DISTIL)), **recipe.common, **member, **given}  # explicit options win
         fields["name"] = (base.name or name) if len(recipe.members) == 1 else f"{name}-member{i}"
         out.append(type(base)(**fields))
     return out
 
 
+def student_config(name: str, base, teacher: Path):
+    """The student's TrainConfig: the recipe's common settings and `student`, the teacher given;
+    options set on the command line win where the student has no setting of its own (its arch,
+    size and fine-tuning are the recipe's: the ones the serving target was measured with)."""
+    recipe = get_recipe(name)
+    given = {k: getattr(base, k) for k in base.model_fields_set if k != "name" and k not in recipe.student}
+    fields = {**base.model_dump(), **recipe.common, **recipe.student, **given}
+    return type(base)(**{**fields, "name": base.name or name, "distil_from": str(teacher)})
+
+
 def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
-    """Train recipe `name`; returns (bundle path, test metrics)."""
+    """Train recipe `name`; returns (bundle path, test metrics). A recipe with a student, given
+    --distil-from TEACHER, trains the student alone from that teacher (its members are not retrained)."""
     from covid_cxr.train.fit import train
 
     cfgs = recipe_configs(name, base)
-    bundle_name = base.name or name
+    student = get_recipe(name).student
     if len(cfgs) == 1:
         r = train(data, models_out, cfgs[0], resume=resume)
         return r.bundle_path, r.metrics
+    if student and base.distil_from:
+        teacher = Path(base.distil_from)
+    else:
+        b = train_ensemble(cfgs, data, models_out, f"{base.name or name}-teacher" if student else base.name or name,
+                           resume)
+        if not student:
+            return b.path, b.metadata.test_metrics
+        teacher = b.path
+    with step(f"student ({student['arch']} at {student.get('image_size')} px, distilled from {teacher})"):
+        r = train(data, models_out, student_config(name, base, teacher), workdir=Path(models_out) / ".work",
+                  resume=resume)
+    return r.bundle_path, r.metrics
+
+
+def train_ensemble(cfgs: list, data, models_out: Path, bundle_name: str, resume: bool):
+    """The members, each trained on the same split into the work folder, averaged into one bundle."""
     from covid_cxr.publish.ensemble import build_ensemble
+    from covid_cxr.train.fit import train
 
     members_dir = Path(models_out) / ".work" / "recipe-members"
     paths = []
@@ -74,5 +116,4 @@ def train_recipe(name: str, data, models_out: Path, base, resume: bool = False):
             paths.append(train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path)
     with step("ensemble"):
         say(f"averaging {len(paths)} members, evaluating on the shared test split")
-        b = build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
-    return b.path, b.metadata.test_metrics
+        return build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's

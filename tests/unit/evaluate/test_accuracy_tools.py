@@ -227,13 +227,20 @@ def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatc
 
     trained, built = [], {}
     monkeypatch.setattr(fit, "train", lambda data, out, c, **kw: trained.append(c) or
-                        SimpleNamespace(bundle_path=tmp_path / c.name))
+                        SimpleNamespace(bundle_path=tmp_path / c.name, metrics=None))
     monkeypatch.setattr(ensemble, "build_ensemble", lambda paths, out, name, target_recall=None: built.update(
         paths=paths, name=name, target_recall=target_recall) or SimpleNamespace(
-        path=tmp_path / name, metadata=SimpleNamespace(test_metrics=None)))
-    train_recipe("accurate", tmp_path / "data", tmp_path / "models", TrainConfig())
-    assert len(trained) == 3 and len(built["paths"]) == 3 and built["name"] == "accurate"
+        path=tmp_path / name, name=name, version=1,
+        metadata=SimpleNamespace(test_metrics=None)))
+    train_recipe("accurate", tmp_path / "data", tmp_path / "models", TrainConfig(epochs=5, arch="efficientnet_lite2"))
+    assert len(trained) == 4 and len(built["paths"]) == 3 and built["name"] == "accurate-teacher"
     assert built["target_recall"] == "COVID-19=0.98"
+    # the recipe's bundle is the student distilled from that ensemble, at the student's own settings
+    student = trained[-1]
+    assert student.name == "accurate" and student.distil_from == str(tmp_path / "accurate-teacher")
+    assert (student.arch, student.size, student.finetune) == ("efficientnet_lite0", 224, True)
+    assert student.target_recall == "COVID-19=0.98" and student.epochs == 5  # common settings and options kept
+    assert [c.distil_from for c in trained[:3]] == [None] * 3
 
 
 def test_site_adaptation_never_tests_on_images_the_bundle_trained_on(tiny_models, tiny_data):
