@@ -108,7 +108,8 @@ def test_student_learns_the_teacher_and_names_it(teacher, tiny_data):
     x = load_batch([prepared.manifest.root / r.path for r in prepared.splits["train"]], 64, 64)
     want, got = t.predict(x).argmax(1), student.predict(x).argmax(1)
     assert len(set(want)) > 1  # the teacher is no constant, so agreement means something
-    assert (want == got).mean() >= 0.8
+    constant = np.bincount(want).max() / len(want)  # what a student answering one class would reach
+    assert (want == got).mean() > constant, ((want == got).mean(), constant)
 
 
 def test_a_teacher_that_does_not_fit_the_data_is_refused(teacher, tiny_data, tmp_path):
