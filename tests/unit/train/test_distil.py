@@ -97,7 +97,7 @@ def test_student_learns_the_teacher_and_names_it(teacher, tiny_data):
     from covid_cxr.train.fit import train
 
     path, root = teacher
-    cfg = TrainConfig(**{**STAGED, "finetune_epochs": 4}, lr=3e-3, distil_from=str(path), distil_weight=1.0,
+    cfg = TrainConfig(**{**STAGED, "finetune_epochs": 24}, lr=1e-2, distil_from=str(path), distil_weight=1.0,
                       name="student")
     student = load_bundle(train(tiny_data, root / "models", cfg, workdir=root / "work").bundle_path)
     t = load_bundle(path)
@@ -109,7 +109,7 @@ def test_student_learns_the_teacher_and_names_it(teacher, tiny_data):
     want, got = t.predict(x).argmax(1), student.predict(x).argmax(1)
     assert len(set(want)) > 1  # the teacher is no constant, so agreement means something
     constant = np.bincount(want).max() / len(want)  # what a student answering one class would reach
-    assert (want == got).mean() > constant, ((want == got).mean(), constant)
+    assert (want == got).mean() >= max(0.9, constant + 0.1), ((want == got).mean(), constant)  # measured 0.958
 
 
 def test_a_teacher_that_does_not_fit_the_data_is_refused(teacher, tiny_data, tmp_path):
