@@ -173,7 +173,7 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str, trust=None, before: dict | None = None) -> dict:
+             run: RunDir, title: str, trust=None, before: dict | None = None, section: str = "") -> dict:
     """Test metrics (temperature-scaled, as the bundle answers; the operating point beside the argmax),
     and the report folder that goes into the bundle (table, calibration, curves, history).
     `before`: the --init-from bundle's metrics on the same split (site adaptation)."""
@@ -184,7 +184,7 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     atomic_write_json(run.report / "history.json", history.epochs)
     if before is not None:
         metrics["before_adaptation"] = before
-    write_report(metrics, run.report, title, before_after_md(before, metrics) if before else "")
+    write_report(metrics, run.report, title, (before_after_md(before, metrics) if before else "") + section)
     return metrics
 
 
@@ -200,6 +200,21 @@ def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, c
     if stages is None:
         stages = stage_features(model, prepared, cfg, cache_dir)
     return fit_trust(model, feats, stages)
+
+
+def trust_and_reference(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
+                        stages, site_head: bool):
+    """(trust layer, site_reference, extra report section). A site head (--init-from, frozen) is
+    fitted here with its trust layer, and its report gets the before/baseline/after section."""
+    if not site_head:
+        trust = fit_trust_layer(model, inputs, prepared, cfg, cache_dir, stages)
+        return trust, site_reference(prepared, cfg, trust), ""
+    from covid_cxr.train.adapt import adapt_site, site_section
+
+    with step("site head"):
+        trust, head0, stages = adapt_site(model, inputs, prepared, cfg, cache_dir)
+    reference = site_reference(prepared, cfg, trust, site_head)
+    return trust, reference, site_section(head0, model, inputs.features, prepared, cfg, trust, stages, reference)
 
 
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: dict,
@@ -236,13 +251,15 @@ def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
         say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
 
 
-def site_reference(prepared: PreparedData, cfg: TrainConfig, trust) -> dict | None:
+def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: bool = False) -> dict | None:
     """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
-    and image statistics, what `covid-cxr site check` compares a new site against."""
+    and image statistics, what `covid-cxr site check` compares a new site against. A site head's
+    reference is the site: the films it was adapted on (train + val), with their out-of-fold answers."""
     from covid_cxr.site.reference import reference_from_files
 
-    paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
-    ref = reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
+    splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
+    paths = [prepared.manifest.root / r.path for s in splits for r in prepared.splits[s]]
+    ref = reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on)
     return ref.model_dump() if ref is not None else None
 
 
@@ -275,8 +292,12 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
-    with step("head" if cfg.finetune else "training"):
-        history = fit(inputs, prepared, cfg, run, resume, logger)
+    site_head = bool(cfg.init_from) and inputs.features is not None and not cfg.finetune
+    if site_head:  # the site head is fitted with its trust layer below (train/adapt.py)
+        history = History()
+    else:
+        with step("head" if cfg.finetune else "training"):
+            history = fit(inputs, prepared, cfg, run, resume, logger)
     stages = None  # the OOD gate's inputs, when staged fine-tuning computes them on its way
     if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
         from covid_cxr.train.finetune import finetune_stage
@@ -290,15 +311,16 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
         return TrainResult(None, {}, history.epochs, clock.summary())
     if cfg.progress:
         say("fitting the gate and the temperature on the validation split; evaluating on the test split")
-    trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
+    trust, reference, section = trust_and_reference(model, inputs, prepared, cfg, workdir / "feature-cache", stages,
+                                                    site_head)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
-                       trust, before)
+                       trust, before, section)
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
                              trust)
     content["operating_point"] = operating_point_of(metrics)
-    content["site_reference"] = site_reference(prepared, cfg, trust)
+    content["site_reference"] = reference
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,
