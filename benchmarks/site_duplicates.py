@@ -9,7 +9,12 @@ Three looks, per source and class of the lung-mask collection, against covid19-r
 - the share of near copies beside the share of the full database the development sample holds
   (a random draw of the same database overlaps the sample at that share).
 
-Usage: python benchmarks/site_duplicates.py [--json FILE]
+With `--bundle`: a classifier two-sample test on the bundle's frozen features (cross-validated ROC
+AUC of a logistic regression telling the source's films, near copies left out, from the development
+films of the same class; 0.5 = indistinguishable), beside the same test between two random halves
+of the development class (the null) and v7 / crdvp (sites known to differ).
+
+Usage: python benchmarks/site_duplicates.py [--bundle MODELS/<name>/<v>] [--json FILE]
 """
 
 from __future__ import annotations
@@ -97,8 +102,52 @@ def summarise(out: list[dict], cls: str) -> dict:
     return s
 
 
+def c2st(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """Cross-validated ROC AUC of a (strongly regularised) logistic regression telling a from b."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = np.concatenate([a, b]), np.r_[np.zeros(len(a)), np.ones(len(b))]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
+    p = cross_val_predict(clf, x, y, cv=StratifiedKFold(5, shuffle=True, random_state=seed), method="predict_proba")
+    return float(roc_auc_score(y, p[:, 1]))
+
+
+def separability(bundle_path: Path) -> dict:
+    """source/class -> (AUC against the development class, AUC of two development halves), frozen features."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from site_adapt_heads import MASKS, features, pools
+
+    from covid_cxr.bundle import load_bundle
+    from covid_cxr.models.loading import load_torch
+
+    b = load_bundle(bundle_path)
+    model, cache = load_torch(b), REPO / "runs" / "adapt-work" / "features.safetensors"
+    with (SHARED / "covid19-radiography" / "manifest.csv").open() as f:
+        dev = list(csv.DictReader(f))
+    pool, _ = pools()
+    rng, out = np.random.default_rng(0), {}
+    for src, cls, dev_cls in (("quex", "COVID-19", "COVID"), ("quex", "Normal", "Normal"), ("v7", "COVID-19", "COVID"),
+                              ("crdvp", "Viral Pneumonia", "Viral Pneumonia")):
+        d = features(b, model, [SHARED / "covid19-radiography" / r["path"] for r in dev if r["label"] == dev_cls], cache)
+        s = features(b, model, [MASKS / "images" / f"{i}.png" for g in pool[(src, cls)] for i in g], cache)
+        idx = rng.permutation(len(d))
+        out[f"{src}/{cls}"] = {"n": len(s), "auc_vs_development": c2st(s, d[idx[:3 * len(s)]]),
+                               "auc_development_halves": c2st(d[idx[:len(d) // 2]], d[idx[len(d) // 2:]])}
+        print(f"{src}/{cls}: {len(s)} films, AUC against development {dev_cls} "
+              f"{out[f'{src}/{cls}']['auc_vs_development']:.3f} (two development halves: "
+              f"{out[f'{src}/{cls}']['auc_development_halves']:.3f})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", type=Path, help="also the two-sample test on this bundle's frozen features")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     dev = development()
@@ -117,6 +166,8 @@ def main() -> None:
         print(f"| {k} | {s['n']} | {s['exact_file']} | {s['exact_pixels']} | {s['near_corr']} | {s['ahash_le4']} | "
               f"{s['near_corr'] / s['n']:.1%} | {'' if exp is None else f'{exp:.1%}'} | "
               f"{'' if rest is None else f'{rest:.3f}'} |")
+    if a.bundle:
+        result["separability"] = separability(a.bundle)
     if a.json:
         atomic_write_json(a.json, result)
 

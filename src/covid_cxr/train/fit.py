@@ -276,7 +276,7 @@ def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdi
     workdir = Path(workdir) if workdir else models_out / ".work"
     run = start_run(cfg, workdir, resume, dist)
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
-                                   progress=cfg.progress)
+                                   progress=cfg.progress, allow_missing=bool(cfg.init_from))
     if cfg.init_from:
         from covid_cxr.train.adapt import exclude_seen
 
