@@ -85,7 +85,7 @@ def run_site(name, site, pool_ids, bundle, model, a) -> dict:
     f1, rec = macro(np.array(ry), pred, present)
     res["logistic_regression"] = {"macro_f1": f1, "recall": {classes[c]: r for c, r in rec.items()}}
     t = time.perf_counter()
-    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=f"adapted-{name}")
+    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=f"adapted-{name.replace('+', '-')}")
     adapted = load_bundle(train(root / "labelled", a.out / "models", cfg, workdir=a.workdir).bundle_path)
     res["adapt_seconds"] = time.perf_counter() - t
     res["after"], _ = scores(adapted, rest, ry, present, a)
@@ -140,8 +140,8 @@ def main() -> None:
     for name in a.sites.split(","):
         result[name] = run_site(name, SITES[name], pool_ids, bundle, model, a)
         print_site(name, result[name])
-    if a.json:
-        atomic_write_json(a.json, result)
+        if a.json:  # after every site: a run stopped later keeps what it measured
+            atomic_write_json(a.json, result)
 
 
 if __name__ == "__main__":
