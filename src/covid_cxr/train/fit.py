@@ -184,7 +184,8 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     atomic_write_json(run.report / "history.json", history.epochs)
     if before is not None:
         metrics["before_adaptation"] = before
-    write_report(metrics, run.report, title, (before_after_md(before, metrics) if before else "") + section)
+    # a site head's own section replaces the generic before/after (its macro-F1 counts only the site's classes)
+    write_report(metrics, run.report, title, section or (before_after_md(before, metrics) if before else ""))
     return metrics
 
 
