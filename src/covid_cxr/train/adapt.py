@@ -150,8 +150,8 @@ def fit_site_head(head, x, y, depth: str = "head", prior: float = 0.0, dev=None,
 
 # --init-from on a frozen backbone: the site head (fit_site_head) instead of the from-scratch recipe.
 # Chosen by benchmarks/site_adapt_heads.py (docs/results/site.md, "Adaptation that pays").
-SITE_DEPTH = "last"
-SITE_PRIOR = 0.1
+SITE_DEPTH = "head"
+SITE_PRIOR = 0.0
 SITE_STEPS = 300
 FOLDS = 5  # out-of-fold answers: the temperature and the site reference come from films the head did not fit
 
