@@ -69,15 +69,18 @@ class PreparedData:
 def prepare(data_dir: str | Path | list, classes=None, balance: str = "undersample",
             max_per_class: int | None = None, seed: int = 0,
             fractions=(0.70, 0.15, 0.15), near_threshold: int = 4,
-            progress: bool = True, manifest: Manifest | None = None) -> PreparedData:
+            progress: bool = True, manifest: Manifest | None = None, allow_missing: bool = False) -> PreparedData:
+    """`allow_missing`: some classes may have no images (a site adapting a bundle whose classes are
+    fixed: a children's hospital sends no adult COVID-19 films), not all of them."""
     if balance not in BALANCE_CHOICES:
         raise DataError(f"--balance must be one of {BALANCE_CHOICES}, got {balance!r}")
     from covid_cxr.data.sources import build_sources_manifest
 
-    man = manifest or build_sources_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress)
+    man = manifest or build_sources_manifest(data_dir, classes, near_threshold=near_threshold, progress=progress,
+                                             allow_missing=allow_missing)
     ok = man.ok
     missing = [c for c in man.classes if not any(r.label == c for r in ok)]
-    if missing:
+    if missing and (not allow_missing or len(missing) == len(man.classes)):
         raise DataError(f"no usable images for class(es) {missing} in {man.root}")
     chosen = select(ok, balance=balance, max_per_class=max_per_class, seed=seed)
     split = stratified_group_split(chosen, fractions, seed=seed)

@@ -29,12 +29,15 @@ def source_names(dirs: list[Path]) -> list[str]:
     return out
 
 
-def build_sources_manifest(data_dirs, classes=None, near_threshold: int = 4, progress: bool = True) -> Manifest:
-    """One manifest over every folder; a single folder gives exactly `build_manifest`'s result."""
+def build_sources_manifest(data_dirs, classes=None, near_threshold: int = 4, progress: bool = True,
+                           allow_missing: bool = False) -> Manifest:
+    """One manifest over every folder; a single folder gives exactly `build_manifest`'s result.
+    `allow_missing`: a folder may lack some of `classes` (a site adapted on)."""
     from covid_cxr.data.dedupe import mark_duplicates
 
     dirs = [Path(d) for d in ([data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs)]
-    parts = [build_manifest(d, classes, near_threshold=near_threshold, progress=progress) for d in dirs]
+    parts = [build_manifest(d, classes, near_threshold=near_threshold, progress=progress, allow_missing=allow_missing)
+             for d in dirs]
     if len(parts) == 1:
         return parts[0]
     root = Path(os.path.commonpath([str(m.root) for m in parts]))

@@ -35,7 +35,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str] | 
     per_class = {}
     for i, c in enumerate(classes):
         entry = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]),
-                 "recall_ci95": list(wilson(int(cm[i, i]), int(s[i])))}
+                 # no films of the class (a site lacking it): the interval is all of [0, 1], not NaN
+                 "recall_ci95": list(wilson(int(cm[i, i]), int(s[i]))) if s[i] else [0.0, 1.0]}
         present = (y_true == i)
         entry["roc_auc"] = float(roc_auc_score(present, probs[:, i])) if 0 < present.sum() < len(y_true) else None
         per_class[c] = entry

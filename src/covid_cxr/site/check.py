@@ -73,11 +73,12 @@ def next_step(check: SiteCheck) -> str:
                 f"covid-cxr serve --models {b.path.parent.parent}")
     if r.verdict != SHIFT:
         return f"Add images: at least {MIN_IMAGES} (20 or more to detect the shifts measured in docs/results/site.md)."
-    dev = b.metadata.training.data.dataset_root if b.metadata.training is not None else "DEVELOPMENT_DATA"
+    # the site alone: the adapted head starts from the bundle's (docs/results/site.md, "Adaptation that
+    # pays"); mixing the development data back in drowns the site's films and its reference
     return (f"Do not trust the model's figures on this site. Label at least {ADAPT_PER_CLASS} images per class "
             f"of it (one folder per class: {', '.join(b.classes)}) and adapt:\n"
-            f"  covid-cxr train --init-from {model} --data SITE_LABELLED --data {dev} --out {b.path.parent.parent}\n"
-            f"then check fresh images of the site against the adapted model: "
+            f"  covid-cxr train --init-from {model} --data SITE_LABELLED --out {b.path.parent.parent}\n"
+            f"then check fresh images of the site (not the labelled ones) against the adapted model: "
             f"covid-cxr site check --model {b.path.parent.parent}/{b.name} --data {check.folder}")
 
 

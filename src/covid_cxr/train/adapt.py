@@ -108,3 +108,182 @@ def exclude_seen(prepared, cfg) -> int:
     if not prepared.splits["test"]:
         raise DataError(f"--init-from {cfg.init_from}: every test image was seen by the bundle in training")
     return len(moved)
+
+
+def fit_site_head(head, x, y, depth: str = "head", prior: float = 0.0, dev=None, steps: int = 300,
+                  lr: float = 1e-3, seed: int = 0):
+    """The bundle's head refitted on a site's few labelled films (features `x`, labels `y`), all of
+    them (no split held back for early stopping: a 3-film validation split only adds noise), full
+    batch, a fixed budget, classes weighted to balance. `depth`: "last" (last layer) | "head";
+    `prior`: L2 pull towards the development head (L2-SP); `dev` (features, labels): development
+    films mixed in at half the loss (the site up-weighted to match them)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    h = copy.deepcopy(head)
+    train = list(h.net[-1].parameters()) if depth == "last" else list(h.parameters())
+    for p in h.parameters():
+        p.requires_grad_(any(p is q for q in train))
+    start = [p.detach().clone() for p in train]
+    xs, ys = torch.as_tensor(np.asarray(x, np.float32)), torch.as_tensor(np.asarray(y, np.int64))
+    k = h.net[-1].out_features
+    counts = torch.bincount(ys, minlength=k).float()
+    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros(k))
+    opt = torch.optim.Adam(train, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        h.train()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(h(xs), ys, weight=w)
+        if dev is not None:
+            i = torch.randint(len(dev[1]), (256,), generator=gen)
+            dx = torch.as_tensor(np.asarray(dev[0][i.numpy()], np.float32))
+            loss = 0.5 * loss + 0.5 * torch.nn.functional.cross_entropy(h(dx), torch.as_tensor(dev[1][i.numpy()]))
+        if prior:
+            loss = loss + prior / 2 * sum(((p - s) ** 2).sum() for p, s in zip(train, start))
+        loss.backward()
+        opt.step()
+    return h.eval()
+
+
+# --init-from on a frozen backbone: the site head (fit_site_head) instead of the from-scratch recipe.
+# Chosen by benchmarks/site_adapt_heads.py (docs/results/site.md, "Adaptation that pays").
+SITE_DEPTH = "head"
+SITE_PRIOR = 0.0
+SITE_STEPS = 300
+FOLDS = 5  # out-of-fold answers: the temperature and the site reference come from films the head did not fit
+
+
+def labelled_site(feats: dict):
+    """(features, labels) of every labelled film adaptation may fit on: train + val (test stays out)."""
+    import numpy as np
+
+    x = np.concatenate([feats[s][0].numpy() for s in ("train", "val")])
+    y = np.concatenate([feats[s][1].numpy() for s in ("train", "val")])
+    return x, y
+
+
+def out_of_fold_logits(head, x, y, seed: int = 0):
+    """Each labelled film's logits from a site head fitted without it (stratified k-fold, k <= the
+    smallest class): what the adapted head does on films it has not seen."""
+    import numpy as np
+    import torch
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    smallest = int(np.bincount(y)[np.bincount(y) > 0].min())
+    k = min(FOLDS, smallest) if smallest >= 2 else min(FOLDS, len(y))
+    folds = (StratifiedKFold(k, shuffle=True, random_state=seed) if smallest >= 2
+             else KFold(k, shuffle=True, random_state=seed))
+    out = np.zeros((len(y), head.net[-1].out_features), np.float32)
+    for fit_idx, held in folds.split(x, y):
+        h = fit_site_head(head, x[fit_idx], y[fit_idx], SITE_DEPTH, SITE_PRIOR, steps=SITE_STEPS, seed=seed)
+        with torch.inference_mode():
+            out[held] = h(torch.from_numpy(np.asarray(x[held], np.float32))).numpy()
+    return out
+
+
+def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
+    """Site adaptation of a frozen-backbone bundle: the head refitted on the labelled site films, the
+    temperature on their out-of-fold answers, the bundle's own gate kept (a Mahalanobis gate refitted
+    on tens of films would be degenerate). Returns the Trust whose val answers are the site's
+    out-of-fold answers on train + val: the adapted bundle's site reference."""
+    import numpy as np
+
+    from covid_cxr.trust.calibration import fit_temperature, nll, softmax
+    from covid_cxr.trust.fit import Trust
+    from covid_cxr.trust.ood import OODStats
+
+    x, y = labelled_site(feats)
+    oof = out_of_fold_logits(model.head, x, y, cfg.seed)
+    model.head.load_state_dict(fit_site_head(model.head, x, y, SITE_DEPTH, SITE_PRIOR, steps=SITE_STEPS,
+                                             seed=cfg.seed).state_dict())
+    t = fit_temperature(oof, y)
+    info = {"calibration": {"temperature": t, "fitted_on": f"out-of-fold answers on the site's {len(y)} labelled "
+                            "films (train + val)", "val_nll_before": nll(oof, y, 1.0), "val_nll_after": nll(oof, y, t)}}
+    gate, score = None, None
+    if bundle_trust and bundle_trust.get("arrays") is not None and "threshold" in bundle_trust["arrays"]:
+        gate = OODStats.from_arrays(bundle_trust["arrays"])
+        info["ood"] = {**bundle_trust["info"], "fitted_on": "the --init-from bundle's development data (kept)"}
+        score = gate.score(np.concatenate([stages.splits[s] for s in ("train", "val")]))
+    return Trust(t, gate, info, softmax(oof / t), score)
+
+
+def bundle_trust(cfg) -> dict | None:
+    """The --init-from bundle's gate: its trust.safetensors arrays and metadata (None without a gate)."""
+    from covid_cxr.bundle import load_bundle
+
+    b = load_bundle(cfg.init_from)
+    ood = b.metadata.trust.ood if b.metadata.trust is not None else None
+    arrays = b.trust_arrays()
+    if ood is None or arrays is None:
+        return None
+    return {"arrays": arrays, "info": ood.model_dump()}
+
+
+def adapt_site(model, inputs, prepared, cfg, cache_dir):
+    """`train --init-from` on a frozen backbone: the site head and its trust layer (adapt_frozen);
+    also the bundle's head as it was and the films' stage statistics (for site_section)."""
+    from covid_cxr.trust.stages import stage_features
+
+    import copy
+
+    kept = bundle_trust(cfg)
+    stages = stage_features(model, prepared, cfg, cache_dir) if kept else None
+    head0 = copy.deepcopy(model.head)
+    return adapt_frozen(model, inputs.features, cfg, kept, stages), head0, stages
+
+
+def _present_scores(y, pred, classes) -> tuple[float, dict]:
+    """Macro-F1 over the classes the films have, and recall per such class."""
+    import numpy as np
+    from sklearn.metrics import f1_score, recall_score
+
+    present = sorted(set(np.asarray(y).tolist()))
+    f1 = float(f1_score(y, pred, labels=present, average="macro", zero_division=0))
+    rec = recall_score(y, pred, labels=present, average=None, zero_division=0)
+    return f1, {classes[c]: float(r) for c, r in zip(present, rec)}
+
+
+def site_section(head0, model, feats, prepared, cfg, trust, stages, reference) -> str:
+    """The report's before/after on the site's test split (films adaptation did not fit): macro-F1 and
+    recall per class of the bundle, of a logistic regression on the same labelled films' frozen
+    features (the baseline to beat), of the adapted model; and the site check's verdict on those
+    films against the bundle's reference and against the adapted one."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from covid_cxr.bundle import load_bundle
+    from covid_cxr.bundle.schema import SiteReference
+    from covid_cxr.site.images import read_images
+    from covid_cxr.site.reference import sample_of
+    from covid_cxr.site.shift import compare
+    from covid_cxr.trust.calibration import softmax
+
+    classes = list(prepared.classes)
+    xt, yt = feats["test"][0].numpy(), feats["test"][1].numpy()
+    x, y = labelled_site(feats)
+    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
+    old = load_bundle(cfg.init_from).metadata
+    t0 = old.trust.calibration.temperature if old.trust and old.trust.calibration else 1.0
+    with torch.inference_mode():
+        p0 = softmax(head0.eval()(torch.from_numpy(xt)).numpy() / t0)
+        p1 = softmax(model.head.eval()(torch.from_numpy(xt)).numpy() / trust.temperature)
+    batch, _ = read_images([prepared.manifest.root / r.path for r in prepared.splits["test"]], cfg.size, cfg.size)
+    ood = trust.ood.score(stages.splits["test"]) if trust.ood is not None and stages is not None else None
+    rows = [("before: the --init-from bundle", p0.argmax(1), old.site_reference, p0),
+            (f"logistic regression on the frozen features of the same {len(y)} labelled films",
+             lr.classes_[lr.predict_proba(xt).argmax(1)], None, None),
+            ("after: the adapted bundle", p1.argmax(1), SiteReference.model_validate(reference) if reference else None, p1)]
+    out = ["\n## Site adaptation: before, baseline, after (the site's test split, films not adapted on)\n",
+           f"{len(yt)} test films; the adapted head was fitted on {len(y)} labelled films (train + val).\n",
+           "| model | macro-F1 | recall per class | site check on these films |", "|---|---|---|---|"]
+    for label, pred, ref, probs in rows:
+        f1, rec = _present_scores(yt, pred, classes)
+        verdict = "" if ref is None else compare(ref, sample_of(probs, ood, batch), classes).verdict
+        out.append(f"| {label} | {f1:.3f} | {', '.join(f'{k} {v:.2f}' for k, v in rec.items())} | {verdict} |")
+    return "\n".join(out) + "\n"

@@ -179,7 +179,7 @@ def test_probabilities(model: Classifier, prepared: PreparedData, size: int, fea
 
 
 def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, history: History,
-             run: RunDir, title: str, trust=None, before: dict | None = None) -> dict:
+             run: RunDir, title: str, trust=None, before: Metrics | None = None, section: str = "") -> Metrics:
     """Test metrics (temperature-scaled, as the bundle answers; the operating point beside the argmax),
     and the report folder that goes into the bundle (table, calibration, curves, history).
     `before`: the --init-from bundle's metrics on the same split (site adaptation)."""
@@ -190,7 +190,8 @@ def evaluate(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: Tra
     atomic_write_json(run.report / "history.json", history.epochs)
     if before is not None:
         metrics = metrics.model_copy(update={"before_adaptation": before})
-    write_report(metrics, run.report, title, before_after_md(before, metrics) if before else "")
+    # a site head's own section replaces the generic before/after (its macro-F1 counts only the site's classes)
+    write_report(metrics, run.report, title, section or (before_after_md(before, metrics) if before else ""))
     return metrics
 
 
@@ -208,8 +209,23 @@ def fit_trust_layer(model: Classifier, inputs: Inputs, prepared: PreparedData, c
     return fit_trust(model, feats, stages)
 
 
+def trust_and_reference(model: Classifier, inputs: Inputs, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
+                        stages, site_head: bool):
+    """(trust layer, site_reference, extra report section). A site head (--init-from, frozen) is
+    fitted here with its trust layer, and its report gets the before/baseline/after section."""
+    if not site_head:
+        trust = fit_trust_layer(model, inputs, prepared, cfg, cache_dir, stages)
+        return trust, site_reference(prepared, cfg, trust), ""
+    from covid_cxr.train.adapt import adapt_site, site_section
+
+    with step("site head"):
+        trust, head0, stages = adapt_site(model, inputs, prepared, cfg, cache_dir)
+    reference = site_reference(prepared, cfg, trust, site_head)
+    return trust, reference, site_section(head0, model, inputs.features, prepared, cfg, trust, stages, reference)
+
+
 def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, history: History, metrics: Metrics,
-                   cached: bool, lr_suggestion: float | None, trust=None) -> BundleContent:
+                   cached: bool, lr_suggestion: float | None, trust=None, reference=None) -> BundleContent:
     """The model's half of its metadata (the writer completes it; covid_cxr.bundle.schema)."""
     from covid_cxr.train.distil import teacher_record
 
@@ -232,7 +248,7 @@ def bundle_content(cfg: TrainConfig, prepared: PreparedData, source: str, histor
         trust=trust.info if trust is not None else None,
         # lung-only input: the writer copies the lung model in, so every reader crops the same way
         lung_crop={"mode": cfg.lung_crop, "lungs": cfg.lungs} if cfg.lung_crop != "none" else None,
-        site_reference=site_reference(prepared, cfg, trust),
+        site_reference=reference,
         distilled_from=teacher_record(cfg),  # the teacher, for a student (--distil-from)
     )
 
@@ -246,13 +262,15 @@ def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
         say(f"... and {len(skipped) - shown} more skipped files (covid-cxr data inspect lists them all)")
 
 
-def site_reference(prepared: PreparedData, cfg: TrainConfig, trust):
+def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: bool = False):
     """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
-    and image statistics, what `covid-cxr site check` compares a new site against."""
+    and image statistics, what `covid-cxr site check` compares a new site against. A site head's
+    reference is the site: the films it was adapted on (train + val), with their out-of-fold answers."""
     from covid_cxr.site.reference import reference_from_files
 
-    paths = [prepared.manifest.root / r.path for r in prepared.splits["val"]]
-    return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes))
+    splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
+    paths = [prepared.manifest.root / r.path for s in splits for r in prepared.splits[s]]
+    return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on)
 
 
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,
@@ -294,7 +312,7 @@ def _train_run(data_dir, models_out: Path, cfg: TrainConfig, workdir: Path, run:
     from covid_cxr.train.adapt import before_metrics, start_model
 
     prepared = prepared or prepare(data_dir, cfg.classes, cfg.balance, cfg.max_per_class, cfg.seed,
-                                   progress=cfg.progress)
+                                   progress=cfg.progress, allow_missing=bool(cfg.init_from))
     if cfg.init_from:
         from covid_cxr.train.adapt import exclude_seen
 
@@ -310,8 +328,12 @@ def _train_run(data_dir, models_out: Path, cfg: TrainConfig, workdir: Path, run:
         lr_suggestion = lr_range_test(inputs, prepared, cfg, run, dist)
         clock.lap("lr_find")
     logger = make_logger(cfg, workdir)
-    with step("head" if cfg.finetune else "training"):
-        history = fit(inputs, prepared, cfg, run, resume, logger)
+    site_head = bool(cfg.init_from) and inputs.features is not None and not cfg.finetune
+    if site_head:  # the site head is fitted with its trust layer below (train/adapt.py)
+        history = History()
+    else:
+        with step("head" if cfg.finetune else "training"):
+            history = fit(inputs, prepared, cfg, run, resume, logger)
     stages = None  # the OOD gate's inputs, when staged fine-tuning computes them on its way
     if cfg.finetune and inputs.features is not None:  # staged fine-tuning, stage 2 (train/finetune.py)
         from covid_cxr.train.finetune import finetune_stage
@@ -325,13 +347,14 @@ def _train_run(data_dir, models_out: Path, cfg: TrainConfig, workdir: Path, run:
         return TrainResult(None, None, history.epochs, clock.summary())
     if cfg.progress:
         say("fitting the gate and the temperature on the validation split; evaluating on the test split")
-    trust = fit_trust_layer(model, inputs, prepared, cfg, workdir / "feature-cache", stages)
+    trust, reference, section = trust_and_reference(model, inputs, prepared, cfg, workdir / "feature-cache", stages,
+                                                    site_head)
     clock.lap("trust")
     metrics = evaluate(model, inputs, prepared, cfg, history, run, f"{cfg.bundle_name} ({source}) — test split",
-                       trust, before)
+                       trust, before, section)
     clock.lap("evaluate")
     content = bundle_content(cfg, prepared, source, history, metrics, inputs.features is not None, lr_suggestion,
-                             trust)
+                             trust, reference)
     parity = load_batch([prepared.manifest.root / r.path for r in prepared.splits["test"][:PARITY_IMAGES]],
                         cfg.size, cfg.size)
     bundle = write_bundle(models_out, cfg.bundle_name, model, content, parity, report_dir=run.report, clock=clock,
