@@ -63,13 +63,12 @@ def test_a_class_without_films_gets_a_recall_interval_the_bundle_schema_accepts(
     (a NaN one made the adapted bundle's metadata.json unreadable); present classes keep Wilson's."""
     import numpy as np
 
-    from covid_cxr.bundle.schema import ClassMetrics
+    from covid_cxr.core.results import Metrics
     from covid_cxr.evaluate.metrics import compute_metrics
 
     probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0]])
     m = compute_metrics(np.array([0, 0, 1, 1]), probs, ["a", "b", "c"])
-    assert m["per_class"]["c"]["recall_ci95"] == [0.0, 1.0]
-    lo, hi = m["per_class"]["b"]["recall_ci95"]
+    assert m.per_class["c"].recall_ci95 == (0.0, 1.0)
+    lo, hi = m.per_class["b"].recall_ci95
     assert 0 < lo < 0.5 < hi < 1
-    for entry in m["per_class"].values():
-        ClassMetrics.model_validate(entry)
+    assert Metrics.model_validate_json(m.model_dump_json()) == m  # what metadata.json holds reads back
