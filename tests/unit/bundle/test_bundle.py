@@ -120,6 +120,7 @@ def test_bundle_check_ok_line(tiny_models):
     assert res.exit_code == 0 and res.output.startswith("ok: ")
 
 
+@pytest.mark.slow  # two exports with their ONNX and Grad-CAM parity checks
 def test_a_failed_write_publishes_nothing_and_the_next_one_does(tiny_models, tmp_path, monkeypatch):
     import covid_cxr.publish.writer as writer
 

@@ -18,6 +18,7 @@ from covid_cxr.serve.testing import running_server
 from tests.unit.lungs.test_lungs import band_lungs, crop_classifier, draw_pair, lung_data, lung_models  # noqa: F401
 
 
+@pytest.mark.slow  # needs crop_classifier: a lung U-Net and a lung-crop classifier trained for the module
 def test_a_gradcam_upload_crops_the_lungs_once(crop_classifier, tmp_path, monkeypatch):  # noqa: F811
     from covid_cxr.data.decode import load_for_model
     from covid_cxr.explain.render import cam_overlay

@@ -34,6 +34,7 @@ def _acc(head, x, y) -> float:
         return float((head.eval()(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+@pytest.mark.slow  # site heads fitted at several depths
 def test_the_site_head_learns_the_site_and_depth_and_prior_bound_what_moves():
     x, y, head = _site()
     assert _acc(head, x, y) == pytest.approx(1 / 3)
@@ -48,6 +49,7 @@ def test_the_site_head_learns_the_site_and_depth_and_prior_bound_what_moves():
     assert torch.equal(head.net[-1].bias, torch.tensor([3.0, 0.0, 0.0]))  # the bundle's head is not touched
 
 
+@pytest.mark.slow  # five folds of site heads
 def test_out_of_fold_answers_are_on_films_the_head_did_not_fit():
     """Structured labels: out-of-fold accuracy high. Shuffled labels: in-sample the head fits them,
     out of fold it is near chance (it would be near 1 if a film's own answer had seen it)."""

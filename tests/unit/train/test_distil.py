@@ -71,6 +71,7 @@ def test_the_recipe_distils_from_a_given_teacher_without_retraining_it(monkeypat
     assert all(m.distil_from is None for m in recipe_configs("accurate", base))  # members learn from labels
 
 
+@pytest.mark.slow  # needs the staged fine-tuned teacher
 def test_cached_soft_labels_are_the_teachers_answers_on_the_same_views(teacher, tiny_data):
     """From the teacher's cached trunk (found, not recomputed) = its model.onnx on the augmented images."""
     from covid_cxr.data import prepare
@@ -112,6 +113,7 @@ def test_student_learns_the_teacher_and_names_it(teacher, tiny_data):
     assert (want == got).mean() >= max(0.9, constant + 0.1), ((want == got).mean(), constant)  # measured 0.958
 
 
+@pytest.mark.slow  # needs the staged fine-tuned teacher
 def test_a_teacher_that_does_not_fit_the_data_is_refused(teacher, tiny_data, tmp_path):
     from covid_cxr.train.fit import train
 
