@@ -237,7 +237,9 @@ class SiteReference(_Strict):
     n: int = Field(ge=1, description="images in the reference")
     ood_score: list[float] | None = Field(None, description="the gate's ood_score per image (absent without a gate)")
     confidence: list[float] = Field(description="the largest class probability per image")
-    predicted: dict[str, int] = Field(description="predicted class -> images")
+    predicted: dict[str, int] | None = Field(None, description=(
+        "predicted class -> images; absent where the reference's mix is not the site's (an adapted "
+        "bundle's labelled films are chosen per class, so their mix says nothing of its prevalence)"))
     images: ImageReference | None = None
 
 
@@ -405,7 +407,7 @@ class BundleMetadata(_Strict):
         if self.lung_crop is not None and self.task != "classification":
             raise ValueError("lung_crop belongs to classifiers only")
         ref = self.site_reference
-        if ref is not None and not set(ref.predicted) <= set(self.classes):
+        if ref is not None and not set(ref.predicted or {}) <= set(self.classes):
             raise ValueError(f"site_reference.predicted names classes the model lacks: {sorted(ref.predicted)}")
         if self.cam is not None and self.task != "classification":  # its shapes: checked against the file
             raise ValueError("cam (cam.onnx) belongs to classifiers only")

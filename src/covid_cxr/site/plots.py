@@ -40,10 +40,12 @@ def shift_png(ref: SiteReference, sample: Sample, classes: list[str], result: Sh
         _title(ax, name, by_name.get(name))
         ax.legend(fontsize=7)
     ax = axes[len(panels)]
-    ref_total = max(1, sum(ref.predicted.values()))
+    ref_mix = ref.predicted or {}  # none in an adapted bundle's reference: the site's bars alone
+    ref_total = max(1, sum(ref_mix.values()))
     site_mix = sample.predicted(classes)
     x = np.arange(len(classes))
-    ax.bar(x - 0.2, [ref.predicted.get(c, 0) / ref_total for c in classes], 0.4, label="reference")
+    if ref_mix:
+        ax.bar(x - 0.2, [ref_mix.get(c, 0) / ref_total for c in classes], 0.4, label="reference")
     ax.bar(x + 0.2, [site_mix[c] / max(1, sample.n) for c in classes], 0.4, label="site")
     ax.set_xticks(x, classes, rotation=20, fontsize=8)
     _title(ax, "predicted class mix", by_name.get("predicted class mix"))

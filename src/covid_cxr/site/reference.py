@@ -56,9 +56,10 @@ def _round(values) -> list[float]:
 
 
 def build_reference(sample: Sample, classes: list[str], computed_on: str = "val split",
-                    seed: int = 0) -> SiteReference:
+                    seed: int = 0, class_mix: bool = True) -> SiteReference:
     """metadata.json's `site_reference` from the validation split's sample (a random subset of
-    MAX_REFERENCE images when larger)."""
+    MAX_REFERENCE images when larger); without `class_mix` when the sample's classes were chosen
+    (labelled films drawn per class), so that a site's own prevalence is not called a shift."""
     keep = np.arange(sample.n)
     if sample.n > MAX_REFERENCE:
         keep = np.sort(np.random.default_rng(seed).choice(sample.n, MAX_REFERENCE, replace=False))
@@ -71,11 +72,11 @@ def build_reference(sample: Sample, classes: list[str], computed_on: str = "val 
     return SiteReference.model_validate({
         "computed_on": computed_on, "n": len(keep), "confidence": _round(sub.confidence),
         "ood_score": None if sub.ood_score is None else _round(sub.ood_score),
-        "predicted": sub.predicted(classes), "images": images})
+        "predicted": sub.predicted(classes) if class_mix else None, "images": images})
 
 
 def reference_from_files(paths, height: int, width: int, probs, ood_score, classes: list[str],
-                         computed_on: str = "val split") -> SiteReference | None:
+                         computed_on: str = "val split", class_mix: bool = True) -> SiteReference | None:
     """The reference of images the model has already answered (`probs`, `ood_score` in the order of
     `paths`), with their image statistics read from the files; None without images."""
     from covid_cxr.site.images import read_images
@@ -87,7 +88,7 @@ def reference_from_files(paths, height: int, width: int, probs, ood_score, class
         batch, _ = read_images(list(paths[i:i + 64]), height, width, batch)
     if batch.skipped:  # the answers and the statistics would no longer pair up: a bug upstream
         raise ValueError(f"reference images unreadable: {batch.skipped[:3]}")
-    return build_reference(sample_of(probs, ood_score, batch), classes, computed_on)
+    return build_reference(sample_of(probs, ood_score, batch), classes, computed_on, class_mix=class_mix)
 
 
 def merged(ref: SiteReference, site: SiteReference) -> SiteReference:
@@ -97,7 +98,8 @@ def merged(ref: SiteReference, site: SiteReference) -> SiteReference:
     out = {"computed_on": f"{ref.computed_on} + {site.computed_on}", "n": ref.n + site.n,
            "confidence": a["confidence"] + b["confidence"],
            "ood_score": None if a["ood_score"] is None or b["ood_score"] is None else a["ood_score"] + b["ood_score"],
-           "predicted": dict(Counter(a["predicted"]) + Counter(b["predicted"])), "images": None}
+           "predicted": None if a["predicted"] is None or b["predicted"] is None
+           else dict(Counter(a["predicted"]) + Counter(b["predicted"])), "images": None}
     if a["images"] and b["images"]:
         ia, ib = a["images"], b["images"]
         w = ref.n / (ref.n + site.n)

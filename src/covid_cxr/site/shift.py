@@ -120,7 +120,8 @@ def signals_of(ref: SiteReference, sample: Sample, classes: list[str], images: b
     out = [ks_signal("confidence", sample.confidence, ref.confidence)]
     if ref.ood_score is not None and sample.ood_score is not None:
         out.insert(0, ks_signal("ood_score", sample.ood_score, ref.ood_score))
-    out.append(counts_signal("predicted class mix", sample.predicted(classes), ref.predicted))
+    if ref.predicted is not None:  # an adapted bundle's reference has no mix to compare (build_reference)
+        out.append(counts_signal("predicted class mix", sample.predicted(classes), ref.predicted))
     if images and ref.images is not None and sample.images:
         ri = ref.images.model_dump()
         out += [ks_signal(k, sample.images[k], ri[k]) for k in ("side", "aspect", "brightness", "contrast",

@@ -265,12 +265,14 @@ def report_skipped(prepared: PreparedData, shown: int = 20) -> None:
 def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: bool = False):
     """metadata.json's `site_reference`: the validation split's answers (as the bundle gives them)
     and image statistics, what `covid-cxr site check` compares a new site against. A site head's
-    reference is the site: the films it was adapted on (train + val), with their out-of-fold answers."""
+    reference is the site: the films it was adapted on (train + val), with their out-of-fold answers
+    and no class mix (they were labelled per class: their mix is not the site's prevalence)."""
     from covid_cxr.site.reference import reference_from_files
 
     splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
     paths = [prepared.manifest.root / r.path for s in splits for r in prepared.splits[s]]
-    return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on)
+    return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on,
+                                class_mix=not site_head)
 
 
 def train(data_dir: str | Path, models_out: str | Path, cfg: TrainConfig, workdir: str | Path | None = None,

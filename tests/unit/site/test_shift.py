@@ -73,6 +73,20 @@ def test_without_a_gate_the_other_signals_still_test():
     assert r.verdict == SHIFT and "less confident" in summary_words(r)
 
 
+def test_a_reference_without_a_class_mix_tests_everything_else(reference):
+    """An adapted bundle's reference holds films labelled per class: a site's own prevalence, far
+    from that mix, is not called a shift, while its answers moving still is."""
+    rng = np.random.default_rng(6)
+    no_mix = build_reference(answers(600, np.random.default_rng(0)), CLASSES, class_mix=False)
+    assert no_mix.predicted is None and SiteReference.model_validate(no_mix.model_dump()) == no_mix
+    skewed = answers(50, rng, mix=(0.05, 0.05, 0.9))
+    assert compare(reference, skewed, CLASSES).verdict == SHIFT  # with the mix: flagged
+    r = compare(no_mix, skewed, CLASSES)
+    assert r.verdict == FIT and "predicted class mix" not in {s.name for s in r.signals}
+    assert compare(no_mix, answers(20, rng, ood_loc=3.0), CLASSES).verdict == SHIFT
+    assert merged(reference, no_mix).predicted is None
+
+
 def test_reference_is_typed_and_merges(reference):
     assert reference.n == 600 and sum(reference.predicted.values()) == 600
     both = merged(reference, reference)
