@@ -102,8 +102,8 @@ def print_table(rows: dict, diffs: dict, first: str) -> None:
             r = row[rule]
             lo, hi = r["accuracy_ci95"]
             rlo, rhi = r["covid_recall_ci95"]
-            met = {True: f"yes (>= {r['target_recall']})", False: f"NO (< {r['target_recall']})"}.get(
-                r.get("target_met"), "")
+            met = "" if "target_met" not in r else (
+                f"{'yes' if r['target_met'] else 'NO'} ({'>=' if r['target_met'] else '<'} {r['target_recall']})")
             print(f"{name:>14} | {rule:>6} | {pct(r['accuracy']):>6} ({pct(lo)}–{pct(hi)}) | {pct(r['macro_f1']):>8} | "
                   f"{pct(r['covid_recall']):>5} {r['covid_found']}/{r['covid_n']} ({pct(rlo)}–{pct(rhi)}) | {met}")
     print()
