@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 DATA ?=
 OUT ?= runs/demo
 
+# Python's bytecode cache on, even where the environment turns it off (PYTHONDONTWRITEBYTECODE):
+# the tests start many Python processes, and without it each compiles every module of src/ again
+# and pytest rewrites the asserts of every test module and plugin again (~3 s per process).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: install install-serve lock demo test test-fast bench browser web-runtime clean
 
 # Everything (extras serve, train, explain, test) at the exact versions of requirements.lock;
@@ -51,7 +56,7 @@ test: $(STAMP) browser web-runtime
 # on both cores (pytest-xdist); its slower tests (marked slow: fuzzing, audit, fine-tuning, lung
 # U-Net training, exports) run in `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests/unit -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests/unit -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py

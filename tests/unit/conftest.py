@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = 64
+from tests.unit.builds import TINY, built_once, train_tiny
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +20,14 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, tiny_data) -> Path:
-    """MODELS/tiny/1: efficientnet_lite0 with random weights at 64 px, trained 2 epochs (tracked in
-    MLflow's local file store MODELS/.work/mlruns, which test_tracking reads back)."""
-    from covid_cxr.train.fit import TrainConfig, train
+def tiny_models(tmp_path_factory, worker_id) -> Path:
+    """MODELS/tiny/1, trained once per run (built_once), tracked in MLflow's local file store
+    MODELS/.work/mlruns, which test_tracking reads back."""
+    def build(folder: Path, scratch: Path) -> None:
+        train_tiny(folder, scratch, name="tiny", logger="mlflow",
+                   tracking_uri=(folder / ".work" / "mlruns").as_uri())
 
-    out = tmp_path_factory.mktemp("tiny-models")
-    cfg = TrainConfig(weights="none", image_size=TINY, epochs=2, lr_find=False, progress=False, name="tiny",
-                      logger="mlflow", tracking_uri=(out / ".work" / "mlruns").as_uri())
-    train(tiny_data, out, cfg, workdir=tmp_path_factory.mktemp("tiny-work"))
-    return out
+    return built_once(tmp_path_factory, worker_id, "tiny-models", build)
 
 
 @pytest.fixture

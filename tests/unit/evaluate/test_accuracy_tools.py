@@ -13,6 +13,7 @@ import pytest
 from covid_cxr.bundle import load_bundle
 from covid_cxr.core.errors import ConfigError
 from covid_cxr.evaluate.operating_point import choose, decide, fit_threshold, parse_target
+from tests.unit.builds import built_once, train_tiny
 
 
 # ----------------------------------------------------------------------------- operating point
@@ -39,15 +40,12 @@ def test_target_recall_must_read_class_equals_recall(bad):
 
 
 @pytest.fixture(scope="module")
-def op_models(tiny_data, tmp_path_factory):
+def op_models(tmp_path_factory, worker_id):
     """A second tiny bundle on the same split as `tiny` (other head), with an operating point."""
-    from covid_cxr.train.fit import TrainConfig, train
+    def build(folder, scratch):
+        train_tiny(folder, scratch, name="op", hidden=[32], target_recall="COVID-19=1.0")
 
-    out = tmp_path_factory.mktemp("op-models")
-    cfg = TrainConfig(weights="none", image_size=64, epochs=2, lr_find=False, progress=False, name="op",
-                      hidden=[32], target_recall="COVID-19=1.0")
-    train(tiny_data, out, cfg, workdir=tmp_path_factory.mktemp("op-work"))
-    return out
+    return built_once(tmp_path_factory, worker_id, "op-models", build)
 
 
 def test_the_operating_point_is_stored_reported_and_used(op_models, tiny_data, tmp_path):
