@@ -33,7 +33,10 @@ def test_a_run_that_fails_on_its_data_leaves_nothing(tiny_data, tmp_path):
 def _train_cli(data, out, *extra):
     cmd = [sys.executable, "-m", "covid_cxr", "train", "--data", str(data), "--out", str(out), "--weights", "none",
            "--image-size", "64", "--logger", "none", "--name", "tiny", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as at a terminal, even when the suite itself runs as a background job (which starts
+    # with SIGINT ignored, inherited by its children: Python would then never raise KeyboardInterrupt)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
