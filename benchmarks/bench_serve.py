@@ -273,6 +273,18 @@ def onnx_cpu_by_batch(models: Path, model: str, sizes=(1, 2, 4, 8, 16, 32), imag
 
 # ---------------------------------------------------------------------------------- main
 
+def load_options(p: argparse.ArgumentParser, concurrency: list[int], requests: int, latency_requests: int,
+                 warmup: int) -> None:
+    """The load and server options bench_server reads (this benchmark's and bench_serve_models')."""
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=concurrency)
+    p.add_argument("--requests", type=int, default=requests, help="requests per concurrency level > 1")
+    p.add_argument("--latency-requests", type=int, default=latency_requests, help="requests at concurrency 1")
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=2, help="server runs per setting (medians reported)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, help="model repository (default: train a small one on the real data)")
@@ -280,13 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="the PNG to send (default: the first COVID X-ray)")
     p.add_argument("--path", choices=["upload", "tfs"], default="upload",
                    help="upload: multipart /api/v1/predict; tfs: TF Serving :predict with a b64 instance")
-    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=480, help="requests per concurrency level > 1")
-    p.add_argument("--latency-requests", type=int, default=300, help="requests at concurrency 1")
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--rounds", type=int, default=2, help="server runs per setting (medians reported)")
+    load_options(p, concurrency=[1, 8, 32], requests=480, latency_requests=300, warmup=40)
     p.add_argument("--order", choices=["on,off", "off,on"], default="on,off", help="which server runs first")
     p.add_argument("--no-ort-table", dest="ort_table", action="store_false",
                    help="skip timing ONNX Runtime alone at each batch size")
