@@ -152,17 +152,20 @@ def test_data_inspect_reports_counts_and_duplicates(data_dir, tmp_path):
     assert info["skipped"][0]["path"].endswith("bad.jpg") and info["skipped"][0]["reason"]
 
 
-def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
-    from covid_cxr.models import create_model, get_spec
+@pytest.mark.parametrize("from_block, trained, kept", [(None, {"blocks.6", "conv_head", "bn2"}, "blocks.5"),
+                                                        (5, {"blocks.5", "blocks.6", "conv_head", "bn2"}, "blocks.4")])
+def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path, from_block, trained, kept):
+    from covid_cxr.models import create_model
+    from covid_cxr.train.finetune import trainable_modules
 
+    cfg = TrainConfig(arch="efficientnet_lite0", epochs=1, max_per_class=10, image_size=96, finetune=True,
+                      finetune_from_block=from_block, progress=False)
     model, _ = create_model("efficientnet_lite0", weights="imagenet")
-    model.freeze_backbone(trainable=get_spec("efficientnet_lite0").finetune_modules)
+    model.freeze_backbone(trainable=trainable_modules(cfg))
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
                  for n, p in model.backbone.named_parameters() if p.requires_grad}
-    assert trainable == {"blocks.6", "conv_head", "bn2"}
+    assert trainable == trained
     data = _subset(data_dir, tmp_path / "d", 10)
-    cfg = TrainConfig(arch="efficientnet_lite0", epochs=1, max_per_class=10, image_size=96, finetune=True,
-                      progress=False)
     r = train(data, tmp_path / "m", cfg, workdir=tmp_path / "w")
     b = load_bundle(r.bundle_path)
     assert b.metadata.architecture.frozen_backbone is False
@@ -170,9 +173,9 @@ def test_finetune_unfreezes_only_the_last_stages(data_dir, tmp_path):
     assert [h.get("stage") for h in r.history][-1] == 2
     before, _ = create_model("efficientnet_lite0", weights="imagenet")
     after = load_torch(b)
-    changed = lambda name: not np.allclose(before.backbone.get_submodule(name).weight.detach().numpy(),  # noqa: E731
-                                           after.backbone.get_submodule(name).weight.detach().numpy())
-    assert changed("conv_head") and not changed("conv_stem")
+    first = lambda m, name: next(iter(m.backbone.get_submodule(name).state_dict().values())).numpy()  # noqa: E731
+    changed = lambda name: not np.allclose(first(before, name), first(after, name))  # noqa: E731
+    assert all(changed(m) for m in trained) and not changed(kept) and not changed("conv_stem")
 
 
 def test_splits_csv_round_trips_odd_paths(tmp_path):

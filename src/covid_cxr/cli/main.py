@@ -147,6 +147,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
           target_recall: TargetRecallOpt = None,
           finetune_epochs: Annotated[Optional[int], _opt("finetune_epochs")] = None,
           finetune_views: Annotated[Optional[int], _opt("finetune_views")] = None,
+          finetune_from_block: Annotated[Optional[int], _opt("finetune_from_block")] = None,
           init_from: Annotated[Optional[str], _opt("init_from")] = None,
           distil_from: Annotated[Optional[str], _opt("distil_from")] = None,
           distil_temperature: Annotated[Optional[float], _opt("distil_temperature")] = None,

@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     finetune_epochs: int = Field(12, ge=1, description="staged fine-tuning: epochs of stage 2 (cosine schedule)")
     finetune_views: int = Field(4, ge=1, description="staged fine-tuning: cached views per training image "
                                                     "(1 plain + augmented copies)")
+    finetune_from_block: int | None = Field(
+        None, ge=1, le=6, description="staged fine-tuning: the first backbone block trained, the rest above it "
+                                      "too (EfficientNet-Lite: 1-6; default the architecture's last stage, 6)")
     finetune_lr_factor: float = Field(0.1, gt=0, le=1, description="staged fine-tuning: the unfrozen stages' "
                                                                    "learning rate as a fraction of --lr")
     cache_features: bool = Field(True, description="frozen backbone: train the head on cached features")
@@ -157,6 +160,8 @@ class TrainConfig(BaseModel):
         for k in DISTIL:  # likewise without a teacher
             if not self.distil_from:
                 d.pop(k)
+        if self.finetune_from_block is None:  # likewise at the architecture's depth
+            d.pop("finetune_from_block")
         return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
 

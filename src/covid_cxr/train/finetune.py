@@ -41,8 +41,18 @@ def staged_supported(arch: str) -> bool:
     return get_spec(arch).finetune_modules[:1] == ("blocks.6",)
 
 
-def first_trainable_block(arch: str) -> int:
-    return int(get_spec(arch).finetune_modules[0].split(".")[1])
+def first_trainable_block(arch: str, from_block: int | None = None) -> int:
+    """The first block stage 2 trains: `from_block` (TrainConfig.finetune_from_block) or the architecture's."""
+    return from_block if from_block is not None else int(get_spec(arch).finetune_modules[0].split(".")[1])
+
+
+def trainable_modules(cfg) -> tuple[str, ...]:
+    """What stage 2 unfreezes: the architecture's finetune_modules, from cfg.finetune_from_block when set."""
+    modules = get_spec(cfg.arch).finetune_modules
+    if cfg.finetune_from_block is None or not staged_supported(cfg.arch):
+        return modules
+    last = first_trainable_block(cfg.arch)
+    return (*(f"blocks.{i}" for i in range(cfg.finetune_from_block, last)), *modules)
 
 
 def gate_takes(backbone: nn.Module, k: int) -> tuple[int, ...]:
@@ -232,7 +242,7 @@ def trunk_views(model, prepared, cfg, cache_dir: Path) -> tuple[dict, dict | Non
     from covid_cxr.features.onnx import weights_digest
     from covid_cxr.features.cache import FeatureCache, cache_key
 
-    k = first_trainable_block(cfg.arch)
+    k = first_trainable_block(cfg.arch, cfg.finetune_from_block)
     takes = gate_takes(model.backbone, k)
     run = trunk_extractor(model, k, cfg.size, cache_dir, takes)
     key = f"{cache_key(cfg.arch, weights_digest(model.backbone), cfg.size, prepared.mean, prepared.std)}-trunk{k}"
@@ -290,8 +300,8 @@ def finetune_stage(model, prepared, cfg, run, cache_dir: Path, history, resume: 
 
     acts, stats = trunk_views(model, prepared, cfg, cache_dir)
     materialise(model)
-    model.freeze_backbone(trainable=get_spec(cfg.arch).finetune_modules)
-    top = Top(model, first_trainable_block(cfg.arch))
+    model.freeze_backbone(trainable=trainable_modules(cfg))
+    top = Top(model, first_trainable_block(cfg.arch, cfg.finetune_from_block))
     args = (top, cfg.lr, prepared.class_weights, cfg.finetune_lr_factor, cfg.finetune_epochs)
     soft = None
     if cfg.distil_from:  # a student: the teacher's soft labels on the same views (train/distil.py)

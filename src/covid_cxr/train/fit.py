@@ -89,14 +89,14 @@ def start_run(cfg: TrainConfig, workdir: Path, resume: bool, dist: Dist) -> RunD
 def training_inputs(model: Classifier, prepared: PreparedData, cfg: TrainConfig, cache_dir: Path,
                     source: str, dist: Dist | None = None) -> Inputs:
     from covid_cxr.train.distil import check_student
-    from covid_cxr.train.finetune import staged_supported
+    from covid_cxr.train.finetune import staged_supported, trainable_modules
 
     check_student(cfg, prepared)  # --distil-from: refused before any feature is extracted
     if cfg.cache_features and (not cfg.finetune or staged_supported(cfg.arch)):  # staged: head first
         feats = cached_features(model, prepared, cfg, source, cache_dir, dist)
         return Inputs(model.head, FeatureDataModule(feats, cfg.batch_size, cfg.seed), feats)
     if cfg.finetune:
-        model.freeze_backbone(trainable=get_spec(cfg.arch).finetune_modules)
+        model.freeze_backbone(trainable=trainable_modules(cfg))
     return Inputs(model, ImageDataModule(prepared, cfg.size, cfg.batch_size, augment=cfg.finetune), None)
 
 

@@ -69,6 +69,10 @@ def test_config_rejects_bad_values_with_a_clear_message():
         TrainConfig(arch="vgg19")
     with pytest.raises(ValidationError, match="balance"):
         TrainConfig(balance="oversample")
+    for block in (0, 7):  # EfficientNet-Lite's blocks 1-6 can start stage 2; 0 would train the stem's output too
+        with pytest.raises(ValidationError, match="finetune_from_block"):
+            TrainConfig(finetune_from_block=block)
+    assert TrainConfig(finetune_from_block=5).run_id() != TrainConfig().run_id()
 
 
 def test_cli_reports_a_bad_option_value_in_one_line(tmp_path):
