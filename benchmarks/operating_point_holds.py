@@ -2,7 +2,9 @@
 test probabilities pooled, re-split at random many times into a calibration part (as large as the
 validation split, per class) and a held-out part; each rule's threshold is fitted on the first
 and its recall measured on the second. Rules: the validation quantile (what bundles had) and the
-conformal one (evaluate/operating_point.py) at --confidence. This measures the calibration set's
+conformal one (evaluate/operating_point.py) at --confidence, over the population and over batches as
+large as the held-out part (TrainConfig.target_batch; --batch to choose another size: at the held-out
+part's own size the target is met on it with that probability, by construction). This measures the calibration set's
 sampling, for one trained model (not retraining seeds).
 
 Usage: python benchmarks/operating_point_holds.py --model MODELS/<name> [--target COVID-19=0.98 ...]
@@ -35,37 +37,42 @@ def main() -> None:
     ap.add_argument("--target", nargs="+", default=["COVID-19=0.98"])
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--resplits", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=None, help="the batch rule's batch (default: the held-out count)")
     a = ap.parse_args()
     b = load_bundle(a.model)
     prepared = shared_split([b])
     yv, pv = split_probabilities([b], prepared, "val")[:2]
     yt, pt = split_probabilities([b], prepared, "test")[:2]
     for spec in a.target:
-        report(b, spec, yv, pv, yt, pt, a.confidence, a.resplits)
+        report(b, spec, yv, pv, yt, pt, a.confidence, a.resplits, a.batch)
 
 
-def report(b, spec: str, yv, pv, yt, pt, confidence: float, resplits: int) -> None:
+def report(b, spec: str, yv, pv, yt, pt, confidence: float, resplits: int, batch: int | None = None) -> None:
     name, target = parse_target(spec)
     i = b.classes.index(name)
     y, p = np.concatenate([yv, yt]), np.concatenate([pv, pt])
     n_cal = {c: int((yv == c).sum()) for c in range(len(b.classes))}
     rng = np.random.default_rng(0)
-    rows = {"quantile": [], f"conformal {confidence}": []}
+    held = int((y == i).sum()) - n_cal[i]
+    rules = {"quantile": (None, None), f"conformal {confidence}": (confidence, None),
+             f"conformal {confidence}, batches of {batch or held}": (confidence, batch or held)}
+    rows = {rule: [] for rule in rules}
     for _ in range(resplits):
         cal, new = resplit(y, n_cal, rng)
-        for rule, conf in zip(rows, (None, confidence)):
-            t = fit_threshold(y[cal], p[cal], i, target, conf)
+        for rule, (conf, batch) in rules.items():
+            t = fit_threshold(y[cal], p[cal], i, target, conf, batch)
             pred = decide(p[new], i, t)
             pos = y[new] == i
             rows[rule].append(((pred[pos] == i).mean(), (pred == y[new]).mean(), t))
     print(f"\n{b.name} v{b.version}: target {name} recall >= {target}; calibration {n_cal[i]} {name} images "
-          f"(the validation split's), held out {int((y == i).sum()) - n_cal[i]}; {resplits} re-splits\n")
+          f"(the validation split's), held out {held}; {resplits} re-splits\n")
     print("| rule | target met | mean recall | 5th pct recall | mean accuracy | median threshold |")
     print("|---|---|---|---|---|---|")
     for rule, r in rows.items():
         r = np.array(r)
         print(f"| {rule} | {np.mean(r[:, 0] >= target):.3f} | {r[:, 0].mean():.4f} | {np.quantile(r[:, 0], 0.05):.4f} "
               f"| {r[:, 1].mean():.4f} | {np.median(r[:, 2]):.4f} |")
+
 
 if __name__ == "__main__":
     main()

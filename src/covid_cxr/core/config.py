@@ -89,6 +89,10 @@ class TrainConfig(BaseModel):
     target_confidence: float | None = Field(
         0.9, gt=0, lt=1, description="operating point: recall >= target on new films with this probability "
                                      "(conformal, evaluate/operating_point.py); None: met on the validation split only")
+    target_batch: int | None = Field(
+        None, ge=1, description="operating point: the recall is met on each batch of this many new films of the "
+                                "class (e.g. a month's COVID-19 films), not only on the population; needs "
+                                "--target-confidence")
     init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
                                                      "architecture, input size, normalisation and weights")
     distil_from: str | None = Field(None, description="distil this teacher bundle (an ensemble too) into the "
@@ -135,6 +139,12 @@ class TrainConfig(BaseModel):
                              "(not --finetune)")
         return self
 
+    @model_validator(mode="after")
+    def _batch_needs_confidence(self) -> TrainConfig:
+        if self.target_batch is not None and self.target_confidence is None:
+            raise ValueError("--target-batch needs --target-confidence (the batch guarantee is conformal)")
+        return self
+
     @field_validator("target_recall")
     @classmethod
     def _target_form(cls, v: str | None) -> str | None:
@@ -160,12 +170,14 @@ class TrainConfig(BaseModel):
         for k in DISTIL:  # likewise without a teacher
             if not self.distil_from:
                 d.pop(k)
-        if self.finetune_from_block is None:  # likewise at the architecture's depth
-            d.pop("finetune_from_block")
+        for k in LATER:  # unset, they leave older run ids as they were
+            if d[k] is None:
+                d.pop(k)
         return f"{self.arch}-{hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
 DEFAULTS = TrainConfig()
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
 DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
+LATER = ("finetune_from_block", "target_batch")  # fields added after run ids were first recorded
 DISTIL = ("distil_from", "distil_temperature", "distil_weight")

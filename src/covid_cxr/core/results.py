@@ -93,6 +93,8 @@ class OperatingPoint(_Strict):
     confidence: float | None = Field(None, gt=0, lt=1, description="conformal: the probability wanted")
     confidence_reached: float | None = Field(None, ge=0, le=1, description="conformal: what val_images allow "
                                              "(below confidence when there are too few)")
+    batch: int | None = Field(None, ge=1, description="conformal: the target holds on each batch of this many new "
+                              "images of the class (beta-binomial); None: on the population")
 
 
 class OperatingPointResult(OperatingPoint):

@@ -36,36 +36,58 @@ def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float
     return k, float(reached[k - 1])
 
 
+def batch_rank(n: int, batch: int, target: float, confidence: float) -> tuple[int, float]:
+    """As `conformal_rank`, for recall >= target on each batch of `batch` new images of the class
+    rather than on the population: what a site counts when it audits a month of films.
+
+    Why it holds: the population share below the k-th largest of n scores is Beta(n + 1 - k, k), so
+    the misses among `batch` new images are BetaBinomial(batch, n + 1 - k, k), exactly, for
+    exchangeable continuous scores; the target allows batch - ceil(target x batch) misses."""
+    from scipy.stats import betabinom
+
+    allowed = batch - math.ceil(target * batch - 1e-9)
+    ks = np.arange(1, n + 1)
+    reached = betabinom.cdf(allowed, batch, n + 1 - ks, ks)
+    ok = np.flatnonzero(reached >= confidence)
+    k = int(ks[ok[0]]) if len(ok) else n
+    return k, float(reached[k - 1])
+
+
+def rank(n: int, target: float, confidence: float, batch: int | None = None) -> tuple[int, float]:
+    """(k, confidence reached) of the conformal rule: over the population, or over batches of `batch`."""
+    return conformal_rank(n, target, confidence) if batch is None else batch_rank(n, batch, target, confidence)
+
+
 def fit_threshold(y: np.ndarray, probs: np.ndarray, index: int, target: float,
-                  confidence: float | None = None) -> float:
+                  confidence: float | None = None, batch: int | None = None) -> float:
     """The threshold on class `index`'s probability: without `confidence`, the largest t such that at
     least `target` of its images here have p >= t (holds on these images only); with it, the
-    conformal one (`conformal_rank`): recall >= target on new images of the same population with
-    probability >= confidence."""
+    conformal one (`rank`): recall >= target on new images of the same population (on each batch of
+    `batch` of them, when given) with probability >= confidence."""
     scores = np.sort(np.asarray(probs)[np.asarray(y) == index, index])[::-1]
     if len(scores) == 0:
         raise ConfigError("--target-recall: the validation split has no image of that class")
     if confidence is None:
         k = max(1, math.ceil(target * len(scores) - 1e-9))
     else:
-        k = conformal_rank(len(scores), target, confidence)[0]
+        k = rank(len(scores), target, confidence, batch)[0]
     return float(scores[k - 1])
 
 
-def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence: float | None = None
-           ) -> OperatingPoint:
+def choose(y_val: np.ndarray, p_val: np.ndarray, classes, spec: str, confidence: float | None = None,
+           batch: int | None = None) -> OperatingPoint:
     """The bundle's `operating_point` entry, fitted on the validation split (conformal with
-    `confidence`, see `fit_threshold`)."""
+    `confidence`, over batches of `batch` images when given: see `fit_threshold`)."""
     name, target = parse_target(spec)
     if name not in classes:
         raise ConfigError(f"--target-recall: unknown class {name!r}; classes: {list(classes)}")
     i = list(classes).index(name)
-    t = fit_threshold(y_val, p_val, i, target, confidence)
+    t = fit_threshold(y_val, p_val, i, target, confidence, batch)
     pos = np.asarray(y_val) == i
     val_recall = float((decide(p_val, i, t)[pos] == i).mean())
     conformal = {} if confidence is None else {
-        "rule": "conformal", "confidence": confidence,
-        "confidence_reached": conformal_rank(int(pos.sum()), target, confidence)[1]}
+        "rule": "conformal", "confidence": confidence, "batch": batch,
+        "confidence_reached": rank(int(pos.sum()), target, confidence, batch)[1]}
     return OperatingPoint(class_name=name, threshold=t, target_recall=target, val_recall=val_recall,
                           val_images=int(pos.sum()), **conformal)
 

@@ -40,7 +40,8 @@ def operating_point_md(m: Metrics) -> str:
 def _conformal_md(op: OperatingPoint) -> str:
     if op.rule != "conformal":
         return ""
-    return (f", conformal: the target met on new films of the same population with probability "
+    films = "new films" if op.batch is None else f"each batch of {op.batch} new films"
+    return (f", conformal: the target met on {films} of the same population with probability "
             f">= {op.confidence_reached:.3f} (wanted {op.confidence})")
 
 

@@ -108,8 +108,10 @@ def ensemble_gate(bundles: list[Bundle], val_scores, test_scores):
 CONFIDENCE = TrainConfig.model_fields["target_confidence"].default  # the one default, TrainConfig's
 
 
-def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
-    """Test metrics (argmax and operating point), the fitted operating point, the gate, parity images."""
+def ensemble_metrics(bundles: list[Bundle], target_recall: str | None, confidence: float | None = CONFIDENCE,
+                     batch: int | None = None):
+    """Test metrics (argmax and operating point: its rule as evaluate.operating_point.choose takes it),
+    the fitted operating point, the gate, parity images."""
     from covid_cxr.evaluate.metrics import compute_metrics, with_operating_point
     from covid_cxr.evaluate.operating_point import choose
 
@@ -118,7 +120,7 @@ def ensemble_metrics(bundles: list[Bundle], target_recall: str | None):
     y, p, test_scores = split_probabilities(bundles, prepared, "test")
     # validation: for the operating point, the gate and the site reference
     val_y, val_p, val_scores = split_probabilities(bundles, prepared, "val")
-    op = choose(val_y, val_p, classes, target_recall, CONFIDENCE) if target_recall else None
+    op = choose(val_y, val_p, classes, target_recall, confidence, batch) if target_recall else None
     m = with_operating_point(compute_metrics(y, p, classes), y, p, op)
     trust = ensemble_gate(bundles, val_scores, test_scores)
     if trust is not None:
@@ -155,9 +157,10 @@ def content_for(bundles: list[Bundle], metrics: Metrics | None, op: OperatingPoi
 
 
 def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evaluate: bool = True,
-                   target_recall: str | None = None, report_dir: Path | None = None) -> Bundle:
+                   target_recall: str | None = None, report_dir: Path | None = None,
+                   confidence: float | None = CONFIDENCE, batch: int | None = None) -> Bundle:
     """Write MODELS/<name>/<next version>: the members' averaged probabilities, with test metrics
-    on their common test split when `evaluate`."""
+    on their common test split when `evaluate` (the operating point by `confidence` and `batch`)."""
     import tempfile
 
     from covid_cxr.publish.writer import write_bundle
@@ -165,7 +168,7 @@ def build_ensemble(member_paths: list[Path], models_out: Path, name: str, evalua
     from covid_cxr.models.classifier import EnsembleClassifier
 
     bundles = open_members(member_paths)
-    metrics, op, trust, parity, ref = ensemble_metrics(bundles, target_recall) if evaluate else (None,) * 5
+    metrics, op, trust, parity, ref = ensemble_metrics(bundles, target_recall, confidence, batch) if evaluate else (None,) * 5
     if parity is None:
         h, w = bundles[0].input_hw
         parity = np.random.default_rng(0).random((4, h, w), dtype=np.float32)

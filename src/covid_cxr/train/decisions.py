@@ -24,7 +24,7 @@ def decision_metrics(model, inputs, prepared, cfg, trust=None) -> Metrics:
     op = None
     if cfg.target_recall:
         yv, pv = test_probabilities(model, prepared, cfg.size, inputs.features, split="val")
-        op = choose(yv, scale(pv), classes, cfg.target_recall, cfg.target_confidence)
+        op = choose(yv, scale(pv), classes, cfg.target_recall, cfg.target_confidence, cfg.target_batch)
     m = with_operating_point(add_trust_metrics(y, raw, classes, trust), y, probs, op)
     per_source = by_source(y, probs, classes, [r.source for r in prepared.splits["test"]], op)
     return m.model_copy(update={"by_source": per_source or None})

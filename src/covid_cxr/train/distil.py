@@ -132,7 +132,8 @@ def cached_teacher(teacher: Bundle, cfg, prepared, cache_dir: Path) -> list[torc
     total = None
     for model, arch, temperature, _ in parts:
         k = first_trainable_block(arch)
-        member_cfg = cfg.model_copy(update={"arch": arch, "image_size": teacher.input_hw[0]})
+        member_cfg = cfg.model_copy(update={"arch": arch, "image_size": teacher.input_hw[0],
+                                            "finetune_from_block": None})  # the member's split (k), not the student's
         acts, _ = trunk_views(trunk_source(model, arch, k, len(prepared.classes)), prepared, member_cfg, cache_dir)
         top = Top(model, k).eval()
         with torch.inference_mode():

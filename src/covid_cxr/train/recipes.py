@@ -34,17 +34,19 @@ RECIPES: dict[str, Recipe] = {
                     {"balance": "undersample", "max_per_class": 219}),
     # Chosen by the configuration table and the 224-vs-256 px validation comparison; its figures over
     # four splits: docs/results/accuracy.md, sections 1 and 2. lr_find off: the table's rows were
-    # trained at the default lr, and the recipe repeats them. Its operating point keeps the rule it was
-    # measured with (validation quantile at 0.98, target_confidence None) until the ensemble is
-    # measured under the conformal rule (accuracy.md, section 3: on frozen lite0 it costs accuracy).
+    # trained at the default lr, and the recipe repeats them. Its operating point: COVID-19 recall >= 0.97
+    # on each batch of 200 new COVID-19 films with probability 0.9 (conformal, beta-binomial), chosen
+    # by benchmarks/operating_point_holds.py (accuracy.md, section 7: the validation quantile at 0.98
+    # held in half of the re-splits; the same guarantee at 0.98 costs 12 points of accuracy).
     # The ensemble is served through its student, lite0 at 224 px (what the serving target is
     # measured against: docs/results/serving.md), distilled on the same views (accuracy.md, section 6).
     "accurate": Recipe(
         tuple({"arch": f"efficientnet_lite{i}", "image_size": 256, "finetune": True, "finetune_views": 3,
                "finetune_epochs": 8} for i in (0, 1, 2)),
         "lite0 at 224 px distilled from an ensemble of staged fine-tuned lite0/1/2 at 256 px on all images, "
-        "COVID-19 operating point 0.98",
-        {"balance": "weights", "target_recall": "COVID-19=0.98", "target_confidence": None, "lr_find": False},
+        "COVID-19 recall >= 0.97 on 9 in 10 batches of 200 new films",
+        {"balance": "weights", "target_recall": "COVID-19=0.97", "target_confidence": 0.9, "target_batch": 200,
+         "lr_find": False},
         student={"arch": "efficientnet_lite0", "image_size": 224, "finetune": True, "finetune_views": 3,
                  "finetune_epochs": 8}),
 }
@@ -116,4 +118,6 @@ def train_ensemble(cfgs: list, data, models_out: Path, bundle_name: str, resume:
             paths.append(train(data, members_dir, c, workdir=Path(models_out) / ".work", resume=resume).bundle_path)
     with step("ensemble"):
         say(f"averaging {len(paths)} members, evaluating on the shared test split")
-        return build_ensemble(paths, models_out, bundle_name, target_recall=cfgs[0].target_recall)  # the recipe's, or the CLI's
+        c = cfgs[0]  # the recipe's operating point, or the CLI's
+        return build_ensemble(paths, models_out, bundle_name, target_recall=c.target_recall,
+                              confidence=c.target_confidence, batch=c.target_batch)

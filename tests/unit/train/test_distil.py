@@ -72,15 +72,17 @@ def test_the_recipe_distils_from_a_given_teacher_without_retraining_it(monkeypat
 
 
 @pytest.mark.slow  # needs the staged fine-tuned teacher
-def test_cached_soft_labels_are_the_teachers_answers_on_the_same_views(teacher, tiny_data):
-    """From the teacher's cached trunk (found, not recomputed) = its model.onnx on the augmented images."""
+@pytest.mark.parametrize("student_from_block", [None, 5])
+def test_cached_soft_labels_are_the_teachers_answers_on_the_same_views(teacher, tiny_data, student_from_block):
+    """From the teacher's cached trunk (found, not recomputed) = its model.onnx on the augmented images,
+    whatever depth the student fine-tunes from (the teacher's members keep their own split)."""
     from covid_cxr.data import prepare
     from covid_cxr.train.distil import cached_teacher, onnx_teacher
 
     path, root = teacher
     cache = root / "work" / "feature-cache"
     before = sorted(p.name for p in cache.rglob("*"))
-    cfg = TrainConfig(**STAGED, distil_from=str(path))
+    cfg = TrainConfig(**STAGED, distil_from=str(path), finetune_from_block=student_from_block)
     prepared = prepare(tiny_data, None, "undersample", None, 0, progress=False)
     b = load_bundle(path)
     cached, direct = cached_teacher(b, cfg, prepared, cache), onnx_teacher(b, cfg, prepared)
