@@ -7,7 +7,7 @@ large as the held-out part (TrainConfig.target_batch; --batch to choose another 
 part's own size the target is met on it with that probability, by construction). This measures the calibration set's
 sampling, for one trained model (not retraining seeds).
 
-Usage: python benchmarks/operating_point_holds.py --model MODELS/<name> [--target COVID-19=0.98 ...]
+Usage: python benchmarks/operating_point_holds.py --model MODELS/<name> [MODELS/<member> ...] [--target COVID-19=0.98 ...]
        [--confidence 0.9] [--resplits 1000]
 """
 
@@ -33,25 +33,29 @@ def resplit(y: np.ndarray, n_cal: dict[int, int], rng) -> tuple[np.ndarray, np.n
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path, nargs="+", required=True,
+                    help="a bundle, or an ensemble's members (their averaged answers: the ensemble's)")
     ap.add_argument("--target", nargs="+", default=["COVID-19=0.98"])
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--resplits", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=None, help="the batch rule's batch (default: the held-out count)")
     a = ap.parse_args()
-    b = load_bundle(a.model)
-    prepared = shared_split([b])
-    yv, pv = split_probabilities([b], prepared, "val")[:2]
-    yt, pt = split_probabilities([b], prepared, "test")[:2]
+    bundles = [load_bundle(m) for m in a.model]
+    b = bundles[0]
+    prepared = shared_split(bundles)
+    yv, pv = split_probabilities(bundles, prepared, "val")[:2]
+    yt, pt = split_probabilities(bundles, prepared, "test")[:2]
     for spec in a.target:
-        report(b, spec, yv, pv, yt, pt, a.confidence, a.resplits, a.batch)
+        name = (f"{b.name} v{b.version}" if len(bundles) == 1
+                else "the ensemble of " + ", ".join(x.name for x in bundles))
+        report(name, b.classes, spec, yv, pv, yt, pt, a.confidence, a.resplits, a.batch)
 
 
-def report(b, spec: str, yv, pv, yt, pt, confidence: float, resplits: int, batch: int | None = None) -> None:
+def report(label: str, classes: list[str], spec: str, yv, pv, yt, pt, confidence: float, resplits: int, batch: int | None = None) -> None:
     name, target = parse_target(spec)
-    i = b.classes.index(name)
+    i = classes.index(name)
     y, p = np.concatenate([yv, yt]), np.concatenate([pv, pt])
-    n_cal = {c: int((yv == c).sum()) for c in range(len(b.classes))}
+    n_cal = {c: int((yv == c).sum()) for c in range(len(classes))}
     rng = np.random.default_rng(0)
     held = int((y == i).sum()) - n_cal[i]
     rules = {"quantile": (None, None), f"conformal {confidence}": (confidence, None),
@@ -64,7 +68,7 @@ def report(b, spec: str, yv, pv, yt, pt, confidence: float, resplits: int, batch
             pred = decide(p[new], i, t)
             pos = y[new] == i
             rows[rule].append(((pred[pos] == i).mean(), (pred == y[new]).mean(), t))
-    print(f"\n{b.name} v{b.version}: target {name} recall >= {target}; calibration {n_cal[i]} {name} images "
+    print(f"\n{label}: target {name} recall >= {target}; calibration {n_cal[i]} {name} images "
           f"(the validation split's), held out {held}; {resplits} re-splits\n")
     print("| rule | target met | mean recall | 5th pct recall | mean accuracy | median threshold |")
     print("|---|---|---|---|---|---|")
