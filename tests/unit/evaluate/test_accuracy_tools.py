@@ -207,7 +207,7 @@ def test_recipes_apply_their_settings_and_explicit_options_win():
     assert study.balance == "undersample" and study.max_per_class == 219 and study.name == "study"
     members = recipe_configs("accurate", TrainConfig(seed=3, name="mine"))  # an ensemble: one split for all
     assert [m.arch for m in members] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-    assert all(m.finetune and m.seed == 3 and m.target_recall == "COVID-19=0.98" for m in members)
+    assert all(m.finetune and m.seed == 3 and m.target_recall == "COVID-19=0.97" for m in members)
     assert len({m.name for m in members}) == 3
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe_configs("fastest", TrainConfig())
@@ -226,18 +226,18 @@ def test_an_ensemble_recipe_gives_its_operating_point_to_the_ensemble(monkeypatc
     trained, built = [], {}
     monkeypatch.setattr(fit, "train", lambda data, out, c, **kw: trained.append(c) or
                         SimpleNamespace(bundle_path=tmp_path / c.name, metrics=None))
-    monkeypatch.setattr(ensemble, "build_ensemble", lambda paths, out, name, target_recall=None: built.update(
-        paths=paths, name=name, target_recall=target_recall) or SimpleNamespace(
+    monkeypatch.setattr(ensemble, "build_ensemble", lambda paths, out, name, target_recall=None, **rule: built.update(
+        paths=paths, name=name, target_recall=target_recall, **rule) or SimpleNamespace(
         path=tmp_path / name, name=name, version=1,
         metadata=SimpleNamespace(test_metrics=None)))
     train_recipe("accurate", tmp_path / "data", tmp_path / "models", TrainConfig(epochs=5, arch="efficientnet_lite2"))
     assert len(trained) == 4 and len(built["paths"]) == 3 and built["name"] == "accurate-teacher"
-    assert built["target_recall"] == "COVID-19=0.98"
+    assert (built["target_recall"], built["confidence"], built["batch"]) == ("COVID-19=0.97", 0.9, 200)
     # the recipe's bundle is the student distilled from that ensemble, at the student's own settings
     student = trained[-1]
     assert student.name == "accurate" and student.distil_from == str(tmp_path / "accurate-teacher")
     assert (student.arch, student.size, student.finetune) == ("efficientnet_lite0", 224, True)
-    assert student.target_recall == "COVID-19=0.98" and student.epochs == 5  # common settings and options kept
+    assert student.target_recall == "COVID-19=0.97" and student.epochs == 5  # common settings and options kept
     assert [c.distil_from for c in trained[:3]] == [None] * 3
 
 
