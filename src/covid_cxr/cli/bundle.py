@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from covid_cxr.cli.common import config_option
+from covid_cxr.core.config import TrainConfig
 from covid_cxr.core.precision import VARIANTS
 
 bundle_app = typer.Typer(no_args_is_help=True, help="Inspect model bundles.")
@@ -89,14 +91,17 @@ def ensemble(members: Annotated[list[Path], typer.Argument(help="Member bundles 
              name: Annotated[str, typer.Option("--name", help="The ensemble's bundle name.")] = "ensemble",
              evaluate: Annotated[bool, typer.Option(help="Test metrics on the members' common test split.")] = True,
              target_recall: Annotated[Optional[str], typer.Option(help="Operating point CLASS=RECALL, fitted "
-                                                                   "on the validation split.")] = None):
+                                                                   "on the validation split.")] = None,
+             target_confidence: Annotated[Optional[float], config_option(TrainConfig, "target_confidence")] = None,
+             target_batch: Annotated[Optional[int], config_option(TrainConfig, "target_batch")] = None):
     """One bundle whose ONNX model averages its members' probabilities (served, evaluated, explained
     like any bundle)."""
     from rich.console import Console
 
     from covid_cxr.publish.ensemble import build_ensemble
 
-    b = build_ensemble(members, out, name, evaluate, target_recall)
+    rule = {"confidence": target_confidence} if target_confidence is not None else {}  # else TrainConfig's default
+    b = build_ensemble(members, out, name, evaluate, target_recall, batch=target_batch, **rule)
     m = b.metadata.test_metrics
     extra = f"; test accuracy {m.accuracy:.3f}, n={m.n}" if m else ""
     Console().print(f"bundle: {b.path} ({len(members)} members{extra})")

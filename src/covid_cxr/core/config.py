@@ -91,8 +91,8 @@ class TrainConfig(BaseModel):
                                      "(conformal, evaluate/operating_point.py); None: met on the validation split only")
     target_batch: int | None = Field(
         None, ge=1, description="operating point: the recall is met on each batch of this many new films of the "
-                                "class (e.g. a month's COVID-19 films), not only on the population; needs "
-                                "--target-confidence")
+                                "class (e.g. a month's COVID-19 films), not only on the population, with "
+                                "--target-confidence's probability (beta-binomial)")
     init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
                                                      "architecture, input size, normalisation and weights")
     distil_from: str | None = Field(None, description="distil this teacher bundle (an ensemble too) into the "
