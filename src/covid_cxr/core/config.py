@@ -88,7 +88,7 @@ class TrainConfig(BaseModel):
         None, description="operating point CLASS=RECALL (e.g. COVID-19=0.97), threshold fitted on the validation split")
     target_confidence: float | None = Field(
         0.9, gt=0, lt=1, description="operating point: recall >= target on new films with this probability "
-                                     "(conformal, evaluate/operating_point.py); None: met on the validation split only")
+                                     "(the conformal rule); None: met on the validation split only")
     target_batch: int | None = Field(
         None, ge=1, description="operating point: the recall is met on each batch of this many new films of the "
                                 "class (e.g. a month's COVID-19 films), not only on the population, with "
