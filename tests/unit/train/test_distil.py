@@ -69,7 +69,7 @@ def test_the_recipe_distils_from_a_given_teacher_without_retraining_it(monkeypat
     assert (student.arch, student.size, student.finetune, student.distil_weight) == ("efficientnet_lite0", 224, True, 0.5)
     assert (student.target_recall, student.target_batch) == ("COVID-19=0.97", 200) and not student.lr_find
     assert all(m.distil_from is None for m in recipe_configs("accurate", base))  # members learn from labels
-    assert student.finetune_from_block == 5 and {m.finetune_from_block for m in recipe_configs("accurate", base)} == {None}
+    assert student.finetune_from_block == 4 and {m.finetune_from_block for m in recipe_configs("accurate", base)} == {None}
 
 
 @pytest.mark.slow  # needs the staged fine-tuned teacher
