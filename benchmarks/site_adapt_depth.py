@@ -27,7 +27,7 @@ from site_adapt_heads import MASKS, SITES, draw, logits, lr_baseline, macro, poo
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.data.decode import load_batch  # noqa: E402
 from covid_cxr.models.loading import load_torch  # noqa: E402
-from covid_cxr.train.adapt import SITE_DEPTH, SITE_PRIOR, SITE_STEPS, fit_site_head  # noqa: E402
+from covid_cxr.train.adapt import SITE_DEPTH, SITE_PRIOR, SITE_STEPS, balanced_weights, fit_site_head  # noqa: E402
 from covid_cxr.train.finetune import Top, augment_each, trunk_extractor, view_seeds  # noqa: E402
 
 K = 6  # the trunk: stem + blocks 0-5 (the staged split of EfficientNet-Lite)
@@ -55,9 +55,7 @@ def fit_top(model, views: list[torch.Tensor], y: np.ndarray, steps: int, lr: flo
     for p in top.parameters():
         p.requires_grad_(True)
     ys = torch.as_tensor(y)
-    k = m.head.net[-1].out_features
-    counts = torch.bincount(ys, minlength=k).float()
-    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros(k))
+    w = balanced_weights(ys, m.head.net[-1].out_features)
     opt = torch.optim.AdamW([{"params": top.stages.parameters(), "lr": lr * 0.1},
                              {"params": top.head.parameters(), "lr": lr}], weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)

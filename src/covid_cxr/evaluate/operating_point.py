@@ -30,9 +30,13 @@ def conformal_rank(n: int, target: float, confidence: float) -> tuple[int, float
     from scipy.stats import beta
 
     ks = np.arange(1, n + 1)
-    reached = beta.sf(target, ks, n + 1 - ks)
+    return _smallest_rank(beta.sf(target, ks, n + 1 - ks), confidence)
+
+
+def _smallest_rank(reached: np.ndarray, confidence: float) -> tuple[int, float]:
+    """(k, reached[k - 1]) for the smallest rank k whose confidence reaches `confidence`, else the last."""
     ok = np.flatnonzero(reached >= confidence)
-    k = int(ks[ok[0]]) if len(ok) else n
+    k = int(ok[0]) + 1 if len(ok) else len(reached)
     return k, float(reached[k - 1])
 
 
@@ -47,10 +51,7 @@ def batch_rank(n: int, batch: int, target: float, confidence: float) -> tuple[in
 
     allowed = batch - math.ceil(target * batch - 1e-9)
     ks = np.arange(1, n + 1)
-    reached = betabinom.cdf(allowed, batch, n + 1 - ks, ks)
-    ok = np.flatnonzero(reached >= confidence)
-    k = int(ks[ok[0]]) if len(ok) else n
-    return k, float(reached[k - 1])
+    return _smallest_rank(betabinom.cdf(allowed, batch, n + 1 - ks, ks), confidence)
 
 
 def rank(n: int, target: float, confidence: float, batch: int | None = None) -> tuple[int, float]:

@@ -110,6 +110,14 @@ def exclude_seen(prepared, cfg) -> int:
     return len(moved)
 
 
+def balanced_weights(ys, k: int):
+    """Cross-entropy class weights that balance the classes present in `ys` (absent classes: 0)."""
+    import torch
+
+    counts = torch.bincount(ys, minlength=k).float()
+    return torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros(k))
+
+
 def fit_site_head(head, x, y, depth: str = "head", prior: float = 0.0, dev=None, steps: int = 300,
                   lr: float = 1e-3, seed: int = 0):
     """The bundle's head refitted on a site's few labelled films (features `x`, labels `y`), all of
@@ -129,9 +137,7 @@ def fit_site_head(head, x, y, depth: str = "head", prior: float = 0.0, dev=None,
         p.requires_grad_(any(p is q for q in train))
     start = [p.detach().clone() for p in train]
     xs, ys = torch.as_tensor(np.asarray(x, np.float32)), torch.as_tensor(np.asarray(y, np.int64))
-    k = h.net[-1].out_features
-    counts = torch.bincount(ys, minlength=k).float()
-    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros(k))
+    w = balanced_weights(ys, h.net[-1].out_features)
     opt = torch.optim.Adam(train, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
