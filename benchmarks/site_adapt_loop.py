@@ -1,7 +1,7 @@
 """Adaptation that closes the loop (issue 16, item 5): on each proxy site, before and after
 `covid-cxr train --init-from BUNDLE --data SITE_LABELLED` with `--labelled` films per class.
 
-Per site (benchmarks/site_adapt_heads.py's SITES; the same seed-0 draw): the labelled films go into
+Per site (benchmarks/site_adapt_heads.py's SITES; the seed-0 draw, or each of `--draws`): the labelled films go into
 a class-folder site (symbolic links), the rest of the site is the test set. Reported:
 - macro-F1 (over the classes the site has) and recall per class on the rest: the bundle before,
   the adapted bundle (through its ONNX model, as it serves), and a scikit-learn logistic regression
@@ -11,7 +11,7 @@ a class-folder site (symbolic links), the rest of the site is the test set. Repo
   bundle's, which is built from the site's labelled films), and the same for films of another site
   (the development database; v7 for the quex site), which must still shift.
 
-Usage: python benchmarks/site_adapt_loop.py --bundle MODELS/<name>/<v> --out runs/adapt-loop [--json FILE]
+Usage: python benchmarks/site_adapt_loop.py --bundle MODELS/<name>/<v> --out runs/adapt-loop [--draws 0 1 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def other_sites(site_name: str, pool_ids, n_dev: int = 300) -> dict[str, list[Pa
     return out
 
 
-def run_site(name, site, pool_ids, bundle, model, a) -> dict:
+def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
     from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.fit import train
 
     classes = list(bundle.classes)
     present = sorted(classes.index(c) for c in site)
-    (li, ly), (ri, ry) = draw(site, pool_ids, classes, a.labelled, 0)
-    root = a.out / name
+    (li, ly), (ri, ry) = draw(site, pool_ids, classes, a.labelled, seed)
+    root = a.out / (name if seed == 0 else f"{name}-draw{seed}")
     link(li, ly, classes, root / "labelled")
     rest = link(ri, ry, classes, root / "rest")
     res = {"labelled": len(li), "rest": len(ri), "per_class_labelled": {classes[c]: int(np.sum(np.array(ly) == c))
@@ -85,7 +85,7 @@ def run_site(name, site, pool_ids, bundle, model, a) -> dict:
     f1, rec = macro(np.array(ry), pred, present)
     res["logistic_regression"] = {"macro_f1": f1, "recall": {classes[c]: r for c, r in rec.items()}}
     t = time.perf_counter()
-    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=f"adapted-{name.replace('+', '-')}")
+    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=f"adapted-{root.name.replace('+', '-')}")
     adapted = load_bundle(train(root / "labelled", a.out / "models", cfg, workdir=a.workdir).bundle_path)
     res["adapt_seconds"] = time.perf_counter() - t
     res["after"], _ = scores(adapted, rest, ry, present, a)
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--sites", default=",".join(SITES))
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "adapt-work" / "features.safetensors")
     ap.add_argument("--workdir", type=Path, help="the adaptation's work folder (default OUT/work)")
+    ap.add_argument("--draws", type=int, nargs="+", default=[0], help="seeds of the labelled draw (one run per seed)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     a.workdir = a.workdir or a.out / "work"
@@ -138,8 +139,10 @@ def main() -> None:
     pool_ids, _ = pools()
     result = {}
     for name in a.sites.split(","):
-        result[name] = run_site(name, SITES[name], pool_ids, bundle, model, a)
-        print_site(name, result[name])
+        for seed in a.draws:
+            key = name if seed == 0 else f"{name}, draw {seed}"
+            result[key] = run_site(name, SITES[name], pool_ids, bundle, model, a, seed)
+            print_site(key, result[key])
         if a.json:  # after every site: a run stopped later keeps what it measured
             atomic_write_json(a.json, result)
 

@@ -64,22 +64,43 @@ def check_site(bundle: Bundle, folder: Path, alpha: float = ALPHA, progress: boo
     return SiteCheck(bundle, folder, sample, batch, compare(ref, sample, bundle.classes, alpha))
 
 
+def adapt_target(b: Bundle) -> tuple[str, str]:
+    """(the bundle `train --init-from` should start from, a note on that choice). An ensemble is
+    adapted through one model; a frozen ImageNet backbone adapts worse than one fine-tuned on chest
+    X-rays (docs/results/site.md, "Which model to adapt")."""
+    models = b.path.parent.parent
+    arch = b.metadata.architecture
+    if arch.members:
+        first = arch.members[0].name
+        member = models / first  # where `covid-cxr ensemble --out MODELS` and the recipe put them
+        return (str(member) if member.is_dir() else f"MODELS/{first}", f"{b.name} is an ensemble: adapt a single model, the one distilled from it "
+                f"(`--recipe accurate` writes it beside the ensemble) or one of its members, here {first}.")
+    if arch.frozen_backbone:
+        return (str(b.path.parent), f"{b.name}'s backbone is frozen ImageNet features; a model whose backbone was "
+                "fine-tuned on chest X-rays adapts better from the same labelled images (`covid-cxr train "
+                "--recipe accurate` builds one; docs/results/site.md).")
+    return str(b.path.parent), ""
+
+
 def next_step(check: SiteCheck) -> str:
     """What to do now, with the exact command."""
     b, r = check.bundle, check.result
-    model = f"{b.path.parent}"
+    models = b.path.parent.parent
     if r.verdict == FIT:
         return (f"Nothing to adapt. Serve it; the server's monitor keeps testing the latest answers: "
-                f"covid-cxr serve --models {b.path.parent.parent}")
+                f"covid-cxr serve --models {models}")
     if r.verdict != SHIFT:
         return f"Add images: at least {MIN_IMAGES} (20 or more to detect the shifts measured in docs/results/site.md)."
     # the site alone: the adapted head starts from the bundle's (docs/results/site.md, "Adaptation that
     # pays"); mixing the development data back in drowns the site's films and its reference
+    start, note = adapt_target(b)
+    adapted = f"{Path(start).name}-site"
     return (f"Do not trust the model's figures on this site. Label at least {ADAPT_PER_CLASS} images per class "
             f"of it (one folder per class: {', '.join(b.classes)}) and adapt:\n"
-            f"  covid-cxr train --init-from {model} --data SITE_LABELLED --out {b.path.parent.parent}\n"
-            f"then check fresh images of the site (not the labelled ones) against the adapted model: "
-            f"covid-cxr site check --model {b.path.parent.parent}/{b.name} --data {check.folder}")
+            f"  covid-cxr train --init-from {start} --data SITE_LABELLED --out {models} --name {adapted}\n"
+            + (f"{note}\n" if note else "")
+            + f"then check fresh images of the site (not the labelled ones) against the adapted model: "
+            f"covid-cxr site check --model {models}/{adapted} --data {check.folder}")
 
 
 def _fmt(v) -> str:

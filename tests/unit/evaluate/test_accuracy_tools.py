@@ -132,6 +132,10 @@ def test_an_ensemble_bundle_averages_its_members_and_is_explained(tiny_models, o
     again = load_bundle(tmp_path / "models" / "ens")
     assert again.metadata.architecture.name == "ensemble" and len(again.metadata.architecture.members) == 2
     assert again.metadata.test_metrics.n == load_bundle(members[0]).metadata.test_metrics.n
+    from covid_cxr.site.check import adapt_target
+
+    start, note = adapt_target(again)  # site check's next step: an ensemble is adapted through one model
+    assert start == "MODELS/tiny" and "ensemble" in note  # its members are not beside it here
     ref = again.metadata.site_reference  # the ensemble's own answers on the shared validation split
     assert ref is not None and ref.n == sum(load_bundle(members[0]).metadata.training.data.counts["val"].values())
     assert len(ref.ood_score) == ref.n and ref.images is not None

@@ -59,6 +59,8 @@ def test_a_darkened_padded_site_is_flagged_and_fails_the_pipeline(tiny_models, d
     assert r.exit_code == 0 and "shift detected" in r.output
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "darker" in report and "--init-from" in report and "20 images per class" in report
+    assert "--name tiny-site" in report and "--model " + str(tiny_models / "tiny-site") in report
+    assert "fine-tuned on chest X-rays adapts better" in report  # the tiny bundle's backbone is frozen
     r = _invoke("--model", str(tiny_models / "tiny"), "--data", str(darkened), "--fail-on-shift")
     assert r.exit_code == 3, r.output
 
@@ -102,3 +104,15 @@ def test_pixel_statistics_see_darkening_blur_and_padding():
     blurred = (x[:-1, :-1] + x[1:, :-1] + x[:-1, 1:] + x[1:, 1:]) / 4
     assert pixel_stats(blurred)["sharpness"] < base["sharpness"]
     assert pixel_stats(np.pad(x, 8))["border"] < 0.1 < base["border"]
+
+
+def test_the_next_step_adapts_a_fine_tuned_bundle_as_it_is(bundle_copy):
+    from covid_cxr.site.check import adapt_target
+
+    frozen = load_bundle(bundle_copy)
+    start, note = adapt_target(frozen)
+    assert start == str(bundle_copy.parent) and "frozen" in note and "--recipe accurate" in note
+    meta = json.loads((bundle_copy / "metadata.json").read_text())
+    meta["architecture"]["frozen_backbone"] = False
+    (bundle_copy / "metadata.json").write_text(json.dumps(meta))
+    assert adapt_target(load_bundle(bundle_copy)) == (str(bundle_copy.parent), "")
