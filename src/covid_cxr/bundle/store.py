@@ -16,6 +16,7 @@ _VERSION_RE = re.compile(VERSION_PATTERN.replace("$", r"\Z"))
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 3600.0  # a staging folder unchanged this long was left by a killed writer
 FILES = ("metadata.json", "model.onnx", "model.safetensors")
+RECIPE_MEMBERS = Path(".work") / "recipe-members"  # a recipe's members, under MODELS (its ensemble: MODELS/<name>)
 
 
 def valid_name(name: str) -> bool:
@@ -43,6 +44,16 @@ def versions(model_dir: Path) -> list[int]:
         except OSError:
             continue
     return sorted(found)
+
+
+def member_dir(models: Path, name: str, version: int | None = None) -> Path | None:
+    """An ensemble member's folder (MODELS/<name>, or MODELS/.work/recipe-members/<name> where a
+    recipe trained it), or its version folder when `version` is given; None when neither holds it."""
+    for root in (Path(models), Path(models) / RECIPE_MEMBERS):
+        folder = root / name
+        if (folder / str(version) / "metadata.json").is_file() if version else versions(folder):
+            return folder / str(version) if version else folder
+    return None
 
 
 def _last_touched(folder: Path) -> float:

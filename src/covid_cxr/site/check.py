@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.bundle import Bundle
+from covid_cxr.bundle.store import member_dir
 from covid_cxr.core.errors import DataError, UserError
 from covid_cxr.site.images import ImageBatch, image_files, read_images
 from covid_cxr.site.reference import Sample, sample_of
@@ -72,8 +73,8 @@ def adapt_target(b: Bundle) -> tuple[str, str]:
     arch = b.metadata.architecture
     if arch.members:
         first = arch.members[0].name
-        member = models / first  # where `covid-cxr ensemble --out MODELS` and the recipe put them
-        return (str(member) if member.is_dir() else f"MODELS/{first}", f"{b.name} is an ensemble: adapt a single model, the one distilled from it "
+        member = member_dir(models, first)  # beside it, or where the recipe trained it
+        return (str(member) if member else f"MODELS/{first}", f"{b.name} is an ensemble: adapt a single model, the one distilled from it "
                 f"(`--recipe accurate` writes it beside the ensemble) or one of its members, here {first}.")
     if arch.frozen_backbone:
         return (str(b.path.parent), f"{b.name}'s backbone is frozen ImageNet features; a model whose backbone was "

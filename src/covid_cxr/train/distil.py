@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from covid_cxr.bundle.reader import Bundle, load_bundle
+from covid_cxr.bundle.store import member_dir
 from covid_cxr.core.errors import ConfigError
 from covid_cxr.train.finetune import FinetuneModule
 
@@ -78,10 +79,9 @@ def teacher_split(teacher: Bundle) -> dict:
         return teacher.metadata.training.data.model_dump()
     models = teacher.path.parent.parent
     for m in teacher.metadata.architecture.members or []:
-        for root in (models, models / ".work" / "recipe-members"):
-            p = root / m.name / str(m.version)
-            if (p / "metadata.json").is_file() and (t := load_bundle(p).metadata.training) is not None:
-                return t.data.model_dump()
+        p = member_dir(models, m.name, m.version)
+        if p is not None and (t := load_bundle(p).metadata.training) is not None:
+            return t.data.model_dump()
     raise ConfigError(f"--distil-from {teacher.path}: its training split is unknown (no training record, "
                       "and no member bundle beside it)")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covid_cxr.bundle.store import RECIPE_MEMBERS
 from covid_cxr.core.config import DISTIL
 from covid_cxr.core.errors import ConfigError
 from covid_cxr.core.progress import say, step
@@ -113,7 +114,7 @@ def train_ensemble(cfgs: list, data, models_out: Path, bundle_name: str, resume:
     from covid_cxr.publish.ensemble import build_ensemble
     from covid_cxr.train.fit import train
 
-    members_dir = Path(models_out) / ".work" / "recipe-members"
+    members_dir = Path(models_out) / RECIPE_MEMBERS
     paths = []
     for i, c in enumerate(cfgs, 1):
         with step(f"member {i}/{len(cfgs)} ({c.arch})"):
