@@ -96,7 +96,8 @@ def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
         res["other_sites"][other] = {
             "n": len(paths), "flagged_before": flagged(bundle.metadata.site_reference, before, classes, BATCH, a.batches)[0],
             "flagged_after": flagged(adapted.metadata.site_reference, after, classes, BATCH, a.batches)[0]}
-    res["adapted_bundle"] = str(adapted.path.relative_to(REPO)) if adapted.path.is_relative_to(REPO) else adapted.path.name
+    where = adapted.path.resolve()
+    res["adapted_bundle"] = str(where.relative_to(REPO)) if where.is_relative_to(REPO) else where.name
     return res
 
 
