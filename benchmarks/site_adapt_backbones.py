@@ -2,8 +2,8 @@
 backbone fine-tuned on chest X-rays (the accurate recipe's student: blocks 4-6 trained on the
 development database)? And does self-training on the site's unlabelled films add to either?
 
-Same proxy sites and draws as site_adapt_heads.py (20 labelled films per class, whole
-near-duplicate groups). The rest of each site is split in halves (seeded): one half is the site's
+Same proxy sites and draws as site_adapt_heads.py (20 labelled films per class, or each of
+`--labelled`, whole near-duplicate groups). The rest of each site is split in halves (seeded): one half is the site's
 unlabelled films (what `site check` is run on), the other the test set. Per bundle:
 - before: the bundle's head (argmax);
 - LR: scikit-learn logistic regression on the labelled films' standardised features (the baseline);
@@ -13,7 +13,7 @@ unlabelled films (what `site check` is run on), the other the test set. Per bund
 Macro-F1 over the site's classes on the test half; mean over draws.
 
 Usage: python benchmarks/site_adapt_backbones.py --bundle frozen=runs/adapt-models/efficientnet_lite0/1 \
-    --bundle student=runs/distil-models/accurate/3 [--draws 3] [--json FILE]
+    --bundle student=runs/distil-models/accurate/3 [--draws 3] [--labelled 10 20 40] [--json FILE]
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def self_train(head, x, y, xu, rounds: int, threshold: float, seed: int):
     return h
 
 
-def one_draw(b, model, cache: Path, site: dict, pool, seed: int, a) -> dict[str, float]:
+def one_draw(b, model, cache: Path, site: dict, pool, seed: int, a, labelled: int = 20) -> dict[str, float]:
     classes = list(b.classes)
     present = sorted(classes.index(c) for c in site)
-    (li, ly), (ri, ry) = draw(site, pool, classes, 20, seed)
+    (li, ly), (ri, ry) = draw(site, pool, classes, labelled, seed)
     order = np.random.default_rng(100 + seed).permutation(len(ri))
     unl, test = order[:len(ri) // 2], order[len(ri) // 2:]
     fx = features(b, model, [MASKS / "images" / f"{i}.png" for i in li + ri], cache)
@@ -66,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", action="append", required=True, help="label=MODELS/<name>/<v> (repeatable)")
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--labelled", type=int, nargs="+", default=[20], help="labelled films per class (one run each)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--json", type=Path)
@@ -79,10 +80,12 @@ def main() -> None:
         model = load_torch(b)
         cache = Path("runs/adapt-work") / f"features-{b.name}-v{b.version}.safetensors"
         for name, site in SITES.items():
-            rows = [one_draw(b, model, cache, site, pool, seed, a) for seed in range(a.draws)]
-            out.setdefault(label, {})[name] = {"draws": rows, "mean": {k: float(np.mean([r[k] for r in rows]))
-                                                                      for k in rows[0]}}
-            print(label, name, " | ".join(f"{k} {v:.3f}" for k, v in out[label][name]["mean"].items()), flush=True)
+            for n in a.labelled:
+                key = label if a.labelled == [20] else f"{label}, {n} per class"
+                rows = [one_draw(b, model, cache, site, pool, seed, a, n) for seed in range(a.draws)]
+                out.setdefault(key, {})[name] = {"draws": rows, "mean": {k: float(np.mean([r[k] for r in rows]))
+                                                                        for k in rows[0]}}
+                print(key, name, " | ".join(f"{k} {v:.3f}" for k, v in out[key][name]["mean"].items()), flush=True)
             if a.json:
                 atomic_write_json(a.json, out)
     print("\n| bundle | site | " + " | ".join(rows[0]) + " |\n|---|---|" + "---:|" * len(rows[0]))
