@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from site_adapt_heads import MASKS, SITES, draw, features, logits, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import MASKS, SITES, draw, feature_cache, features, logits, lr_baseline, macro, pools  # noqa: E402
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.core.files import atomic_write_json  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
         label, path = spec.split("=", 1)
         b = load_bundle(path)
         model = load_torch(b)
-        cache = Path("runs/adapt-work") / f"features-{b.name}-v{b.version}.safetensors"
+        cache = feature_cache(model)
         for name, site in SITES.items():
             for n in a.labelled:
                 key = label if a.labelled == [20] else f"{label}, {n} per class"

@@ -76,6 +76,14 @@ def draw(site: dict, pool: dict, classes: list[str], labelled: int, seed: int):
     return lab, rest
 
 
+def feature_cache(model) -> Path:
+    """The feature cache of this backbone: caches are keyed by image alone, so each backbone (by its
+    weights' digest) gets its own file and two bundles never read each other's features."""
+    from covid_cxr.features.onnx import weights_digest
+
+    return REPO / "runs" / "adapt-work" / f"features-{weights_digest(model.backbone)}.safetensors"
+
+
 def features(bundle, model, paths: list[Path], cache_path: Path) -> np.ndarray:
     import hashlib
 
@@ -200,11 +208,12 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--labelled", type=int, default=20)
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "adapt-work" / "features.safetensors")
+    ap.add_argument("--cache", type=Path, help="feature cache (default: one per backbone, feature_cache)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     bundle = load_bundle(a.bundle)
     model = load_torch(bundle)
+    a.cache = a.cache or feature_cache(model)
     classes = list(bundle.classes)
     pool, _ = pools()
     ids = sorted({i for s in SITES.values() for k in s.values() for g in pool[k] for i in g})

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_site import flagged  # noqa: E402
-from site_adapt_heads import DEV, MASKS, SITES, draw, features, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import DEV, MASKS, SITES, draw, feature_cache, features, lr_baseline, macro, pools  # noqa: E402
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.core.files import atomic_write_json  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--labelled", type=int, default=20)
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--sites", default=",".join(SITES))
-    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "adapt-work" / "features.safetensors")
+    ap.add_argument("--cache", type=Path, help="feature cache (default: one per backbone, feature_cache)")
     ap.add_argument("--workdir", type=Path, help="the adaptation's work folder (default OUT/work)")
     ap.add_argument("--draws", type=int, nargs="+", default=[0], help="seeds of the labelled draw (one run per seed)")
     ap.add_argument("--json", type=Path)
@@ -137,6 +137,7 @@ def main() -> None:
     a.workdir = a.workdir or a.out / "work"
     bundle = load_bundle(a.bundle)
     model = load_torch(bundle)
+    a.cache = a.cache or feature_cache(model)
     pool_ids, _ = pools()
     result = {}
     for name in a.sites.split(","):

@@ -5,13 +5,12 @@ Usage: python benchmarks/site_adapt_variants.py   (after site_adapt_heads.py has
 """
 import sys, numpy as np
 sys.path.insert(0,'benchmarks')
-from pathlib import Path
-from site_adapt_heads import SITES, pools, draw, features, lr_baseline, macro, logits, MASKS
+from site_adapt_heads import SITES, pools, draw, feature_cache, features, lr_baseline, macro, logits, MASKS
 from covid_cxr.bundle import load_bundle
 from covid_cxr.models.loading import load_torch
 from covid_cxr.train.adapt import fit_site_head
 b=load_bundle('runs/adapt-models/efficientnet_lite0/1'); m=load_torch(b); cl=list(b.classes)
-pool,_=pools(); cache=Path('runs/adapt-work/features.safetensors')
+pool,_=pools(); cache=feature_cache(m)
 for name,site in SITES.items():
   present=sorted(cl.index(c) for c in site)
   for seed in (0,1):

@@ -121,13 +121,14 @@ def separability(bundle_path: Path) -> dict:
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from site_adapt_heads import MASKS, features, pools
+    from site_adapt_heads import MASKS, feature_cache, features, pools
 
     from covid_cxr.bundle import load_bundle
     from covid_cxr.models.loading import load_torch
 
     b = load_bundle(bundle_path)
-    model, cache = load_torch(b), REPO / "runs" / "adapt-work" / "features.safetensors"
+    model = load_torch(b)
+    cache = feature_cache(model)
     with (SHARED / "covid19-radiography" / "manifest.csv").open() as f:
         dev = list(csv.DictReader(f))
     pool, _ = pools()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from site_adapt_heads import MASKS, SITES, draw, features, logits, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import MASKS, SITES, draw, feature_cache, features, logits, lr_baseline, macro, pools  # noqa: E402
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.models.loading import load_torch  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
     b = load_bundle(a.bundle)
     m, cl = load_torch(b), list(b.classes)
     pool, _ = pools()
-    cache = Path("runs/adapt-work/features.safetensors")
+    cache = feature_cache(m)
     rows = {}
     for name, site in SITES.items():
         rows[name] = [run(b, m, cl, pool, cache, name, site, s) for s in range(a.draws)]
