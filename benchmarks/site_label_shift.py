@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from site_adapt_heads import MASKS, SITES, draw, feature_cache, features, logits, lr_baseline, macro, pools  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--bundle", default="runs/adapt-models/efficientnet_lite0/1")
     ap.add_argument("--draws", type=int, default=3)
     a = ap.parse_args()
+    torch.set_num_threads(1)  # small full-batch fits: one thread is as fast, and does not spin against another job
     b = load_bundle(a.bundle)
     m, cl = load_torch(b), list(b.classes)
     pool, _ = pools()
