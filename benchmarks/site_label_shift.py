@@ -1,12 +1,11 @@
-"""Does correcting the adapted head for the site's class prevalence pay? (frozen features, 20
-labelled films per class; the rest of the site split in two: an unlabelled half the prevalence is
-estimated on, and a test half.) Rows: the site head as shipped, + the prevalence estimated by EM on the
-unlabelled half (Saerens, Latinne & Decaestecker 2002, on temperature-calibrated answers: Alexandari
-et al. 2020; written here in 20 lines rather than adding QuaPy, whose EMQ is the same loop but whose
-install brings pandas, xlrd and ucimlrepo),
-+ the true prevalence (the ceiling), and the logistic-regression baseline.
+"""Does correcting the adapted head for the site's class prevalence pay? (20 labelled films per
+class; the rest of the site split in two: an unlabelled half the prevalence is estimated on, and a
+test half.) Rows: the site head alone, + the prevalence estimated by EM on the unlabelled half
+(covid_cxr.trust.prevalence, what `train --init-from ... --site-unlabelled` does), + the true
+prevalence (the ceiling), and the logistic-regression baseline. `--bundle`: whose features (a
+frozen or a fine-tuned backbone).
 
-Usage: python benchmarks/site_label_shift.py [--draws 3]   (features cached like site_adapt_heads.py)
+Usage: python benchmarks/site_label_shift.py [--bundle MODELS/<name>/<v>] [--draws 3]
 """
 from __future__ import annotations
 
@@ -24,33 +23,7 @@ from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.models.loading import load_torch  # noqa: E402
 from covid_cxr.train.adapt import SITE_DEPTH, SITE_PRIOR, SITE_STEPS, fit_site_head, out_of_fold_logits  # noqa: E402
 from covid_cxr.trust.calibration import fit_temperature, softmax  # noqa: E402
-
-
-FLOOR = 1e-3  # no class's prior goes below this: a shift of log(0) would remove the class for good
-
-
-def estimate_prevalence(probs: np.ndarray, train_prior: np.ndarray, tol: float = 1e-8,
-                        max_iter: int = 1000) -> np.ndarray:
-    """The class prevalence of the films behind `probs` (N x C calibrated probabilities of a model
-    whose training prior was `train_prior`), by EM: reweight each answer by prior / training prior,
-    renormalise, take the mean as the new prior, until it stops moving."""
-    p = np.asarray(probs, np.float64)
-    base = np.clip(np.asarray(train_prior, np.float64), 1e-12, None)
-    prior = base.copy()
-    for _ in range(max_iter):
-        w = p * (prior / base)
-        w /= w.sum(axis=1, keepdims=True)
-        new = w.mean(axis=0)
-        if np.abs(new - prior).max() < tol:
-            return new
-        prior = new
-    return prior
-
-
-def logit_shift(train_prior: np.ndarray, site_prior: np.ndarray, floor: float = FLOOR) -> np.ndarray:
-    """What to add to the tempered logits (logits / T) so the answers carry the site's prior."""
-    site = np.clip(np.asarray(site_prior, np.float64), floor, None)
-    return np.log(site / site.sum()) - np.log(np.clip(np.asarray(train_prior, np.float64), floor, None))
+from covid_cxr.trust.prevalence import estimate_prevalence, logit_shift  # noqa: E402
 
 
 def run(b, m, cl, pool, cache, name, site, seed):

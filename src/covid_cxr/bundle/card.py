@@ -27,7 +27,7 @@ SHORTCUT_NOTE = (f"**Known shortcut:** in the COVID-19 Radiography Database the 
 CLI_FIELDS = ("arch", "weights", "epochs", "batch_size", "lr", "seed", "balance", "max_per_class", "image_size",
               "hidden", "dropout", "patience", "finetune", "finetune_epochs", "finetune_views", "finetune_from_block",
               "precision", "classes", "name", "lung_crop", "lungs", "target_recall", "target_confidence", "target_batch",
-              "init_from", "extractor")
+              "init_from", "site_unlabelled", "extractor")
 
 
 def _f(x, digits: int = 3) -> str:

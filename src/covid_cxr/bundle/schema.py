@@ -208,11 +208,25 @@ class OODGate(_Strict):
     member_thresholds: list[float] | None = Field(None, description="an ensemble's members' own thresholds")
 
 
+class SitePrevalence(_Strict):
+    """A site's class prevalence, estimated on its unlabelled films (`train --init-from ...
+    --site-unlabelled DIR`); model.onnx answers with it: log(prevalence / training prior) is added to
+    the tempered logits (the head's last bias), Saerens et al. 2002."""
+
+    prevalence: dict[str, float] = Field(description="class -> the site's estimated share of films")
+    training_prior: dict[str, float] = Field(description="class -> the prior the head answered with before")
+    images: int = Field(ge=1, description="unlabelled films it was estimated on")
+    skipped: int = Field(0, ge=0, description="unreadable files left out")
+    method: str = "EM on temperature-calibrated answers (Saerens, Latinne & Decaestecker 2002)"
+
+
 class TrustInfo(_Strict):
     """Calibration and the out-of-distribution gate; both live inside model.onnx (covid_cxr.trust)."""
 
     calibration: Calibration | None = None
     ood: OODGate | None = None
+    prevalence: SitePrevalence | None = None
+
 class ImageReference(_Strict):
     """Cheap statistics of the reference images, one value per image (rounded): the file's own side
     and aspect, and brightness, contrast, sharpness and border brightness at the model's input size."""

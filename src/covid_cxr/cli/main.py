@@ -151,6 +151,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
           finetune_views: Annotated[Optional[int], _opt("finetune_views")] = None,
           finetune_from_block: Annotated[Optional[int], _opt("finetune_from_block")] = None,
           init_from: Annotated[Optional[str], _opt("init_from")] = None,
+          site_unlabelled: Annotated[Optional[str], _opt("site_unlabelled")] = None,
           distil_from: Annotated[Optional[str], _opt("distil_from")] = None,
           distil_temperature: Annotated[Optional[float], _opt("distil_temperature")] = None,
           distil_weight: Annotated[Optional[float], _opt("distil_weight")] = None,
@@ -163,7 +164,7 @@ def train(data: DatasOpt, out: Annotated[Path, typer.Option("--out", help="Model
     """Train one architecture (frozen backbone + head, or fine-tuned) and write its bundle MODELS/<name>/<version>.
     --devices N [--num-nodes M]: N processes per machine under DDP (see covid_cxr.train.distributed)."""
     cfg = _config(**locals())  # first: locals() holds exactly the options; _config keeps TrainConfig's
-    need_folders(data)  # before torch and Lightning load: a typo costs 1 s, not 20
+    need_folders(data + ([Path(site_unlabelled)] if site_unlabelled else []))  # before torch loads: 1 s, not 20
     from covid_cxr.train.fit import train as fit
     from covid_cxr.train.recipes import train_recipe
 

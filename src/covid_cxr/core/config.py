@@ -95,6 +95,9 @@ class TrainConfig(BaseModel):
                                 "--target-confidence's probability (beta-binomial)")
     init_from: str | None = Field(None, description="continue from this bundle (site adaptation): its "
                                                      "architecture, input size, normalisation and weights")
+    site_unlabelled: str | None = Field(None, description="--init-from: a folder of the site's unlabelled "
+                                        "films; the adapted model's answers take the site's class prevalence, "
+                                        "estimated on them (EM)")
     distil_from: str | None = Field(None, description="distil this teacher bundle (an ensemble too) into the "
                                     "model: staged --finetune trained on its soft labels (train/distil.py)")
     distil_temperature: float = Field(2.0, gt=0, description="distillation: temperature both sides' "
@@ -140,6 +143,13 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _unlabelled_needs_site_head(self) -> TrainConfig:
+        if self.site_unlabelled and (not self.init_from or self.finetune or not self.cache_features):
+            raise ValueError("--site-unlabelled adapts a site head: it needs --init-from MODELS/<name> and the "
+                             "frozen backbone's feature cache (not --finetune)")
+        return self
+
+    @model_validator(mode="after")
     def _batch_needs_confidence(self) -> TrainConfig:
         if self.target_batch is not None and self.target_confidence is None:
             raise ValueError("--target-batch needs --target-confidence (the batch guarantee is conformal)")
@@ -179,5 +189,5 @@ class TrainConfig(BaseModel):
 DEFAULTS = TrainConfig()
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
 DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
-LATER = ("finetune_from_block", "target_batch")  # fields added after run ids were first recorded
+LATER = ("finetune_from_block", "target_batch", "site_unlabelled")  # fields added after run ids were first recorded
 DISTIL = ("distil_from", "distil_temperature", "distil_weight")

@@ -202,6 +202,8 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
     from covid_cxr.trust.fit import Trust
     from covid_cxr.trust.ood import OODStats
 
+    import torch
+
     x, y = labelled_site(feats)
     oof = out_of_fold_logits(model.head, x, y, cfg.seed)
     model.head.load_state_dict(fit_site_head(model.head, x, y, SITE_DEPTH, SITE_PRIOR, steps=SITE_STEPS,
@@ -209,12 +211,64 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
     t = fit_temperature(oof, y)
     info = {"calibration": {"temperature": t, "fitted_on": f"out-of-fold answers on the site's {len(y)} labelled "
                             "films (train + val)", "val_nll_before": nll(oof, y, 1.0), "val_nll_after": nll(oof, y, t)}}
+    if cfg.site_unlabelled:
+        shift, info["prevalence"] = site_prior(model, cfg, softmax(oof / t).mean(0), t)
+        model.head.net[-1].bias.data += torch.as_tensor(t * shift, dtype=model.head.net[-1].bias.dtype)
+        oof = oof + t * shift  # the reference: the site's answers as the adapted model now gives them
     gate, score = None, None
     if bundle_trust and bundle_trust.get("arrays") is not None and "threshold" in bundle_trust["arrays"]:
         gate = OODStats.from_arrays(bundle_trust["arrays"])
         info["ood"] = {**bundle_trust["info"], "fitted_on": "the --init-from bundle's development data (kept)"}
         score = gate.score(np.concatenate([stages.splits[s] for s in ("train", "val")]))
     return Trust(t, gate, info, softmax(oof / t), score)
+
+
+def unlabelled_features(model, cfg):
+    """(pooled features of the films under --site-unlabelled, files skipped): decoded as `site check`
+    decodes them (unreadable files are skipped and logged), lung-cropped as the training films."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from covid_cxr.lungs.crop import batch_transform
+    from covid_cxr.site.images import image_files, read_images
+
+    transform = batch_transform(cfg.lung_crop, cfg.lungs)
+    paths, batch, out = image_files(cfg.site_unlabelled), None, []
+    model.eval()
+    for i in range(0, len(paths), 32):
+        batch, x = read_images(paths[i:i + 32], cfg.size, cfg.size, batch)
+        if len(x):
+            with torch.inference_mode():
+                out.append(model.features(torch.from_numpy(transform(x) if transform else x)[:, None]).numpy())
+    skipped = len(batch.skipped) if batch else 0
+    for path, why in (batch.skipped if batch else [])[:5]:
+        logging.getLogger(__name__).warning("--site-unlabelled: skipped %s (%s)", path, why)
+    return (np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)), skipped
+
+
+def site_prior(model, cfg, train_prior, t: float):
+    """(the shift of the tempered logits, metadata's trust.prevalence): the site's class prevalence,
+    estimated by EM on the adapted head's calibrated answers to the site's unlabelled films."""
+    import numpy as np
+    import torch
+
+    from covid_cxr.trust.calibration import softmax
+    from covid_cxr.trust.prevalence import MIN_IMAGES, estimate_prevalence, logit_shift
+
+    x, skipped = unlabelled_features(model, cfg)
+    if len(x) < MIN_IMAGES:
+        raise ConfigError(f"--site-unlabelled {cfg.site_unlabelled}: {len(x)} readable images "
+                          f"({skipped} skipped); at least {MIN_IMAGES} are needed to estimate the site's prevalence")
+    with torch.inference_mode():
+        z = model.head(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+    est = estimate_prevalence(softmax(z / t), train_prior)
+    names = list(cfg.classes)
+    info = {"prevalence": {c: round(float(v), 4) for c, v in zip(names, est)},
+            "training_prior": {c: round(float(v), 4) for c, v in zip(names, train_prior)},
+            "images": len(x), "skipped": skipped}
+    return logit_shift(train_prior, est), info
 
 
 def bundle_trust(cfg) -> dict | None:
@@ -292,4 +346,9 @@ def site_section(head0, model, feats, prepared, cfg, trust, stages, reference) -
         f1, rec = _present_scores(yt, pred, classes)
         verdict = "" if ref is None else compare(ref, sample_of(probs, ood, batch), classes).verdict
         out.append(f"| {label} | {f1:.3f} | {', '.join(f'{k} {v:.2f}' for k, v in rec.items())} | {verdict} |")
+    prev = trust.info.get("prevalence")
+    if prev:
+        share = ", ".join(f"{c} {v:.0%}" for c, v in prev["prevalence"].items())
+        out.append(f"\nThe adapted model answers with the site's prevalence, estimated on {prev['images']} unlabelled "
+                   f"films (EM; {prev['skipped']} unreadable skipped): {share}.")
     return "\n".join(out) + "\n"

@@ -91,3 +91,43 @@ def test_an_adapted_bundle_calls_its_site_fit_and_another_site_shifted(tiny_mode
     assert check_site(b, fresh).result.verdict == "fit"  # fresh films of the site it was adapted on
     assert check_site(b, tiny_data).result.verdict == "shift detected"  # the other site still shifts
     assert "Site adaptation: before" in (b.report_dir / "metrics.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_sites_prevalence_from_its_unlabelled_films_enters_the_adapted_model(tiny_models, tmp_path):
+    """--site-unlabelled: the prevalence is estimated on those films and recorded, model.onnx answers
+    with it (its mean answer on them moves to it), the reference stays the site's; too few films or no
+    --init-from are refused."""
+    from covid_cxr.core.errors import ConfigError
+    from covid_cxr.data.synthetic import make_synthetic_dataset
+    from covid_cxr.site.images import image_files, read_images
+    from covid_cxr.train.fit import TrainConfig, train
+
+    size = load_bundle(tiny_models / "tiny").input_hw[0]
+    site = _darkened(make_synthetic_dataset(tmp_path / "s1", per_class=12, size=size, seed=1), tmp_path / "site", True)
+    skewed = tmp_path / "skewed"  # a site whose films are mostly one class: 20 Normal, 4 of each other
+    src = _darkened(make_synthetic_dataset(tmp_path / "s2", per_class=20, size=size, seed=2), tmp_path / "s2d", True)
+    for c, k in (("COVID-19", 4), ("Normal", 20), ("Viral Pneumonia", 4)):
+        for p in sorted((src / c).glob("*.png"))[:k]:
+            (skewed / f"{c[0]}-{p.name}").parent.mkdir(exist_ok=True)
+            (skewed / f"{c[0]}-{p.name}").write_bytes(p.read_bytes())
+    (skewed / "broken.png").write_bytes(b"not a png")  # reported and skipped
+    base = dict(init_from=str(tiny_models / "tiny"), lr_find=False, progress=False)
+    plain = load_bundle(train(site, tmp_path / "models", TrainConfig(**base, name="plain"), workdir=tmp_path / "w").bundle_path)
+    cfg = TrainConfig(**base, name="prev", site_unlabelled=str(skewed))
+    b = load_bundle(train(site, tmp_path / "models", cfg, workdir=tmp_path / "w").bundle_path)
+    prev = b.metadata.trust.prevalence
+    assert prev.images == 28 and prev.skipped == 1 and sum(prev.prevalence.values()) == pytest.approx(1, abs=1e-3)
+    assert prev.prevalence["Normal"] > prev.training_prior["Normal"]
+    _, x = read_images(image_files(skewed), size, size)
+    normal = b.classes.index("Normal")
+    assert b.predict(x)[:, normal].mean() > plain.predict(x)[:, normal].mean()  # the shift is in model.onnx
+    assert "answers with the site's prevalence" in (b.report_dir / "metrics.md").read_text()
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in image_files(skewed)[:5]:
+        (few / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ConfigError, match="at least 20"):
+        train(site, tmp_path / "models", TrainConfig(**base, name="few", site_unlabelled=str(few)), workdir=tmp_path / "w")
+    with pytest.raises(ValueError, match="--init-from"):
+        TrainConfig(site_unlabelled=str(skewed))
