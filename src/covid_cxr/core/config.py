@@ -189,5 +189,6 @@ class TrainConfig(BaseModel):
 DEFAULTS = TrainConfig()
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
 DEFAULT_PLACEMENT = {k: getattr(DEFAULTS, k) for k in PLACEMENT}
+SITE_PREVALENCE_MIN_IMAGES = 20  # --site-unlabelled: fewer films estimate a prevalence too loosely to act on
 LATER = ("finetune_from_block", "target_batch", "site_unlabelled")  # fields added after run ids were first recorded
 DISTIL = ("distil_from", "distil_temperature", "distil_weight")

@@ -11,6 +11,7 @@ import numpy as np
 
 from covid_cxr.bundle import Bundle
 from covid_cxr.bundle.store import member_dir
+from covid_cxr.core.config import SITE_PREVALENCE_MIN_IMAGES
 from covid_cxr.core.errors import DataError, UserError
 from covid_cxr.site.images import ImageBatch, image_files, read_images
 from covid_cxr.site.reference import Sample, sample_of
@@ -96,9 +97,11 @@ def next_step(check: SiteCheck) -> str:
     # pays"); mixing the development data back in drowns the site's films and its reference
     start, note = adapt_target(b)
     adapted = f"{Path(start).name}-site"
+    # these films, unlabelled, give the site's class prevalence (train/adapt.py site_prior)
+    prevalence = f" --site-unlabelled {check.folder}" if r.n >= SITE_PREVALENCE_MIN_IMAGES else ""
     return (f"Do not trust the model's figures on this site. Label at least {ADAPT_PER_CLASS} images per class "
             f"of it (one folder per class: {', '.join(b.classes)}) and adapt:\n"
-            f"  covid-cxr train --init-from {start} --data SITE_LABELLED --out {models} --name {adapted}\n"
+            f"  covid-cxr train --init-from {start} --data SITE_LABELLED{prevalence} --out {models} --name {adapted}\n"
             + (f"{note}\n" if note else "")
             + f"then check fresh images of the site (not the labelled ones) against the adapted model: "
             f"covid-cxr site check --model {models}/{adapted} --data {check.folder}")

@@ -255,7 +255,8 @@ def site_prior(model, cfg, train_prior, t: float):
     import torch
 
     from covid_cxr.trust.calibration import softmax
-    from covid_cxr.trust.prevalence import MIN_IMAGES, estimate_prevalence, logit_shift
+    from covid_cxr.core.config import SITE_PREVALENCE_MIN_IMAGES as MIN_IMAGES
+    from covid_cxr.trust.prevalence import estimate_prevalence, logit_shift
 
     x, skipped = unlabelled_features(model, cfg)
     if len(x) < MIN_IMAGES:

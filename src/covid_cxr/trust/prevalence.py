@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 FLOOR = 1e-3  # no class's prior goes below this: a shift by log(0) would remove the class for good
-MIN_IMAGES = 20  # fewer unlabelled films estimate a prevalence too loosely to act on
 
 
 def estimate_prevalence(probs: np.ndarray, train_prior: np.ndarray, tol: float = 1e-8,
