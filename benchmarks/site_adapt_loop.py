@@ -11,7 +11,12 @@ a class-folder site (symbolic links), the rest of the site is the test set. Repo
   bundle's, which is built from the site's labelled films), and the same for films of another site
   (the development database; v7 for the quex site), which must still shift.
 
-Usage: python benchmarks/site_adapt_loop.py --bundle MODELS/<name>/<v> --out runs/adapt-loop [--draws 0 1 2] [--json FILE]
+With `--unlabelled` the rest is split in halves (seeded): one half is the site's unlabelled films, the
+other the test set, and the site is adapted twice: as above, and with `--site-unlabelled` (the
+site's class prevalence estimated on the unlabelled half).
+
+Usage: python benchmarks/site_adapt_loop.py --bundle MODELS/<name>/<v> --out runs/adapt-loop [--draws 0 1 2]
+    [--unlabelled] [--json FILE]
 """
 
 from __future__ import annotations
@@ -67,35 +72,69 @@ def other_sites(site_name: str, pool_ids, n_dev: int = 300) -> dict[str, list[Pa
     return out
 
 
-def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
+def halves(ids: list[str], labels: list[int], seed: int):
+    """(unlabelled ids, (test ids, labels)): the rest of a site split in two, seeded as
+    site_adapt_backbones.py and site_label_shift.py split it."""
+    order = np.random.default_rng(100 + seed).permutation(len(ids))
+    unl, test = order[:len(ids) // 2], order[len(ids) // 2:]
+    return [ids[i] for i in unl], ([ids[i] for i in test], [labels[i] for i in test])
+
+
+def link_flat(ids: list[str], folder: Path) -> Path:
+    """The site's unlabelled films: one folder, no classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        if not (folder / f"{i}.png").exists():
+            (folder / f"{i}.png").symlink_to((MASKS / "images" / f"{i}.png").resolve())
+    return folder
+
+
+def adapt(bundle, root: Path, unlabelled: Path | None, a):
+    """`covid-cxr train --init-from BUNDLE --data root/labelled [--site-unlabelled DIR]`: (bundle, seconds)."""
     from covid_cxr.core.config import TrainConfig
     from covid_cxr.train.fit import train
 
+    name = f"adapted-{root.name.replace('+', '-')}" + ("-prevalence" if unlabelled else "")
+    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=name,
+                      site_unlabelled=str(unlabelled) if unlabelled else None)
+    t = time.perf_counter()
+    path = train(root / "labelled", a.out / "models", cfg, workdir=a.workdir).bundle_path
+    return load_bundle(path), time.perf_counter() - t
+
+
+def other_site_flags(name, pool_ids, bundle, adapted, classes, a) -> dict:
+    out = {}
+    for other, paths in other_sites(name, pool_ids).items():
+        before, _ = measure(bundle, paths)
+        after, _ = measure(adapted, paths)
+        out[other] = {"n": len(paths),
+                      "flagged_before": flagged(bundle.metadata.site_reference, before, classes, BATCH, a.batches)[0],
+                      "flagged_after": flagged(adapted.metadata.site_reference, after, classes, BATCH, a.batches)[0]}
+    return out
+
+
+def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
     classes = list(bundle.classes)
     present = sorted(classes.index(c) for c in site)
     (li, ly), (ri, ry) = draw(site, pool_ids, classes, a.labelled, seed)
     root = a.out / (name if seed == 0 else f"{name}-draw{seed}")
     link(li, ly, classes, root / "labelled")
-    rest = link(ri, ry, classes, root / "rest")
-    res = {"labelled": len(li), "rest": len(ri), "per_class_labelled": {classes[c]: int(np.sum(np.array(ly) == c))
-                                                                          for c in present}}
-    res["before"], _ = scores(bundle, rest, ry, present, a)
-    fx = features(bundle, model, [MASKS / "images" / f"{i}.png" for i in li + ri], a.cache)
-    pred = lr_baseline(fx[:len(li)], np.array(ly), fx[len(li):], len(classes))
-    f1, rec = macro(np.array(ry), pred, present)
+    unl, (ti, ty) = halves(ri, ry, seed) if a.unlabelled else ([], (ri, ry))
+    rest = link(ti, ty, classes, root / ("test" if a.unlabelled else "rest"))
+    res = {"labelled": len(li), "rest": len(ti), "unlabelled": len(unl),
+           "per_class_labelled": {classes[c]: int(np.sum(np.array(ly) == c)) for c in present}}
+    res["before"], _ = scores(bundle, rest, ty, present, a)
+    fx = features(bundle, model, [MASKS / "images" / f"{i}.png" for i in li + ti], a.cache)
+    f1, rec = macro(np.array(ty), lr_baseline(fx[:len(li)], np.array(ly), fx[len(li):], len(classes)), present)
     res["logistic_regression"] = {"macro_f1": f1, "recall": {classes[c]: r for c, r in rec.items()}}
-    t = time.perf_counter()
-    cfg = TrainConfig(init_from=str(bundle.path), lr_find=False, progress=False, name=f"adapted-{root.name.replace('+', '-')}")
-    adapted = load_bundle(train(root / "labelled", a.out / "models", cfg, workdir=a.workdir).bundle_path)
-    res["adapt_seconds"] = time.perf_counter() - t
-    res["after"], _ = scores(adapted, rest, ry, present, a)
-    res["other_sites"] = {}
-    for other, paths in other_sites(name, pool_ids).items():
-        before, _ = measure(bundle, paths)
-        after, _ = measure(adapted, paths)
-        res["other_sites"][other] = {
-            "n": len(paths), "flagged_before": flagged(bundle.metadata.site_reference, before, classes, BATCH, a.batches)[0],
-            "flagged_after": flagged(adapted.metadata.site_reference, after, classes, BATCH, a.batches)[0]}
+    runs = {"after": None, "after, site prevalence": link_flat(unl, root / "unlabelled") if unl else None}
+    for key, folder in runs.items():
+        if key == "after" or folder is not None:
+            adapted, res[f"{key}: adapt_seconds"] = adapt(bundle, root, folder, a)
+            res[key], _ = scores(adapted, rest, ty, present, a)
+            if folder is not None:
+                res[key]["estimated_prevalence"] = adapted.metadata.trust.prevalence.prevalence
+    res["other_sites"] = other_site_flags(name, pool_ids, bundle, adapted, classes, a)  # the last adapted
     where = adapted.path.resolve()
     res["adapted_bundle"] = str(where.relative_to(REPO)) if where.is_relative_to(REPO) else where.name
     return res
@@ -103,11 +142,15 @@ def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
 
 def print_site(name: str, r: dict) -> None:
     per = ", ".join(f"{k} {v}" for k, v in r["per_class_labelled"].items())
-    print(f"\n### {name}: {r['labelled']} labelled films ({per}); the other {r['rest']} films are the test set\n")
-    print("| model | macro-F1 | recall per class | 20-film batches of the rest flagged |")
+    unl = f", {r['unlabelled']} unlabelled" if r.get("unlabelled") else ""
+    print(f"\n### {name}: {r['labelled']} labelled films ({per}){unl}; {r['rest']} films are the test set\n")
+    print("| model | macro-F1 | recall per class | 20-film batches of the test set flagged |")
     print("|---|---|---|---|")
-    for label, key in (("before (the bundle)", "before"), ("logistic regression, same labelled films",
-                                                            "logistic_regression"), ("after (adapted bundle)", "after")):
+    rows = (("before (the bundle)", "before"), ("logistic regression, same labelled films", "logistic_regression"),
+            ("after (adapted bundle)", "after"), ("after, with the site's prevalence", "after, site prevalence"))
+    for label, key in rows:
+        if key not in r:
+            continue
         m = r[key]
         rec = ", ".join(f"{k} {v:.2f}" for k, v in m["recall"].items())
         fl = f"{m['flagged']:.0%} ({', '.join(f'{k} {v:.0%}' for k, v in m['moved'].items()) or 'none'})" \
@@ -116,7 +159,7 @@ def print_site(name: str, r: dict) -> None:
     for other, o in r["other_sites"].items():
         print(f"\nanother site, {other} ({o['n']} films): 20-film batches flagged {o['flagged_before']:.0%} against the "
               f"bundle's reference, {o['flagged_after']:.0%} against the adapted bundle's")
-    print(f"\nadaptation took {r['adapt_seconds']:.0f} s")
+    print("\nadaptation took " + ", ".join(f"{v:.0f} s ({k.split(':')[0]})" for k, v in r.items() if k.endswith("seconds")))
 
 
 def main() -> None:
@@ -132,6 +175,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="feature cache (default: one per backbone, feature_cache)")
     ap.add_argument("--workdir", type=Path, help="the adaptation's work folder (default OUT/work)")
     ap.add_argument("--draws", type=int, nargs="+", default=[0], help="seeds of the labelled draw (one run per seed)")
+    ap.add_argument("--unlabelled", action="store_true", help="half the rest as the site's unlabelled films: "
+                    "adapt also with --site-unlabelled; the other half is the test set")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     a.workdir = a.workdir or a.out / "work"
