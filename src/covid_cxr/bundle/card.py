@@ -143,6 +143,11 @@ def _calibration(m: BundleMetadata, metrics: dict | None) -> list[str]:
     else:
         out.append(f"Temperature scaling inside model.onnx: T = {cal.temperature:.3f}, fitted on the {cal.fitted_on} "
                    f"(negative log-likelihood {_f(cal.val_nll_before)} before, {_f(cal.val_nll_after)} after).")
+    prev = m.trust.prevalence if m.trust else None
+    if prev is not None:
+        share = ", ".join(f"{c} {v:.0%}" for c, v in prev.prevalence.items())
+        out += ["", f"Answers carry this site's class prevalence, estimated on {prev.images} of its unlabelled films "
+                f"(EM): {share}. On films of another population, adapt again."]
     return out + ["", f"On the test split: expected calibration error (15 bins) {_f(ece)}, Brier score {_f(brier)}.", ""]
 
 

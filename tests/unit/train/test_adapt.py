@@ -123,6 +123,10 @@ def test_the_sites_prevalence_from_its_unlabelled_films_enters_the_adapted_model
     normal = b.classes.index("Normal")
     assert b.predict(x)[:, normal].mean() > plain.predict(x)[:, normal].mean()  # the shift is in model.onnx
     assert "answers with the site's prevalence" in (b.report_dir / "metrics.md").read_text()
+    from covid_cxr.bundle.card import card_markdown
+
+    assert "this site's class prevalence, estimated on 28" in card_markdown(b.path, b.metadata)
+    assert "class prevalence" not in card_markdown(plain.path, plain.metadata)
     few = tmp_path / "few"
     few.mkdir()
     for p in image_files(skewed)[:5]:
