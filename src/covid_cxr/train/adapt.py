@@ -195,14 +195,13 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
     """Site adaptation of a frozen-backbone bundle: the head refitted on the labelled site films, the
     temperature on their out-of-fold answers, the bundle's own gate kept (a Mahalanobis gate refitted
     on tens of films would be degenerate). Returns the Trust whose val answers are the site's
-    out-of-fold answers on train + val: the adapted bundle's site reference."""
+    out-of-fold answers on train + val: the adapted bundle's site reference. With --site-unlabelled,
+    the answers take the site's prevalence (site_prior) and the reference is those films."""
     import numpy as np
 
     from covid_cxr.trust.calibration import fit_temperature, nll, softmax
     from covid_cxr.trust.fit import Trust
     from covid_cxr.trust.ood import OODStats
-
-    import torch
 
     x, y = labelled_site(feats)
     oof = out_of_fold_logits(model.head, x, y, cfg.seed)
@@ -211,65 +210,74 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
     t = fit_temperature(oof, y)
     info = {"calibration": {"temperature": t, "fitted_on": f"out-of-fold answers on the site's {len(y)} labelled "
                             "films (train + val)", "val_nll_before": nll(oof, y, 1.0), "val_nll_after": nll(oof, y, t)}}
-    if cfg.site_unlabelled:
-        shift, info["prevalence"] = site_prior(model, cfg, softmax(oof / t).mean(0), t)
-        model.head.net[-1].bias.data += torch.as_tensor(t * shift, dtype=model.head.net[-1].bias.dtype)
-        oof = oof + t * shift  # the reference: the site's answers as the adapted model now gives them
     gate, score = None, None
     if bundle_trust and bundle_trust.get("arrays") is not None and "threshold" in bundle_trust["arrays"]:
         gate = OODStats.from_arrays(bundle_trust["arrays"])
         info["ood"] = {**bundle_trust["info"], "fitted_on": "the --init-from bundle's development data (kept)"}
         score = gate.score(np.concatenate([stages.splits[s] for s in ("train", "val")]))
-    return Trust(t, gate, info, softmax(oof / t), score)
+    trust = Trust(t, gate, info, softmax(oof / t), score)
+    if cfg.site_unlabelled:
+        trust.site_sample = site_prior(model, cfg, trust, softmax(oof / t).mean(0))
+    return trust
 
 
-def unlabelled_features(model, cfg):
-    """(pooled features of the films under --site-unlabelled, files skipped): decoded as `site check`
-    decodes them (unreadable files are skipped and logged), lung-cropped as the training films."""
+def unlabelled_pass(model, cfg, gate=None):
+    """(pooled features, the gate's scores or None, ImageBatch) of the films under --site-unlabelled:
+    decoded as `site check` decodes them (unreadable files skipped, listed in the batch and logged),
+    lung-cropped as the training films."""
     import logging
 
     import numpy as np
     import torch
 
     from covid_cxr.lungs.crop import batch_transform
-    from covid_cxr.site.images import image_files, read_images
+    from covid_cxr.site.images import ImageBatch, image_files, read_images
+    from covid_cxr.trust.stages import stage_indices, stage_runner
 
     transform = batch_transform(cfg.lung_crop, cfg.lungs)
-    paths, batch, out = image_files(cfg.site_unlabelled), None, []
+    stats = stage_runner(model, stage_indices(model.backbone), cfg.size) if gate is not None else None
+    paths, batch, feats, scores = image_files(cfg.site_unlabelled), ImageBatch(), [], []
     model.eval()
     for i in range(0, len(paths), 32):
         batch, x = read_images(paths[i:i + 32], cfg.size, cfg.size, batch)
         if len(x):
+            x = np.ascontiguousarray((transform(x) if transform else x)[:, None], np.float32)
             with torch.inference_mode():
-                out.append(model.features(torch.from_numpy(transform(x) if transform else x)[:, None]).numpy())
-    skipped = len(batch.skipped) if batch else 0
-    for path, why in (batch.skipped if batch else [])[:5]:
+                feats.append(model.features(torch.from_numpy(x)).numpy())
+            if stats is not None:
+                scores.append(gate.score(stats(x)))
+    for path, why in batch.skipped[:5]:
         logging.getLogger(__name__).warning("--site-unlabelled: skipped %s (%s)", path, why)
-    return (np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)), skipped
+    x = np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32)
+    return x, (np.concatenate(scores) if scores else None), batch
 
 
-def site_prior(model, cfg, train_prior, t: float):
-    """(the shift of the tempered logits, metadata's trust.prevalence): the site's class prevalence,
-    estimated by EM on the adapted head's calibrated answers to the site's unlabelled films."""
-    import numpy as np
+def site_prior(model, cfg, trust, train_prior):
+    """The site's class prevalence, estimated by EM on the adapted head's calibrated answers to the
+    site's unlabelled films, moved into the head's last bias (log(prevalence / training prior) on the
+    tempered logits) and recorded in trust.info; returns those films' Sample as the model now answers
+    them (the reference: the site's own population, class mix included)."""
     import torch
 
-    from covid_cxr.trust.calibration import softmax
     from covid_cxr.core.config import SITE_PREVALENCE_MIN_IMAGES as MIN_IMAGES
+    from covid_cxr.site.reference import sample_of
+    from covid_cxr.trust.calibration import softmax
     from covid_cxr.trust.prevalence import estimate_prevalence, logit_shift
 
-    x, skipped = unlabelled_features(model, cfg)
+    x, ood, batch = unlabelled_pass(model, cfg, trust.ood)
     if len(x) < MIN_IMAGES:
-        raise ConfigError(f"--site-unlabelled {cfg.site_unlabelled}: {len(x)} readable images "
-                          f"({skipped} skipped); at least {MIN_IMAGES} are needed to estimate the site's prevalence")
+        raise ConfigError(f"--site-unlabelled {cfg.site_unlabelled}: {len(x)} readable images ({len(batch.skipped)} "
+                          f"skipped); at least {MIN_IMAGES} are needed to estimate the site's prevalence")
+    t, last = trust.temperature, model.head.net[-1]
     with torch.inference_mode():
-        z = model.head(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+        z = model.head(torch.from_numpy(x)).numpy()
     est = estimate_prevalence(softmax(z / t), train_prior)
-    names = list(cfg.classes)
-    info = {"prevalence": {c: round(float(v), 4) for c, v in zip(names, est)},
-            "training_prior": {c: round(float(v), 4) for c, v in zip(names, train_prior)},
-            "images": len(x), "skipped": skipped}
-    return logit_shift(train_prior, est), info
+    shift = logit_shift(train_prior, est)
+    last.bias.data += torch.as_tensor(t * shift, dtype=last.bias.dtype)
+    trust.info["prevalence"] = {"prevalence": {c: round(float(v), 4) for c, v in zip(cfg.classes, est)},
+                                "training_prior": {c: round(float(v), 4) for c, v in zip(cfg.classes, train_prior)},
+                                "images": len(x), "skipped": len(batch.skipped)}
+    return sample_of(softmax(z / t + shift), ood, batch)
 
 
 def bundle_trust(cfg) -> dict | None:

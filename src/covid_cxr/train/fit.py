@@ -267,8 +267,11 @@ def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: b
     and image statistics, what `covid-cxr site check` compares a new site against. A site head's
     reference is the site: the films it was adapted on (train + val), with their out-of-fold answers
     and no class mix (they were labelled per class: their mix is not the site's prevalence)."""
-    from covid_cxr.site.reference import reference_from_files
+    from covid_cxr.site.reference import build_reference, reference_from_files
 
+    if getattr(trust, "site_sample", None) is not None:  # --site-unlabelled: the site's own films
+        return build_reference(trust.site_sample, list(prepared.classes), f"the site's {trust.site_sample.n} unlabelled "
+                               "films (--site-unlabelled), as the adapted model answers them")
     splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
     paths = [prepared.manifest.root / r.path for s in splits for r in prepared.splits[s]]
     return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on,

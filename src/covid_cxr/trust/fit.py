@@ -23,6 +23,7 @@ class Trust:
     info: dict  # metadata.json's "trust" section
     val_probs: np.ndarray | None = None  # the validation split's temperature-scaled probabilities (site reference)
     val_ood: np.ndarray | None = None  # and its ood_score
+    site_sample: object | None = None  # a site's unlabelled films as answered (site.reference.Sample): its reference
 
 
 def split_features(model, prepared, size: int, cached: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -123,6 +123,12 @@ def test_the_sites_prevalence_from_its_unlabelled_films_enters_the_adapted_model
     normal = b.classes.index("Normal")
     assert b.predict(x)[:, normal].mean() > plain.predict(x)[:, normal].mean()  # the shift is in model.onnx
     assert "answers with the site's prevalence" in (b.report_dir / "metrics.md").read_text()
+    ref = b.metadata.site_reference  # the site's own films, as the adapted model answers them
+    assert "unlabelled" in ref.computed_on and ref.n == 28 and sum(ref.predicted.values()) == 28
+    assert plain.metadata.site_reference.predicted is None  # labelled per class: no class mix
+    from covid_cxr.site.check import check_site
+
+    assert check_site(b, skewed).result.verdict == "fit"
     from covid_cxr.bundle.card import card_markdown
 
     assert "this site's class prevalence, estimated on 28" in card_markdown(b.path, b.metadata)
