@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -67,6 +68,7 @@ print(json.dumps({c: [r.exit_code, r.output] for c, r in out.items()}))
 """
 
 
+@pytest.mark.slow  # a subprocess runs eight commands (~5 s): in `make test`, not `make test-fast`
 def test_main_outputs_fit_80_columns(tiny_models, tiny_data, tmp_path):
     """Relative paths (run from the folder that holds them), as a user at a terminal would type."""
     shutil.copytree(tiny_models / "tiny", tmp_path / "models" / "tiny")
