@@ -224,32 +224,30 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
 def unlabelled_pass(model, cfg, gate=None):
     """(pooled features, the gate's scores or None, ImageBatch) of the films under --site-unlabelled:
     decoded as `site check` decodes them (unreadable files skipped, listed in the batch and logged),
-    lung-cropped as the training films."""
+    lung-cropped as the training films. One backbone pass per chunk: with a gate, StageStats' first
+    block is the pooled features."""
     import logging
 
     import numpy as np
     import torch
 
     from covid_cxr.lungs.crop import batch_transform
+    from covid_cxr.site.check import CHUNK
     from covid_cxr.site.images import ImageBatch, image_files, read_images
-    from covid_cxr.trust.stages import stage_indices, stage_runner
+    from covid_cxr.trust.stages import StageStats, stage_indices
 
     transform = batch_transform(cfg.lung_crop, cfg.lungs)
-    stats = stage_runner(model, stage_indices(model.backbone), cfg.size) if gate is not None else None
-    paths, batch, feats, scores = image_files(cfg.site_unlabelled), ImageBatch(), [], []
-    model.eval()
-    for i in range(0, len(paths), 32):
-        batch, x = read_images(paths[i:i + 32], cfg.size, cfg.size, batch)
+    net = StageStats(model.eval(), stage_indices(model.backbone) if gate is not None else ()).eval()
+    paths, batch, blocks = image_files(cfg.site_unlabelled), ImageBatch(), []
+    for i in range(0, len(paths), CHUNK):
+        batch, x = read_images(paths[i:i + CHUNK], cfg.size, cfg.size, batch)
         if len(x):
-            x = np.ascontiguousarray((transform(x) if transform else x)[:, None], np.float32)
             with torch.inference_mode():
-                feats.append(model.features(torch.from_numpy(x)).numpy())
-            if stats is not None:
-                scores.append(gate.score(stats(x)))
+                blocks.append(net(torch.from_numpy((transform(x) if transform else x)[:, None])).numpy())
     for path, why in batch.skipped[:5]:
         logging.getLogger(__name__).warning("--site-unlabelled: skipped %s (%s)", path, why)
-    x = np.concatenate(feats) if feats else np.zeros((0, model.num_features), np.float32)
-    return x, (np.concatenate(scores) if scores else None), batch
+    stats = np.concatenate(blocks) if blocks else np.zeros((0, model.num_features), np.float32)
+    return stats[:, :model.num_features], (gate.score(stats) if gate is not None and len(stats) else None), batch
 
 
 def site_prior(model, cfg, trust, train_prior):
