@@ -217,7 +217,7 @@ def adapt_frozen(model, feats: dict, cfg, bundle_trust: dict | None, stages):
         score = gate.score(np.concatenate([stages.splits[s] for s in ("train", "val")]))
     trust = Trust(t, gate, info, softmax(oof / t), score)
     if cfg.site_unlabelled:
-        trust.site_sample = site_prior(model, cfg, trust, softmax(oof / t).mean(0))
+        trust.site_sample = site_prior(model, cfg, trust, trust.val_probs.mean(0))
     return trust
 
 

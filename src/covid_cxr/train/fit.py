@@ -269,7 +269,7 @@ def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: b
     and no class mix (they were labelled per class: their mix is not the site's prevalence)."""
     from covid_cxr.site.reference import build_reference, reference_from_files
 
-    if getattr(trust, "site_sample", None) is not None:  # --site-unlabelled: the site's own films
+    if trust.site_sample is not None:  # --site-unlabelled: the site's own films
         return build_reference(trust.site_sample, list(prepared.classes), f"the site's {trust.site_sample.n} unlabelled "
                                "films (--site-unlabelled), as the adapted model answers them")
     splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
