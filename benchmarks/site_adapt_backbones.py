@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from site_adapt_heads import MASKS, SITES, draw, feature_cache, features, logits, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import (MASKS, SITES, draw, feature_cache, features, halves, logits, lr_baseline,  # noqa: E402
+                              macro, pools)
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.core.files import atomic_write_json  # noqa: E402
@@ -49,8 +50,7 @@ def one_draw(b, model, cache: Path, site: dict, pool, seed: int, a, labelled: in
     classes = list(b.classes)
     present = sorted(classes.index(c) for c in site)
     (li, ly), (ri, ry) = draw(site, pool, classes, labelled, seed)
-    order = np.random.default_rng(100 + seed).permutation(len(ri))
-    unl, test = order[:len(ri) // 2], order[len(ri) // 2:]
+    unl, test = halves(len(ri), seed)
     fx = features(b, model, [MASKS / "images" / f"{i}.png" for i in li + ri], cache)
     x, rest = fx[:len(li)], fx[len(li):]
     y, xu, xt, yt = np.array(ly), rest[unl], rest[test], np.array(ry)[test]

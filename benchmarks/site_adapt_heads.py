@@ -76,6 +76,13 @@ def draw(site: dict, pool: dict, classes: list[str], labelled: int, seed: int):
     return lab, rest
 
 
+def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unlabelled, test) indices: the rest of a site (n films) split in two, seeded by the draw; the
+    one split of site_adapt_backbones.py, site_label_shift.py and site_adapt_loop.py --unlabelled."""
+    order = np.random.default_rng(100 + seed).permutation(n)
+    return order[:n // 2], order[n // 2:]
+
+
 def feature_cache(model) -> Path:
     """The feature cache of this backbone: caches are keyed by image alone, so each backbone (by its
     weights' digest) gets its own file and two bundles never read each other's features."""

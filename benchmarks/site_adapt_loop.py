@@ -33,7 +33,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_site import flagged  # noqa: E402
-from site_adapt_heads import DEV, MASKS, SITES, draw, feature_cache, features, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import (DEV, MASKS, SITES, draw, feature_cache, features, halves, lr_baseline,  # noqa: E402
+                              macro, pools)
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.core.files import atomic_write_json  # noqa: E402
@@ -42,10 +43,11 @@ from covid_cxr.site.check import measure  # noqa: E402
 BATCH = 20
 
 
-def link(ids: list[str], labels: list[int], classes: list[str], folder: Path) -> list[Path]:
+def link(ids: list[str], labels: list[int] | None, classes: list[str], folder: Path) -> list[Path]:
+    """Symbolic links to the films, one folder per class; `labels` None: one folder, no classes."""
     out = []
-    for i, y in zip(ids, labels):
-        p = folder / classes[y] / f"{i}.png"
+    for n, i in enumerate(ids):
+        p = folder / (classes[labels[n]] if labels is not None else "") / f"{i}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.exists():
             p.symlink_to((MASKS / "images" / f"{i}.png").resolve())
@@ -70,23 +72,6 @@ def other_sites(site_name: str, pool_ids, n_dev: int = 300) -> dict[str, list[Pa
     if "v7" not in site_name:
         out["v7"] = [MASKS / "images" / f"{i}.png" for g in pool_ids[("v7", "COVID-19")] for i in g]
     return out
-
-
-def halves(ids: list[str], labels: list[int], seed: int):
-    """(unlabelled ids, (test ids, labels)): the rest of a site split in two, seeded as
-    site_adapt_backbones.py and site_label_shift.py split it."""
-    order = np.random.default_rng(100 + seed).permutation(len(ids))
-    unl, test = order[:len(ids) // 2], order[len(ids) // 2:]
-    return [ids[i] for i in unl], ([ids[i] for i in test], [labels[i] for i in test])
-
-
-def link_flat(ids: list[str], folder: Path) -> Path:
-    """The site's unlabelled films: one folder, no classes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in ids:
-        if not (folder / f"{i}.png").exists():
-            (folder / f"{i}.png").symlink_to((MASKS / "images" / f"{i}.png").resolve())
-    return folder
 
 
 def adapt(bundle, root: Path, unlabelled: Path | None, a):
@@ -119,7 +104,8 @@ def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
     (li, ly), (ri, ry) = draw(site, pool_ids, classes, a.labelled, seed)
     root = a.out / (name if seed == 0 else f"{name}-draw{seed}")
     link(li, ly, classes, root / "labelled")
-    unl, (ti, ty) = halves(ri, ry, seed) if a.unlabelled else ([], (ri, ry))
+    unl, test = halves(len(ri), seed) if a.unlabelled else ([], range(len(ri)))
+    ti, ty, unl = [ri[i] for i in test], [ry[i] for i in test], [ri[i] for i in unl]
     rest = link(ti, ty, classes, root / ("test" if a.unlabelled else "rest"))
     res = {"labelled": len(li), "rest": len(ti), "unlabelled": len(unl),
            "per_class_labelled": {classes[c]: int(np.sum(np.array(ly) == c)) for c in present}}
@@ -127,7 +113,9 @@ def run_site(name, site, pool_ids, bundle, model, a, seed: int = 0) -> dict:
     fx = features(bundle, model, [MASKS / "images" / f"{i}.png" for i in li + ti], a.cache)
     f1, rec = macro(np.array(ty), lr_baseline(fx[:len(li)], np.array(ly), fx[len(li):], len(classes)), present)
     res["logistic_regression"] = {"macro_f1": f1, "recall": {classes[c]: r for c, r in rec.items()}}
-    runs = {"after": None, "after, site prevalence": link_flat(unl, root / "unlabelled") if unl else None}
+    if unl:
+        link(unl, None, classes, root / "unlabelled")
+    runs = {"after": None, "after, site prevalence": root / "unlabelled" if unl else None}
     for key, folder in runs.items():
         if key == "after" or folder is not None:
             adapted, res[f"{key}: adapt_seconds"] = adapt(bundle, root, folder, a)

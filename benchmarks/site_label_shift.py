@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from site_adapt_heads import MASKS, SITES, draw, feature_cache, features, logits, lr_baseline, macro, pools  # noqa: E402
+from site_adapt_heads import (MASKS, SITES, draw, feature_cache, features, halves, logits, lr_baseline,  # noqa: E402
+                              macro, pools)
 
 from covid_cxr.bundle import load_bundle  # noqa: E402
 from covid_cxr.models.loading import load_torch  # noqa: E402
@@ -29,8 +30,7 @@ from covid_cxr.trust.prevalence import estimate_prevalence, logit_shift  # noqa:
 def run(b, m, cl, pool, cache, name, site, seed):
     present = sorted(cl.index(c) for c in site)
     (li, ly), (ri, ry) = draw(site, pool, cl, 20, seed)
-    half = np.random.default_rng(seed + 100).permutation(len(ri))
-    ui, ti = half[: len(ri) // 2], half[len(ri) // 2:]
+    ui, ti = halves(len(ri), seed)
     fx = features(b, m, [MASKS / "images" / f"{i}.png" for i in li + ri], cache)
     x, rest = fx[: len(li)], fx[len(li):]
     y, yr = np.array(ly), np.array(ry)
