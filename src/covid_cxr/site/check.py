@@ -75,8 +75,9 @@ def adapt_target(b: Bundle) -> tuple[str, str]:
     if arch.members:
         first = arch.members[0].name
         member = member_dir(models, first)  # beside it, or where the recipe trained it
-        return (str(member) if member else f"MODELS/{first}", f"{b.name} is an ensemble: adapt a single model, the one distilled from it "
-                f"(`--recipe accurate` writes it beside the ensemble) or one of its members, here {first}.")
+        return (str(member) if member else f"MODELS/{first}",
+                f"{b.name} is an ensemble: adapt a single model, the one distilled from it (`--recipe accurate` "
+                f"writes it beside the ensemble) or one of its members, here {first}.")
     if arch.frozen_backbone:
         return (str(b.path.parent), f"{b.name}'s backbone is frozen ImageNet features; a model whose backbone was "
                 "fine-tuned on chest X-rays adapts better from the same labelled images (`covid-cxr train "

@@ -270,8 +270,8 @@ def site_reference(prepared: PreparedData, cfg: TrainConfig, trust, site_head: b
     from covid_cxr.site.reference import build_reference, reference_from_files
 
     if trust.site_sample is not None:  # --site-unlabelled: the site's own films
-        return build_reference(trust.site_sample, list(prepared.classes), f"the site's {trust.site_sample.n} unlabelled "
-                               "films (--site-unlabelled), as the adapted model answers them")
+        on = f"the site's {trust.site_sample.n} unlabelled films (--site-unlabelled), as the adapted model answers them"
+        return build_reference(trust.site_sample, list(prepared.classes), on)
     splits, on = (("train", "val"), "site films adapted on (out-of-fold answers)") if site_head else (("val",), "val split")
     paths = [prepared.manifest.root / r.path for s in splits for r in prepared.splits[s]]
     return reference_from_files(paths, cfg.size, cfg.size, trust.val_probs, trust.val_ood, list(prepared.classes), on,
